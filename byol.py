@@ -1,0 +1,315 @@
+"""BYOL: Bootstrap Your Own Latent (Grill et al. 2020, arXiv 2006.07733), as a small library.
+
+Usable on its own, without Determined::
+
+    learner = BYOL(resnet50(), image_size=256, hidden_layer="avgpool")
+    opt = torch.optim.Adam(learner.parameters(), lr=3e-4)
+    loss = learner(images)                # augments two views itself
+    loss.backward(); opt.step(); opt.zero_grad()
+    learner.update_moving_average()       # target <- EMA of online (section 3.1)
+    torch.save(resnet.state_dict(), "improved.pt")   # the wrapped network learns in place
+
+or ``learner(view1, view2)`` for views augmented elsewhere (the Determined trial does this, with its
+batched on-device augmentations from ``augment.py``).
+
+Section 3.1: the *online* network is encoder f, projector g and predictor q; the *target* network is
+encoder and projector only, with weights xi an exponential moving average of the online weights
+theta, never trained by gradient. The loss (eq. 2) is the mean squared error of the l2-normalised
+prediction and target projection, 2 - 2 cos(q(z1), sg(z'2)), symmetrised over the two views (eq. 4).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def mlp(in_features: int, hidden_size: int, out_features: int) -> nn.Sequential:
+    """Projector / predictor MLP of appendix A: Linear, BatchNorm, ReLU, Linear."""
+    return nn.Sequential(
+        nn.Linear(in_features, hidden_size),
+        nn.BatchNorm1d(hidden_size),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_size, out_features),
+    )
+
+
+def regression_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Eq. 2 per sample: ||q/||q|| - z'/||z'|| ||^2 = 2 - 2 cos(q, z'). The target gets no gradient."""
+    prediction = F.normalize(prediction, dim=-1)
+    target = F.normalize(target.detach(), dim=-1)
+    return 2 - 2 * (prediction * target).sum(dim=-1)
+
+
+def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
+    """Section 3.1: xi <- tau * xi + (1 - tau) * theta, for every parameter.
+
+    Buffers (batch-norm running statistics) are copied from the online network: the target network
+    is only ever used in training mode, so they never influence the loss, and copying keeps the
+    target encoder usable as an evaluation encoder.
+    """
+    with torch.no_grad():
+        target_params = [p for p in target.parameters()]
+        online_params = [p.detach() for p in online.parameters()]
+        if len(target_params) != len(online_params):
+            raise ValueError("target and online networks have different parameter lists")
+        torch._foreach_lerp_(target_params, online_params, 1.0 - tau)
+        for target_buffer, online_buffer in zip(target.buffers(), online.buffers()):
+            target_buffer.copy_(online_buffer)
+
+
+def cosine_ema_tau(step: int, total_steps: int, tau_base: float = 0.996) -> float:
+    """Section 3.2: tau_k = 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2, reaching 1 at k = K."""
+    if total_steps <= 0:
+        return 1.0
+    progress = min(max(step, 0), total_steps) / total_steps
+    return 1.0 - (1.0 - tau_base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+
+class RepresentationExtractor(nn.Module):
+    """Runs any network and returns the flattened output of one of its layers (the representation y).
+
+    ``hidden_layer`` names a submodule (``'avgpool'``) or indexes the network's direct children
+    (``-2`` is the layer before the classifier of a torchvision ResNet). ``None`` uses the network's
+    own output.
+    """
+
+    def __init__(self, net: nn.Module, hidden_layer: Union[str, int, None] = -2):
+        super().__init__()
+        self.net = net
+        self.hidden_layer = hidden_layer
+        # A plain attribute, not a registered submodule: the layer already belongs to ``net``.
+        object.__setattr__(self, "_layer", self._find_layer(hidden_layer))
+        self._captured: Optional[torch.Tensor] = None
+        if self._layer is not None:
+            self._layer.register_forward_hook(self._capture)
+
+    def _find_layer(self, hidden_layer: Union[str, int, None]) -> Optional[nn.Module]:
+        if hidden_layer is None:
+            return None
+        if isinstance(hidden_layer, int):
+            children = list(self.net.children())
+            if not -len(children) <= hidden_layer < len(children):
+                raise ValueError(
+                    f"hidden_layer={hidden_layer} is out of range: the network has {len(children)} "
+                    "direct children"
+                )
+            return children[hidden_layer]
+        modules = dict(self.net.named_modules())
+        if hidden_layer not in modules:
+            names = ", ".join(name for name in modules if name)
+            raise ValueError(f"hidden_layer={hidden_layer!r} is not a layer of the network; known: {names}")
+        return modules[hidden_layer]
+
+    def _capture(self, _module, _inputs, output):
+        self._captured = output
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self._layer is None:
+            return torch.flatten(self.net(images), 1)
+        self._captured = None
+        self.net(images)
+        if self._captured is None:
+            raise RuntimeError(f"hidden layer {self.hidden_layer!r} was never called in forward")
+        captured, self._captured = self._captured, None
+        return torch.flatten(captured, 1)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def random_resized_crop_boxes(batch: int, height: int, width: int, scale=(0.08, 1.0),
+                              ratio=(3 / 4, 4 / 3), generator=None, device=None) -> torch.Tensor:
+    """One random crop box (x1, y1, x2, y2) per sample, with area share in ``scale`` and aspect ratio
+    in ``ratio`` (log-uniform), as in the paper's table 6 random crop. Boxes are clipped to the image."""
+    area = torch.empty(batch, device=device).uniform_(*scale, generator=generator) * height * width
+    log_ratio = torch.empty(batch, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]),
+                                                           generator=generator)
+    aspect = torch.exp(log_ratio)
+    crop_w = torch.sqrt(area * aspect).clamp(1, width)
+    crop_h = torch.sqrt(area / aspect).clamp(1, height)
+    x1 = torch.rand(batch, device=device, generator=generator) * (width - crop_w)
+    y1 = torch.rand(batch, device=device, generator=generator) * (height - crop_h)
+    return torch.stack([x1, y1, x1 + crop_w, y1 + crop_h], dim=1)
+
+
+class BatchedCropFlip(nn.Module):
+    """Per-sample random resized crop and horizontal flip of a whole batch at once.
+
+    ``torchvision.ops.roi_align`` crops and bilinearly resizes every sample's own box in one call;
+    that is why this is ours rather than torchvision's ``RandomResizedCrop``, which draws one crop per
+    call (the Determined trial crops per image in data-loader workers instead, see ``augment.py``).
+    """
+
+    def __init__(self, image_size: int, scale=(0.08, 1.0), flip_p: float = 0.5):
+        super().__init__()
+        self.image_size, self.scale, self.flip_p = image_size, tuple(scale), flip_p
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from torchvision.ops import roi_align
+
+        batch, _, height, width = images.shape
+        boxes = random_resized_crop_boxes(batch, height, width, self.scale, device=images.device)
+        rois = torch.cat([torch.arange(batch, device=images.device, dtype=boxes.dtype)[:, None], boxes], 1)
+        crops = roi_align(images.float(), rois, output_size=self.image_size, aligned=True)
+        flip = torch.rand(batch, device=images.device) < self.flip_p
+        crops = torch.where(flip[:, None, None, None], crops.flip(-1), crops)
+        return crops.round().clamp(0, 255).to(torch.uint8) if not images.is_floating_point() else crops
+
+
+def default_augmentation(image_size: int, view: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A batched version of the paper's table 6 pipeline (view 1 or 2) for ``learner(images)`` calls.
+
+    Takes float images in [0, 1] or uint8 batches; returns normalised floats (ImageNet statistics).
+    """
+    import augment  # local import: the core method needs no augmentation module when given views
+
+    settings = augment.paper_view_augmentations()[view - 1]
+    return nn.Sequential(
+        _ToUint8(),
+        BatchedCropFlip(image_size, settings.crop_scale, settings.flip_p),
+        augment.PhotometricAugment(settings, IMAGENET_MEAN, IMAGENET_STD, image_size),
+    )
+
+
+class _ToUint8(nn.Module):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.is_floating_point():
+            return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+        return images
+
+
+class BYOL(nn.Module):
+    """Online network (encoder, projector, predictor) plus its EMA target (section 3.1).
+
+    Arguments follow the widely used byol-pytorch interface: ``projection_size`` (256),
+    ``projection_hidden_size`` (4096), ``moving_average_decay`` (tau, 0.99 there; the paper's
+    tau_base is 0.996 with a cosine schedule, see :func:`cosine_ema_tau`), ``augment_fn`` and
+    ``augment_fn2`` (batched callables used by ``forward(images)``).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        image_size: int,
+        hidden_layer: Union[str, int, None] = -2,
+        projection_size: int = 256,
+        projection_hidden_size: int = 4096,
+        augment_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        augment_fn2: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        moving_average_decay: float = 0.99,
+        feature_size: Optional[int] = None,
+        channels: int = 3,
+    ):
+        super().__init__()
+        self.net = net
+        self.image_size = image_size
+        self.moving_average_decay = moving_average_decay
+        self.online_encoder = RepresentationExtractor(net, hidden_layer)
+        if feature_size is None:
+            feature_size = self._probe_feature_size(channels, image_size)
+        self.feature_size = feature_size
+        self.online_projector = mlp(feature_size, projection_hidden_size, projection_size)
+        self.online_predictor = mlp(projection_size, projection_hidden_size, projection_size)
+        # The target starts as a copy of the online encoder and projector (section 3.1); it has no
+        # predictor and never receives gradients.
+        self.target_encoder = copy.deepcopy(self.online_encoder)
+        self.target_projector = copy.deepcopy(self.online_projector)
+        for parameter in self.target_parameters():
+            parameter.requires_grad_(False)
+        self.augment1 = augment_fn
+        self.augment2 = augment_fn2 if augment_fn2 is not None else augment_fn
+
+    @torch.no_grad()
+    def _probe_feature_size(self, channels: int, image_size: int) -> int:
+        was_training = self.net.training
+        self.net.eval()
+        features = self.online_encoder(torch.zeros(2, channels, image_size, image_size))
+        self.net.train(was_training)
+        return features.shape[1]
+
+    def online_parameters(self) -> Iterable[nn.Parameter]:
+        """Parameters theta trained by gradient: encoder, projector, predictor."""
+        for module in (self.online_encoder, self.online_projector, self.online_predictor):
+            yield from module.parameters()
+
+    def target_parameters(self) -> Iterable[nn.Parameter]:
+        for module in (self.target_encoder, self.target_projector):
+            yield from module.parameters()
+
+    def update_moving_average(self, tau: Optional[float] = None) -> None:
+        """xi <- tau xi + (1 - tau) theta (section 3.1); tau defaults to ``moving_average_decay``."""
+        tau = self.moving_average_decay if tau is None else tau
+        ema_update(self.target_encoder, self.online_encoder, tau)
+        ema_update(self.target_projector, self.online_projector, tau)
+
+    def _augment(self, images: torch.Tensor):
+        if self.augment1 is None:
+            self.augment1 = default_augmentation(self.image_size, view=1).to(images.device)
+            self.augment2 = default_augmentation(self.image_size, view=2).to(images.device)
+        return self.augment1(images), self.augment2(images)
+
+    def forward(self, view1: torch.Tensor, view2: Optional[torch.Tensor] = None,
+                return_embedding: bool = False) -> torch.Tensor:
+        """Symmetrised BYOL loss (eq. 4), averaged over the batch.
+
+        ``learner(images)`` augments two views itself; ``learner(view1, view2)`` takes prepared views;
+        ``learner(images, return_embedding=True)`` returns the representation y = f(images).
+        """
+        if return_embedding:
+            return self.online_encoder(view1)
+        if view2 is None:
+            view1, view2 = self._augment(view1)
+        both = torch.cat([view1, view2])
+        # One pass over both views keeps batch-norm statistics over the whole (2B) batch.
+        predictions = self.online_predictor(self.online_projector(self.online_encoder(both)))
+        with torch.no_grad():
+            targets = self.target_projector(self.target_encoder(both))
+        p1, p2 = predictions.chunk(2)
+        t1, t2 = targets.chunk(2)
+        loss = regression_loss(p1, t2) + regression_loss(p2, t1)
+        return loss.mean()
+
+
+def train(learner: BYOL, dataloader: Iterable, optimizer: torch.optim.Optimizer, epochs: int,
+          device: Union[str, torch.device] = "cpu", log_every: int = 50) -> list[float]:
+    """A plain training loop for users with their own DataLoader and no Determined.
+
+    Batches may be image tensors or ``(images, labels)`` tuples, or ``((view1, view2), labels)``.
+    The EMA decay follows the cosine schedule of section 3.2 from ``learner.moving_average_decay``.
+    Returns the per-step losses.
+    """
+    learner.to(device).train()
+    try:
+        steps_per_epoch = len(dataloader)  # type: ignore[arg-type]
+    except TypeError:
+        steps_per_epoch = 0
+    total_steps = steps_per_epoch * epochs
+    losses: list[float] = []
+    step = 0
+    for epoch in range(epochs):
+        for batch in dataloader:
+            if isinstance(batch, (tuple, list)):
+                batch = batch[0]
+            if isinstance(batch, (tuple, list)):
+                loss = learner(batch[0].to(device), batch[1].to(device))
+            else:
+                loss = learner(batch.to(device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite BYOL loss {loss.item()} at epoch {epoch}, step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            tau = (cosine_ema_tau(step, total_steps, learner.moving_average_decay)
+                   if total_steps else learner.moving_average_decay)
+            learner.update_moving_average(tau)
+            losses.append(loss.item())
+            if log_every and step % log_every == 0:
+                print(f"epoch {epoch} step {step} loss {losses[-1]:.4f} tau {tau:.5f}", flush=True)
+            step += 1
+    return losses

@@ -1,0 +1,152 @@
+"""Linear evaluation heads (appendix C.1 of Grill et al. 2020).
+
+Several linear classifiers, one per learning rate, are trained side by side on the same frozen
+features (SGD with Nesterov momentum 0.9, cosine-decayed learning rate); the one best on
+CLS_VALIDATION is reported on TEST (see ``reducers.ValidatedAccuracyReducer``). Options from the
+appendix: logit clipping ``c * tanh(logits / c)`` and an L2 penalty on the logits.
+
+``train_heads_on_features`` is the cheap path used before each validation during pretraining: it
+extracts features once and trains on them. With several processes every rank gathers all features
+in dataset order and trains identical heads, so results equal those of one process exactly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from sampling import epoch_permutation, mix_seed
+
+
+class LinearHeads(nn.Module):
+    """``len(learning_rates)`` zero-initialised linear classifiers over the same features.
+
+    Zero initialisation makes the heads identical on every rank and every run without seeding.
+    """
+
+    def __init__(self, feature_size: int, num_classes: int, num_heads: int, logit_clip: Optional[float] = None):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(feature_size, num_classes) for _ in range(num_heads))
+        self.logit_clip = logit_clip
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for head in self.heads:
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Returns logits of shape [heads, batch, classes]."""
+        logits = torch.stack([head(features) for head in self.heads])
+        if self.logit_clip:
+            logits = self.logit_clip * torch.tanh(logits / self.logit_clip)
+        return logits
+
+
+def heads_loss(logits: torch.Tensor, labels: torch.Tensor, logit_regularization: float = 0.0) -> torch.Tensor:
+    """Sum over heads of the mean cross-entropy (+ ``logit_regularization`` x mean squared logit).
+
+    Heads share no parameters, so summing their losses trains each one independently."""
+    heads, batch, classes = logits.shape
+    loss = F.cross_entropy(logits.reshape(heads * batch, classes), labels.repeat(heads), reduction="sum") / batch
+    if logit_regularization:
+        loss = loss + logit_regularization * logits.pow(2).mean(dim=(1, 2)).sum()
+    return loss
+
+
+def heads_optimizer(heads: LinearHeads, learning_rates: Sequence[float], momentum: float = 0.9,
+                    weight_decay: float = 0.0, extra_groups: Iterable[dict] = ()) -> torch.optim.SGD:
+    groups = [{"params": list(head.parameters()), "lr": lr, "initial_lr": lr}
+              for head, lr in zip(heads.heads, learning_rates)]
+    groups += list(extra_groups)
+    return torch.optim.SGD(groups, lr=learning_rates[0], momentum=momentum, nesterov=momentum > 0,
+                           weight_decay=weight_decay)
+
+
+def cosine_scale(step: int, total_steps: int) -> float:
+    """Cosine decay factor from 1 to 0 over ``total_steps``."""
+    if total_steps <= 0:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def set_cosine_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int) -> None:
+    scale = cosine_scale(step, total_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * scale
+
+
+def correct_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Per-head numbers of top-1 and top-5 correct predictions."""
+    k = min(5, logits.shape[-1])
+    topk = logits.topk(k, dim=-1).indices                       # [heads, batch, k]
+    hits = topk == labels.view(1, -1, 1)
+    return hits[..., 0].sum(dim=1).tolist(), hits.any(dim=-1).sum(dim=1).tolist()
+
+
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenates every rank's rows in rank order (shards of unequal length allowed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(s.item())] for part, s in zip(parts, sizes)])
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, loader: Iterable, device: torch.device,
+                     preprocess: Optional[nn.Module] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features and labels for every batch of ``loader`` (encoder in eval mode)."""
+    was_training = encoder.training
+    encoder.eval()
+    features, labels = [], []
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        if preprocess is not None:
+            images = preprocess(images)
+        features.append(encoder(images).float())
+        labels.append(targets.to(device))
+    encoder.train(was_training)
+    if not features:
+        raise ValueError("no images to extract features from: the classifier split is empty")
+    return torch.cat(features), torch.cat(labels)
+
+
+@torch.enable_grad()  # the harness runs validation callbacks under no_grad
+def train_heads_on_features(heads: LinearHeads, features: torch.Tensor, labels: torch.Tensor,
+                            learning_rates: Sequence[float], epochs: int, batch_size: int, seed: int,
+                            momentum: float = 0.9, weight_decay: float = 0.0,
+                            logit_regularization: float = 0.0) -> float:
+    """Trains freshly reset heads on precomputed features; returns the last epoch's mean loss."""
+    heads.reset_parameters()
+    heads.train()
+    optimizer = heads_optimizer(heads, learning_rates, momentum, weight_decay)
+    batch_size = min(batch_size, features.shape[0])
+    steps_per_epoch = features.shape[0] // batch_size
+    total = steps_per_epoch * epochs
+    step, last_loss = 0, float("nan")
+    for epoch in range(epochs):
+        order = epoch_permutation(features.shape[0], mix_seed(seed, 17), epoch).to(features.device)
+        running = 0.0
+        for start in range(0, steps_per_epoch * batch_size, batch_size):
+            index = order[start:start + batch_size]
+            set_cosine_lr(optimizer, step, total)
+            loss = heads_loss(heads(features[index]), labels[index], logit_regularization)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += loss.item()
+            step += 1
+        last_loss = running / max(steps_per_epoch, 1)
+    heads.eval()
+    return last_loss

@@ -1,0 +1,122 @@
+"""Data pipelines of the trial: which split, which per-image transform, which sampler.
+
+Workers decode and do the per-image geometric part (crop, resize, flip) into uint8 tensors; the
+photometric part runs batched on the training device (``augment.PhotometricAugment``; paper
+section 3.3 and appendix B). Order and randomness come from ``sampling`` so that runs resume exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+import augment
+import data
+from sampling import GlobalBatchSampler, SeededTransformDataset, ShardSampler
+from utils import Settings
+
+VALIDATION_TAG, TEST_TAG = 0, 1
+
+
+def view_augmentations(settings: Settings) -> tuple[augment.ViewAugmentation, augment.ViewAugmentation]:
+    """The paper's table 6 pipelines with the config's per-view overrides applied."""
+    defaults = augment.paper_view_augmentations()
+    views = []
+    for name, default in zip(("view1", "view2"), defaults):
+        overrides = settings.augmentation.get(name) or {}
+        merged = {**dataclasses.asdict(default), **overrides} if overrides else None
+        views.append(augment.ViewAugmentation.from_dict(merged) if merged else default)
+    return views[0], views[1]
+
+
+def base_dataset(settings: Settings, split: data.Split) -> Dataset:
+    """The raw split: ``(PIL image, label)`` items."""
+    cfg = settings.data
+    gcs = None
+    if cfg.gcs is not None:
+        import gcs as gcs_module
+
+        gcs = gcs_module.GCSSource(cfg.gcs.bucket, cfg.gcs.train_blob_list, cfg.gcs.val_blob_list,
+                                   cfg.gcs.cache_dir)
+    return data.build_dataset(cfg.dataset, split, root=cfg.root, transform=None,
+                              validation_size=cfg.validation_size, seed=settings.seed,
+                              download=cfg.download, gcs=gcs)
+
+
+class Tagged(Dataset):
+    """Adds a constant tag (which split an image came from) to every item."""
+
+    def __init__(self, base: Dataset, tag: int):
+        self.base, self.tag = base, tag
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index):
+        image, label = self.base[index]
+        return image, label, self.tag
+
+
+class LazyTrainingLoader:
+    """A never-ending training loader whose position is read when iteration actually starts.
+
+    The Determined harness calls ``iter()`` on the training loader before it restores a checkpoint;
+    this generator creates the real DataLoader only at the first ``next()``, after the trial has
+    loaded its global step, so a resumed run continues at exactly the next batch.
+    """
+
+    def __init__(self, dataset: Dataset, sampler_factory: Callable[[], GlobalBatchSampler],
+                 num_workers: int, pin_memory: bool):
+        self.dataset = dataset
+        self.sampler_factory = sampler_factory
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self._steps_per_epoch = len(sampler_factory())
+
+    def __len__(self) -> int:
+        return self._steps_per_epoch
+
+    def __iter__(self) -> Iterator:
+        loader = DataLoader(self.dataset, batch_sampler=self.sampler_factory(), num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, persistent_workers=False,
+                            prefetch_factor=4 if self.num_workers else None)
+        yield from loader
+
+
+def training_dataset(settings: Settings, image_size: int, pretraining: bool) -> Dataset:
+    """TRAIN with two geometric views (pretraining), or CLS_TRAIN with the classifier transform."""
+    if pretraining:
+        view1, view2 = view_augmentations(settings)
+        transform = augment.TwoViewTransform(image_size, view1, view2)
+        return SeededTransformDataset(base_dataset(settings, data.Split.TRAIN), transform)
+    mode = settings.classifier.augmentation
+    if mode == "crop_flip":
+        transform = augment.crop_flip_transform(image_size)
+    elif mode == "variant":  # appendix C.1 variant: reuse the pretraining augmentations (view 1)
+        transform = augment.geometric_transform(image_size, view_augmentations(settings)[0])
+    else:
+        transform = augment.eval_transform(image_size)
+    return SeededTransformDataset(base_dataset(settings, data.Split.CLS_TRAIN), transform)
+
+
+def evaluation_dataset(settings: Settings, image_size: int) -> Dataset:
+    """CLS_VALIDATION then TEST, un-augmented, each item tagged with its split."""
+    transform = augment.eval_transform(image_size)
+    return ConcatDataset([
+        Tagged(SeededTransformDataset(base_dataset(settings, data.Split.CLS_VALIDATION), transform), VALIDATION_TAG),
+        Tagged(SeededTransformDataset(base_dataset(settings, data.Split.TEST), transform), TEST_TAG),
+    ])
+
+
+def sharded_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, num_workers: int,
+                   pin_memory: bool = False) -> DataLoader:
+    """Every sample exactly once across ranks, in dataset order (no padding, no dropping)."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world_size),
+                      num_workers=num_workers, pin_memory=pin_memory)
+
+
+def classifier_feature_dataset(settings: Settings, image_size: int) -> Dataset:
+    """CLS_TRAIN un-augmented, for the probe heads trained on cached features."""
+    return SeededTransformDataset(base_dataset(settings, data.Split.CLS_TRAIN), augment.eval_transform(image_size))

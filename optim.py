@@ -1,0 +1,113 @@
+"""Optimisation for BYOL (section 3.3 and appendix C of Grill et al. 2020).
+
+- LARS (You et al. 2017) with trust coefficient 1e-3, momentum 0.9 and weight decay 1.5e-6; biases
+  and batch-norm parameters are excluded from both weight decay and the LARS adaptation.
+- Learning rate: ``base_lr * global_batch / 256``, linear warm-up, then cosine decay to zero.
+- EMA decay tau is scheduled in ``byol.cosine_ema_tau``.
+
+Schedules are pure functions of the global step and the total step count, so a resumed run
+continues them exactly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise adaptive rate scaling with heavy-ball momentum.
+
+    For parameter groups with ``lars_adaptation=True`` the update is
+        g <- g + wd * w
+        g <- g * eta * ||w|| / ||g||      (trust ratio, when both norms are positive)
+        m <- momentum * m + g
+        w <- w - lr * m
+    Groups with ``lars_adaptation=False`` (biases, batch-norm) use plain SGD with momentum and their
+    own ``weight_decay`` (0 in :func:`lars_param_groups`).
+
+    Written here rather than taken from a library because torch has no LARS and the paper's exact
+    exclusion rules matter.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 1.5e-6,
+                 eta: float = 1e-3, lars_adaptation: bool = True):
+        if lr < 0 or momentum < 0 or weight_decay < 0 or eta <= 0:
+            raise ValueError(f"invalid LARS settings lr={lr} momentum={momentum} "
+                             f"weight_decay={weight_decay} eta={eta}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                        lars_adaptation=lars_adaptation)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad
+                if group["weight_decay"]:
+                    grad = grad.add(param, alpha=group["weight_decay"])
+                if group["lars_adaptation"]:
+                    param_norm = torch.linalg.vector_norm(param)
+                    grad_norm = torch.linalg.vector_norm(grad)
+                    trust = torch.where(
+                        (param_norm > 0) & (grad_norm > 0),
+                        group["eta"] * param_norm / grad_norm,
+                        torch.ones_like(param_norm),
+                    )
+                    grad = grad * trust
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.clone(grad).detach()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
+                param.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
+
+
+def is_excluded(name: str, param: nn.Parameter) -> bool:
+    """Biases and batch-norm parameters (all 1-D tensors) skip weight decay and LARS (appendix C)."""
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
+def lars_param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Two groups: weights (decayed, LARS-adapted) and biases/batch-norm (neither)."""
+    adapted, excluded = [], []
+    for name, param in named_parameters:
+        if not param.requires_grad:
+            continue
+        (excluded if is_excluded(name, param) else adapted).append(param)
+    return [
+        {"params": adapted, "weight_decay": weight_decay, "lars_adaptation": True},
+        {"params": excluded, "weight_decay": 0.0, "lars_adaptation": False},
+    ]
+
+
+def scaled_learning_rate(base_lr: float, global_batch_size: int) -> float:
+    """Section 3.3: LR = base_lr x BatchSize / 256 (base 0.2 in the paper, for LARS)."""
+    return base_lr * global_batch_size / 256
+
+
+def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
+    """Linear warm-up from 0 to ``peak_lr`` over ``warmup_steps``, then cosine decay to 0 at
+    ``total_steps`` (section 3.3: 10 warm-up epochs, cosine decay without restarts)."""
+    if total_steps <= 0:
+        return peak_lr
+    step = min(max(step, 0), total_steps)
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = (step - warmup_steps) / decay_steps
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

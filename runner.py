@@ -1,0 +1,192 @@
+"""The command line of ``model_def.py``: runs the BYOL trial through Determined's Trainer API.
+
+Off a cluster it reads the ``hyperparameters`` and ``data`` sections of the given yaml and runs the
+Trainer in local mode (one process, or several under ``torchrun`` with ``USE_TORCH_DISTRIBUTED=1``).
+On a cluster (launched by the experiment's entrypoint) it takes the hyperparameters and the latest
+checkpoint from the cluster.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Dict, Iterator, Optional
+
+import determined as det
+import torch
+from determined import core, pytorch
+
+from utils import ConfigError, Length, Settings, TrainingMode, load_config, parse_settings, slots_of
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment yaml (config/*.yaml)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, help="override hyperparameters.train_length with N epochs")
+    length.add_argument("--batches", type=int, help="override hyperparameters.train_length with N batches")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="local checkpoint storage (default: the config's checkpoint_storage.host_path "
+                             "or ~/.local/share/determined)")
+    parser.add_argument("--resume-from", default=None, help="local checkpoint directory to continue from exactly")
+    parser.add_argument("--metrics-out", default=None, help="write the final metrics as JSON to this file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a hyperparameter (yaml value), e.g. --set backbone=resnet18_cifar")
+    args = parser.parse_args(argv)
+    for value, name in ((args.epochs, "--epochs"), (args.batches, "--batches")):
+        if value is not None and value < 0:
+            parser.error(f"{name} must be >= 0, got {value}")
+    return args
+
+
+def apply_overrides(hparams: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any]:
+    import yaml
+
+    hparams = json.loads(json.dumps(hparams))  # deep copy
+    if args.epochs is not None:
+        hparams["train_length"] = {"epochs": args.epochs}
+    if args.batches is not None:
+        hparams["train_length"] = {"batches": args.batches}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        target = hparams
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = yaml.safe_load(value)
+    return hparams
+
+
+def distributed_context() -> Optional[core.DistributedContext]:
+    """torch.distributed from torchrun's environment, gloo on CPU and nccl on GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if os.environ.get("USE_TORCH_DISTRIBUTED", "") not in ("1", "true", "True"):
+        raise ConfigError("several processes were started (WORLD_SIZE > 1) but USE_TORCH_DISTRIBUTED is not set: "
+                          "run USE_TORCH_DISTRIBUTED=1 torchrun --nproc_per_node N model_def.py ...")
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    return core.DistributedContext.from_torch_distributed()
+
+
+@contextlib.contextmanager
+def local_trial_context(hparams: Dict, exp_conf: Dict, distributed: Optional[core.DistributedContext],
+                        checkpoint_dir: Optional[str]) -> Iterator[pytorch.PyTorchTrialContext]:
+    """``determined.pytorch.init`` for local mode, plus a checkpoint directory of our choice
+    (``pytorch.init`` has no ``checkpoint_storage`` argument; ``core.init`` has)."""
+    with core.init(distributed=distributed, checkpoint_storage=checkpoint_dir,
+                   preempt_mode=core.PreemptMode.WorkersAskChief,
+                   tensorboard_mode=core.TensorboardMode.MANUAL) as core_context:
+        yield pytorch.PyTorchTrialContext(
+            core_context=core_context, trial_seed=None, hparams=hparams,
+            slots_per_trial=core_context.distributed.get_size(), num_gpus=torch.cuda.device_count(),
+            exp_conf=exp_conf, aggregation_frequency=1, steps_completed=0, managed_training=True,
+            debug_enabled=False, enable_tensorboard_logging=True)
+
+
+def default_checkpoint_dir(config: Dict[str, Any]) -> Optional[str]:
+    storage = config.get("checkpoint_storage") or {}
+    if storage.get("type") == "shared_fs" and storage.get("host_path"):
+        path = os.path.join(storage["host_path"], storage.get("storage_path", "") or "")
+        return path
+    return None
+
+
+def periods(settings: Settings, steps_per_epoch: int):
+    def unit(length: Optional[Length]):
+        if length is None:
+            return None
+        return pytorch.Batch(length.to_batches(steps_per_epoch))
+
+    return unit(settings.validation_period), unit(settings.checkpoint_period)
+
+
+def run_trial(context: pytorch.PyTorchTrialContext, settings: Optional[Settings],
+              latest_checkpoint: Optional[str]):
+    import model_def
+
+    trial = model_def.BYOLTrial(context, settings)
+    s = trial.settings
+    validation_period, checkpoint_period = periods(s, trial.steps_per_epoch)
+    if context.distributed.rank == 0:
+        print(f"[byol] {s.training_mode.value} on {s.data.dataset} with {s.backbone}: {trial.total_steps} steps "
+              f"({trial.steps_per_epoch} per epoch), global batch "
+              f"{s.global_batch_size if trial.pretraining else s.classifier.batch_size}, "
+              f"{context.distributed.size} process(es), device {trial.device}", flush=True)
+    trainer = pytorch.Trainer(trial, context)
+    trainer.fit(max_length=pytorch.Batch(max(trial.total_steps, 0)), validation_period=validation_period,
+                checkpoint_period=checkpoint_period, latest_checkpoint=latest_checkpoint,
+                reporting_period=pytorch.Batch(max(trial.steps_per_epoch, 1)), checkpoint_policy="all")
+    return trial
+
+
+def summary(trial, seconds: float) -> Dict[str, Any]:
+    metrics = {key: value for key, value in trial.last_validation.items() if isinstance(value, (int, float))}
+    metrics.update({"global_step": trial.global_step, "wall_seconds": round(seconds, 1),
+                    "last_checkpoint": trial.last_checkpoint})
+    return metrics
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    info = det.get_cluster_info()
+    started = time.time()
+    if info is not None and info.task_type == "TRIAL":
+        with pytorch.init() as context:
+            trial = run_trial(context, None, info.latest_checkpoint)
+        return 0
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config)
+        hparams = apply_overrides(config["hyperparameters"], args)
+        distributed = distributed_context()
+        slots = distributed.get_size() if distributed else 1
+        if slots_of(config) != slots and slots > 1:
+            print(f"[byol] note: the config asks for {slots_of(config)} slots; running {slots} local processes",
+                  flush=True)
+        settings = parse_settings(hparams, config.get("data"), slots)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    checkpoint_dir = args.checkpoint_dir or default_checkpoint_dir(config)
+    if args.resume_from and not os.path.isdir(args.resume_from):
+        print(f"error: --resume-from {args.resume_from!r} is not a checkpoint directory", file=sys.stderr)
+        return 2
+    latest = os.path.abspath(args.resume_from) if args.resume_from else None
+    if checkpoint_dir:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        checkpoint_dir = os.path.abspath(checkpoint_dir)
+    exp_conf = {**config, "hyperparameters": hparams}
+    with local_trial_context(hparams, exp_conf, distributed, checkpoint_dir) as context:
+        trial = run_trial(context, settings, latest)
+        metrics = summary(trial, time.time() - started)
+        if context.distributed.rank == 0:
+            print_summary(trial, metrics)
+            if args.metrics_out:
+                os.makedirs(os.path.dirname(os.path.abspath(args.metrics_out)), exist_ok=True)
+                with open(args.metrics_out, "w") as handle:
+                    json.dump(metrics, handle, indent=2, sort_keys=True)
+                print(f"[byol] metrics written to {args.metrics_out}", flush=True)
+    return 0
+
+
+def print_summary(trial, metrics: Dict[str, Any]) -> None:
+    lines = [f"[byol] finished {metrics['global_step']} steps in {metrics['wall_seconds']} s"]
+    if "test_accuracy" in metrics:
+        lines.append(f"[byol] linear probe: test accuracy {metrics['test_accuracy']:.4f} "
+                     f"(head lr {metrics.get('best_classifier_lr')} chosen on validation "
+                     f"accuracy {metrics.get('validation_accuracy', float('nan')):.4f})")
+    if "random_init_test_accuracy" in metrics:
+        lines.append(f"[byol] same probe on a randomly initialised encoder: "
+                     f"{metrics['random_init_test_accuracy']:.4f}")
+    if metrics.get("last_checkpoint"):
+        lines.append(f"[byol] last checkpoint: {metrics['last_checkpoint']}")
+    print("\n".join(lines), flush=True)

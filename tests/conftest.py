@@ -1,0 +1,8 @@
+"""Shared test set-up: the project root is a flat Determined model directory, so tests import its
+modules directly."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
