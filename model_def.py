@@ -71,7 +71,7 @@ class BYOLTrial(pytorch.PyTorchTrial):
         s = self.settings
         context.experimental.disable_dataset_reproducibility_checks()  # our own resumable sampler
         self.device = context.device
-        self.info = data.dataset_info(s.data.dataset)
+        self.info = data.dataset_info(s.data.dataset, s.data.root)
         self.pretraining = s.training_mode == TrainingMode.SELF_SUPERVISED
         # Datasets are built (and checked) here, before any training work starts.
         self.train_dataset = loaders.training_dataset(s, s.image_size, self.pretraining)
@@ -213,18 +213,43 @@ class BYOLTrial(pytorch.PyTorchTrial):
         return rate
 
     # ----------------------------------------------------------------- validation
-    def train_probe_heads(self) -> None:
+    def train_probe_heads(self, encoder: Optional[torch.nn.Module] = None,
+                          heads: Optional[classifier.LinearHeads] = None) -> None:
         """Before each pretraining validation: fresh heads on frozen features (appendix C.1)."""
         s = self.settings
+        encoder = encoder if encoder is not None else self.learner.online_encoder
+        heads = heads if heads is not None else self.heads
         dataset = loaders.classifier_feature_dataset(s, s.image_size)
         loader = loaders.sharded_loader(dataset, max(s.classifier.batch_size // self.world_size, 1),
                                         self.rank, self.world_size, s.data.num_workers)
-        features, labels = classifier.extract_features(self.learner.online_encoder, loader, self.device, self.normalize)
+        features, labels = classifier.extract_features(encoder, loader, self.device, self.normalize)
         features, labels = classifier.gather_rows(features), classifier.gather_rows(labels)
         self.probe_loss = classifier.train_heads_on_features(
-            self.heads, features, labels, s.classifier.learning_rates, s.classifier.train_epochs,
+            heads, features, labels, s.classifier.learning_rates, s.classifier.train_epochs,
             s.classifier.batch_size, mix_seed(s.seed, self.global_step), s.classifier.momentum,
             s.classifier.weight_decay, s.classifier.logit_regularization)
+
+    @torch.no_grad()
+    def random_encoder_probe(self) -> Dict[str, float]:
+        """The same linear probe on a randomly initialised encoder: what pretraining bought."""
+        s = self.settings
+        torch.manual_seed(mix_seed(s.seed, 99))
+        encoder = backbones.build_backbone(s.backbone).to(self.device)
+        heads = classifier.LinearHeads(backbones.feature_size(s.backbone), self.info.num_classes,
+                                       len(s.classifier.learning_rates), s.classifier.logit_clip).to(self.device)
+        self.train_probe_heads(encoder, heads)
+        encoder.eval()
+        reducer = ValidatedAccuracyReducer(s.classifier.learning_rates)
+        for images, labels, tags in self.build_validation_data_loader():
+            logits = heads(encoder(self.normalize(images.to(self.device))))
+            labels, tags = labels.to(self.device), tags.to(self.device)
+            for tag, split in ((loaders.VALIDATION_TAG, "validation"), (loaders.TEST_TAG, "test")):
+                mask = tags == tag
+                if mask.any():
+                    top1, top5 = classifier.correct_counts(logits[:, mask], labels[mask])
+                    reducer.update(split, top1, top5, int(mask.sum()))
+        per_slot = self.context.distributed.allgather(reducer.per_slot_reduce())
+        return reducer.cross_slot_reduce(per_slot)
 
     def evaluation_reducer(self):
         return pytorch.Reducer.AVG

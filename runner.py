@@ -130,6 +130,10 @@ def run_trial(context: pytorch.PyTorchTrialContext, settings: Optional[Settings]
 
 def summary(trial, seconds: float) -> Dict[str, Any]:
     metrics = {key: value for key, value in trial.last_validation.items() if isinstance(value, (int, float))}
+    if trial.pretraining and trial.settings.compare_random_init and trial.settings.classifier_validation:
+        random_init = trial.random_encoder_probe()
+        if "test_accuracy" in random_init:
+            metrics["random_init_test_accuracy"] = random_init["test_accuracy"]
     metrics.update({"global_step": trial.global_step, "wall_seconds": round(seconds, 1),
                     "last_checkpoint": trial.last_checkpoint})
     return metrics

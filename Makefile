@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make run` (creates .venv, installs, runs the offline default)
+# and `make test` (same environment, whole suite). CI runs `bash .ci/run`, which calls `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= outputs/local-digits
+
+.PHONY: install run test test-fast bench clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(PY) model_def.py --config config/local-digits.yaml --checkpoint-dir $(OUT)/checkpoints --metrics-out $(OUT)/metrics.json
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench: install
+	for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+clean:
+	rm -rf outputs .pytest_cache
