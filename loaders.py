@@ -97,13 +97,19 @@ def training_dataset(settings: Settings, image_size: int, pretraining: bool) -> 
     elif mode == "variant":  # appendix C.1 variant: reuse the pretraining augmentations (view 1)
         transform = augment.geometric_transform(image_size, view_augmentations(settings)[0])
     else:
-        transform = augment.eval_transform(image_size)
+        transform = evaluation_transform(settings, image_size)
     return SeededTransformDataset(base_dataset(settings, data.Split.CLS_TRAIN), transform)
+
+
+def evaluation_transform(settings: Settings, image_size: int):
+    """Resize and centre crop (appendix C.1: 224 of 256); small images (CIFAR, digits) uncropped."""
+    native = data.dataset_info(settings.data.dataset, settings.data.root).native_size
+    return augment.eval_transform(image_size, crop_fraction=1.0 if native < 64 else 0.875)
 
 
 def evaluation_dataset(settings: Settings, image_size: int) -> Dataset:
     """CLS_VALIDATION then TEST, un-augmented, each item tagged with its split."""
-    transform = augment.eval_transform(image_size)
+    transform = evaluation_transform(settings, image_size)
     return ConcatDataset([
         Tagged(SeededTransformDataset(base_dataset(settings, data.Split.CLS_VALIDATION), transform), VALIDATION_TAG),
         Tagged(SeededTransformDataset(base_dataset(settings, data.Split.TEST), transform), TEST_TAG),
@@ -119,4 +125,4 @@ def sharded_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int
 
 def classifier_feature_dataset(settings: Settings, image_size: int) -> Dataset:
     """CLS_TRAIN un-augmented, for the probe heads trained on cached features."""
-    return SeededTransformDataset(base_dataset(settings, data.Split.CLS_TRAIN), augment.eval_transform(image_size))
+    return SeededTransformDataset(base_dataset(settings, data.Split.CLS_TRAIN), evaluation_transform(settings, image_size))
