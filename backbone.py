@@ -90,7 +90,16 @@ def build_backbone(name: str, weights_path: Optional[str] = None) -> nn.Module:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ValueError(f"backbone weights {weights_path!r} hold a {type(state).__name__}, not a state_dict")
         state = {key: value for key, value in state.items() if not key.startswith("fc.")}
+        own = net.state_dict()
+        shapes = {key: tuple(getattr(value, "shape", ())) for key, value in state.items() if key in own}
+        wrong_shapes = [f"{key} {shape} vs {tuple(own[key].shape)}" for key, shape in shapes.items()
+                        if shape != tuple(own[key].shape)]
+        if wrong_shapes:
+            raise ValueError(f"backbone weights {weights_path!r} do not fit {name!r}: shapes differ "
+                             f"(file vs model) for {', '.join(wrong_shapes[:5])}")
         missing, unexpected = net.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(

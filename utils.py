@@ -271,6 +271,17 @@ def parse_settings(hyperparameters: dict, data_section: Optional[dict] = None, s
     if values["training_mode"] != TrainingMode.SELF_SUPERVISED and not values["pretrained_checkpoint"]:
         _fail(prefix + "pretrained_checkpoint", values["pretrained_checkpoint"],
               f"{values['training_mode'].value} needs the BYOL checkpoint to load (a directory or storage id)")
+    if values["training_mode"] == TrainingMode.FINE_TUNE:
+        # One encoder is shared by all heads: with several head learning rates the encoder would be
+        # trained by the sum of their losses, and no head would be the run its learning rate names.
+        rates = values["classifier"].learning_rates
+        if len(rates) != 1:
+            _fail(prefix + "classifier.learning_rates", list(rates),
+                  "FINE_TUNE trains the encoder with the head, so it takes exactly one learning rate "
+                  "(sweep learning rates with separate trials)")
+        if values["classifier"].encoder_lr <= 0:
+            _fail(prefix + "classifier.encoder_lr", values["classifier"].encoder_lr,
+                  "FINE_TUNE needs an encoder learning rate > 0 (for a frozen encoder use CLASSIFIER_ONLY)")
     if values["backbone_weights"] and not os.path.isfile(values["backbone_weights"]):
         _fail(prefix + "backbone_weights", values["backbone_weights"], "file does not exist")
     return Settings(**values)
@@ -284,7 +295,8 @@ def load_config(path: str) -> dict:
         try:
             config = yaml.safe_load(handle)
         except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path!r} is not valid yaml: {error}") from None
+            detail = " ".join(str(error).split())  # yaml's message spans lines; errors are one line
+            raise ConfigError(f"config file {path!r} is not valid yaml: {detail}") from None
     if not isinstance(config, dict) or not isinstance(config.get("hyperparameters"), dict):
         raise ConfigError(f"config file {path!r} has no 'hyperparameters' mapping")
     return config

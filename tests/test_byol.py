@@ -1,0 +1,261 @@
+"""Tests of byol.py: the BYOL loss (eq. 2 and 4), the EMA target (section 3.1), the tau schedule
+(section 3.2) and the byol-pytorch-style wrapper around torchvision ResNets."""
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import byol
+from byol import BYOL, cosine_ema_tau, ema_update, regression_loss
+
+
+def tiny_net() -> nn.Module:
+    """A small encoder whose output is the representation (hidden_layer=None)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )
+
+
+def tiny_learner(**kwargs) -> BYOL:
+    options = dict(hidden_layer=None, projection_size=6, projection_hidden_size=16)
+    options.update(kwargs)
+    return BYOL(tiny_net(), image_size=8, **options)
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+# ------------------------------------------------------------------------------------- the loss
+def test_regression_loss_matches_hand_values():
+    prediction = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0], [3.0, 4.0], [1.0, 0.0]])
+    target = torch.tensor([[0.0, 1.0], [2.0, 0.0], [1.0, 0.0], [-3.0, -4.0], [-5.0, 0.0]])
+    expected = torch.tensor([2.0, 0.0, 2.0 - math.sqrt(2.0), 4.0, 4.0])
+    torch.testing.assert_close(regression_loss(prediction, target), expected)
+    # eq. 2 literally: squared distance of the l2-normalised vectors
+    literal = (prediction / prediction.norm(dim=1, keepdim=True)
+               - target / target.norm(dim=1, keepdim=True)).pow(2).sum(1)
+    torch.testing.assert_close(regression_loss(prediction, target), literal)
+
+
+def test_regression_loss_sends_no_gradient_to_the_target():
+    prediction = torch.randn(5, 7, requires_grad=True)
+    target = torch.randn(5, 7, requires_grad=True)
+    regression_loss(prediction, target).sum().backward()
+    assert prediction.grad is not None and prediction.grad.abs().sum() > 0
+    assert target.grad is None
+
+
+def test_forward_loss_is_symmetrised_2_minus_2cos_by_hand():
+    torch.manual_seed(0)
+    learner = tiny_learner()
+    # make the target differ from the online network so that a wrong pairing would show
+    with torch.no_grad():
+        for param in learner.target_parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    view1, view2 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    loss = learner(view1, view2)
+
+    both = torch.cat([view1, view2])
+    with torch.no_grad():
+        q = learner.online_predictor(learner.online_projector(learner.online_encoder(both)))
+        z = learner.target_projector(learner.target_encoder(both))
+    q1, q2, z1, z2 = q[:4], q[4:], z[:4], z[4:]
+    by_hand = ((2 - 2 * _cos(q1, z2)) + (2 - 2 * _cos(q2, z1))).mean()
+    torch.testing.assert_close(loss.detach(), by_hand)
+    wrong_pairing = ((2 - 2 * _cos(q1, z1)) + (2 - 2 * _cos(q2, z2))).mean()
+    assert not torch.allclose(by_hand, wrong_pairing)
+    # symmetric: swapping the views gives the same loss
+    torch.testing.assert_close(learner(view2, view1).detach(), loss.detach())
+
+
+def test_backward_reaches_online_but_never_target_parameters():
+    learner = tiny_learner()
+    for param in learner.target_parameters():
+        assert not param.requires_grad
+    learner(torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)).backward()
+    for param in learner.target_parameters():
+        assert param.grad is None
+    online = list(learner.online_parameters())
+    assert online and all(p.requires_grad for p in online)
+    assert all(p.grad is not None for p in online)
+    assert any(p.grad.abs().sum() > 0 for p in learner.online_predictor.parameters())
+    # the target network holds separate tensors, not the online ones
+    online_ids = {id(p) for p in online}
+    assert not online_ids & {id(p) for p in learner.target_parameters()}
+
+
+# ----------------------------------------------------------------------------------- EMA target
+def test_ema_update_formula_on_known_tensors():
+    online, target = nn.Linear(2, 2), nn.Linear(2, 2)
+    with torch.no_grad():
+        online.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        online.bias.copy_(torch.tensor([10.0, -10.0]))
+        target.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, -1.0]]))
+        target.bias.copy_(torch.tensor([0.0, 2.0]))
+    ema_update(target, online, tau=0.9)
+    torch.testing.assert_close(target.weight, torch.tensor([[0.1, 0.2], [1.2, -0.5]]))
+    torch.testing.assert_close(target.bias, torch.tensor([1.0, 0.8]))
+    torch.testing.assert_close(online.weight, torch.tensor([[1.0, 2.0], [3.0, 4.0]]))  # untouched
+    ema_update(target, online, tau=1.0)  # tau = 1 freezes the target
+    torch.testing.assert_close(target.bias, torch.tensor([1.0, 0.8]))
+    ema_update(target, online, tau=0.0)  # tau = 0 copies the online network
+    torch.testing.assert_close(target.weight, online.weight)
+
+
+def test_ema_update_copies_batch_norm_statistics():
+    online, target = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    online(torch.randn(8, 3) * 5 + 2)
+    ema_update(target, online, tau=0.99)
+    torch.testing.assert_close(target.running_mean, online.running_mean)
+    torch.testing.assert_close(target.running_var, online.running_var)
+
+
+def test_update_moving_average_default_decay_and_explicit_tau():
+    learner = tiny_learner(moving_average_decay=0.75)
+    with torch.no_grad():
+        for param in learner.online_parameters():
+            param.add_(1.0)
+    before = [p.clone() for p in learner.target_parameters()]
+    online = [p.detach().clone() for p in
+              list(learner.online_encoder.parameters()) + list(learner.online_projector.parameters())]
+    learner.update_moving_average()
+    for xi, old, theta in zip(learner.target_parameters(), before, online):
+        torch.testing.assert_close(xi, 0.75 * old + 0.25 * theta)
+    learner.update_moving_average(tau=0.0)
+    for xi, theta in zip(learner.target_parameters(), online):
+        torch.testing.assert_close(xi, theta)
+    assert all(not p.requires_grad for p in learner.target_parameters())
+
+
+def test_cosine_ema_tau_schedule():
+    assert cosine_ema_tau(0, 1000, 0.996) == pytest.approx(0.996)
+    assert cosine_ema_tau(500, 1000, 0.996) == pytest.approx(1 - 0.004 / 2)
+    assert cosine_ema_tau(1000, 1000, 0.996) == pytest.approx(1.0)
+    assert cosine_ema_tau(250, 1000, 0.99) == pytest.approx(1 - 0.01 * (math.cos(math.pi / 4) + 1) / 2)
+    taus = [cosine_ema_tau(k, 100, 0.9) for k in range(101)]
+    assert all(a <= b for a, b in zip(taus, taus[1:]))
+
+
+# ------------------------------------------------------------------- wrapping torchvision ResNets
+@pytest.mark.parametrize("hidden_layer, sizes", [
+    ("avgpool", {}),  # the README's defaults (projection 256, hidden 4096)
+    (-2, {"projection_hidden_size": 256, "projection_size": 64}),
+])
+def test_wraps_resnet18_readme_example(hidden_layer, sizes):
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18()
+    learner = BYOL(resnet, image_size=64, hidden_layer=hidden_layer, **sizes)
+    assert learner.feature_size == 512
+    opt = torch.optim.Adam(learner.parameters(), lr=3e-4)
+    before = {k: v.clone() for k, v in resnet.state_dict().items()}
+    target_before = [p.clone() for p in learner.target_parameters()]
+    images = torch.rand(4, 3, 64, 64)
+
+    loss = learner(images)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    learner.update_moving_average()
+
+    after = resnet.state_dict()
+    assert not torch.equal(before["conv1.weight"], after["conv1.weight"])
+    assert not torch.equal(before["layer4.1.conv2.weight"], after["layer4.1.conv2.weight"])
+    assert any(not torch.equal(a, b) for a, b in zip(target_before, learner.target_parameters()))
+    # the improved plain encoder loads into a fresh torchvision ResNet-18
+    fresh = torchvision.models.resnet18()
+    fresh.load_state_dict(after)
+    torch.testing.assert_close(fresh.conv1.weight, resnet.conv1.weight)
+    assert learner(images, return_embedding=True).shape == (4, 512)
+
+
+def test_literal_readme_example_with_resnet50():
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet50()
+    learner = BYOL(resnet, image_size=64, hidden_layer="avgpool")
+    opt = torch.optim.Adam(learner.parameters(), lr=3e-4)
+    before = resnet.conv1.weight.detach().clone()
+    images = torch.randn(2, 3, 64, 64)
+    loss = learner(images)
+    loss.backward()
+    opt.step()
+    learner.update_moving_average()
+    assert torch.isfinite(loss)
+    assert not torch.equal(before, resnet.conv1.weight)
+    torchvision.models.resnet50().load_state_dict(resnet.state_dict())
+
+
+def test_optional_arguments_are_honoured():
+    calls = []
+
+    def aug1(images):
+        calls.append("1")
+        return images
+
+    def aug2(images):
+        calls.append("2")
+        return images.flip(-1)
+
+    learner = BYOL(torchvision.models.resnet18(), image_size=32, hidden_layer="avgpool", projection_size=24,
+                   projection_hidden_size=40, moving_average_decay=0.5, augment_fn=aug1, augment_fn2=aug2)
+    assert learner.online_projector[0].in_features == 512
+    assert learner.online_projector[0].out_features == 40
+    assert learner.online_projector[-1].out_features == 24
+    assert learner.online_predictor[0].in_features == 24
+    assert learner.online_predictor[-1].out_features == 24
+    assert learner.target_projector[-1].out_features == 24
+    assert learner.moving_average_decay == 0.5
+    loss = learner(torch.rand(2, 3, 32, 32))
+    assert sorted(calls) == ["1", "2"] and torch.isfinite(loss)
+
+    # only augment_fn: used for both views
+    calls.clear()
+    learner = BYOL(tiny_net(), image_size=8, hidden_layer=None, projection_size=4, projection_hidden_size=8,
+                   augment_fn=aug1)
+    learner(torch.rand(2, 3, 8, 8))
+    assert calls == ["1", "1"]
+
+
+def test_learner_with_two_prepared_views():
+    learner = BYOL(torchvision.models.resnet18(), image_size=32, hidden_layer="avgpool",
+                   projection_hidden_size=64, projection_size=16)
+    view1, view2 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    loss = learner(view1, view2)
+    loss.backward()
+    assert 0.0 <= loss.item() <= 8.0  # each term of eq. 4 lies in [0, 4]
+    assert learner.net.conv1.weight.grad is not None
+
+
+def test_unknown_hidden_layer_lists_layers():
+    with pytest.raises(ValueError) as info:
+        BYOL(torchvision.models.resnet18(), image_size=32, hidden_layer="avg_pool")
+    message = str(info.value)
+    assert "avg_pool" in message and "avgpool" in message and "layer4" in message
+    with pytest.raises(ValueError, match="out of range"):
+        BYOL(torchvision.models.resnet18(), image_size=32, hidden_layer=42)
+
+
+def test_train_helper_runs_on_a_tiny_dataloader():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    loader = DataLoader(TensorDataset(images, torch.zeros(8, dtype=torch.long)), batch_size=4)
+    learner = BYOL(tiny_net(), image_size=16, hidden_layer=None, projection_size=8, projection_hidden_size=16)
+    optimizer = torch.optim.SGD(learner.online_parameters(), lr=0.1)
+    target_before = [p.clone() for p in learner.target_parameters()]
+    losses = byol.train(learner, loader, optimizer, epochs=2, log_every=0)
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert any(not torch.equal(a, b) for a, b in zip(target_before, learner.target_parameters()))
+
+    # batches of prepared views: ((view1, view2), labels)
+    views = TensorDataset(torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8))
+    pairs = [((v1, v2), 0) for v1, v2 in views]
+    loader = DataLoader(pairs, batch_size=3)
+    learner = tiny_learner()
+    losses = byol.train(learner, loader, torch.optim.SGD(learner.online_parameters(), lr=0.1), epochs=1,
+                        log_every=0)
+    assert len(losses) == 2 and all(0.0 <= x <= 8.0 for x in losses)

@@ -1,0 +1,147 @@
+"""Tests of optim.py: LARS with the paper's exclusions and the learning-rate schedule (section 3.3,
+appendix C of Grill et al. 2020)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from optim import LARS, is_excluded, lars_param_groups, scaled_learning_rate, set_learning_rate, warmup_cosine_lr
+
+
+def lars_update_by_hand(w, g, m, lr, momentum, wd, eta, adapt=True):
+    """One LARS step on plain Python lists; returns (new w, new m)."""
+    g = [gi + wd * wi for gi, wi in zip(g, w)]
+    if adapt:
+        w_norm = math.sqrt(sum(x * x for x in w))
+        g_norm = math.sqrt(sum(x * x for x in g))
+        if w_norm > 0 and g_norm > 0:
+            g = [gi * eta * w_norm / g_norm for gi in g]
+    m = [momentum * mi + gi for mi, gi in zip(m, g)]
+    w = [wi - lr * mi for wi, mi in zip(w, m)]
+    return w, m
+
+
+def test_lars_trust_ratio_two_steps_by_hand():
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]], dtype=torch.float64))
+    optimizer = LARS([w], lr=0.5, momentum=0.9, weight_decay=0.1, eta=0.01)
+    # step 1, g = [1, 0]: g + wd w = [1.3, 0.4]; ||w|| = 5; trust = 0.01 * 5 / sqrt(1.85)
+    trust = 0.05 / math.sqrt(1.85)
+    expected = [3.0 - 0.5 * 1.3 * trust, 4.0 - 0.5 * 0.4 * trust]
+    w.grad = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    optimizer.step()
+    torch.testing.assert_close(w.detach()[0], torch.tensor(expected, dtype=torch.float64))
+    torch.testing.assert_close(optimizer.state[w]["momentum_buffer"][0],
+                               torch.tensor([1.3 * trust, 0.4 * trust], dtype=torch.float64))
+    # step 2 uses the momentum buffer
+    by_hand_w, by_hand_m = lars_update_by_hand([3.0, 4.0], [1.0, 0.0], [0.0, 0.0], 0.5, 0.9, 0.1, 0.01)
+    by_hand_w, by_hand_m = lars_update_by_hand(by_hand_w, [-2.0, 0.5], by_hand_m, 0.5, 0.9, 0.1, 0.01)
+    w.grad = torch.tensor([[-2.0, 0.5]], dtype=torch.float64)
+    optimizer.step()
+    torch.testing.assert_close(w.detach()[0], torch.tensor(by_hand_w, dtype=torch.float64))
+    torch.testing.assert_close(optimizer.state[w]["momentum_buffer"][0], torch.tensor(by_hand_m, dtype=torch.float64))
+
+
+def small_model() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, bias=True), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 2 * 2, 2),
+    )
+
+
+def test_lars_param_groups_excludes_biases_and_batch_norm():
+    model = small_model()
+    groups = lars_param_groups(model.named_parameters(), weight_decay=1e-4)
+    adapted, excluded = groups
+    assert adapted["lars_adaptation"] is True and adapted["weight_decay"] == 1e-4
+    assert excluded["lars_adaptation"] is False and excluded["weight_decay"] == 0.0
+    ids = lambda params: {id(p) for p in params}  # noqa: E731
+    assert ids(adapted["params"]) == ids([model[0].weight, model[4].weight])
+    assert ids(excluded["params"]) == ids([model[0].bias, model[1].weight, model[1].bias, model[4].bias])
+    assert is_excluded("fc.bias", nn.Parameter(torch.zeros(2, 2)))
+    assert not is_excluded("fc.weight", nn.Parameter(torch.zeros(2, 2)))
+
+
+def test_lars_param_groups_skip_frozen_parameters():
+    model = small_model()
+    model[0].weight.requires_grad_(False)
+    adapted, _ = lars_param_groups(model.named_parameters(), weight_decay=1e-4)
+    assert [id(p) for p in adapted["params"]] == [id(model[4].weight)]
+
+
+def test_lars_step_on_model_adapts_weights_only():
+    torch.manual_seed(0)
+    model = small_model().double()
+    lr, momentum, wd, eta = 0.3, 0.9, 0.05, 0.002
+    optimizer = LARS(lars_param_groups(model.named_parameters(), wd), lr=lr, momentum=momentum,
+                     weight_decay=wd, eta=eta)
+    # batch-norm weights start at 1 and biases at 0; move them so that decay would show
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    grads = {name: torch.randn_like(p) for name, p in model.named_parameters()}
+    for name, param in model.named_parameters():
+        param.grad = grads[name].clone()
+    optimizer.step()
+    for name, param in model.named_parameters():
+        w, g = before[name].flatten().tolist(), grads[name].flatten().tolist()
+        excluded = name in ("0.bias", "1.weight", "1.bias", "4.bias")
+        if excluded:  # plain momentum SGD: no weight decay, no trust ratio
+            expected, _ = lars_update_by_hand(w, g, [0.0] * len(w), lr, momentum, 0.0, eta, adapt=False)
+        else:
+            expected, _ = lars_update_by_hand(w, g, [0.0] * len(w), lr, momentum, wd, eta, adapt=True)
+        torch.testing.assert_close(param.detach().flatten(), torch.tensor(expected, dtype=torch.float64),
+                                   msg=f"parameter {name}")
+    # the adapted step is tiny (trust ratio 0.002 * ||w|| / ||g||) compared with the raw gradient step
+    step = (before["4.weight"] - model[4].weight.detach()).norm()
+    assert step == pytest.approx(lr * eta * before["4.weight"].norm().item(), rel=1e-6)
+
+
+def test_lars_zero_norm_parameter_and_zero_gradient():
+    zero = nn.Parameter(torch.zeros(2, 2))
+    still = nn.Parameter(torch.tensor([[1.0, 2.0]]))
+    optimizer = LARS([zero, still], lr=0.1, momentum=0.9, weight_decay=0.0, eta=1e-3)
+    zero.grad = torch.tensor([[1.0, -2.0], [0.0, 4.0]])
+    still.grad = torch.zeros(1, 2)
+    optimizer.step()
+    # ||w|| = 0: trust ratio 1, a plain step; ||g|| = 0: no change, and no NaN anywhere
+    torch.testing.assert_close(zero.detach(), torch.tensor([[-0.1, 0.2], [0.0, -0.4]]))
+    torch.testing.assert_close(still.detach(), torch.tensor([[1.0, 2.0]]))
+    assert torch.isfinite(optimizer.state[still]["momentum_buffer"]).all()
+
+
+def test_lars_skips_parameters_without_gradient_and_rejects_bad_settings():
+    param = nn.Parameter(torch.ones(2, 2))
+    optimizer = LARS([param], lr=0.1)
+    optimizer.step()
+    torch.testing.assert_close(param.detach(), torch.ones(2, 2))
+    with pytest.raises(ValueError, match="lr=-1"):
+        LARS([param], lr=-1)
+    with pytest.raises(ValueError, match="eta=0"):
+        LARS([param], lr=0.1, eta=0)
+
+
+def test_warmup_cosine_lr():
+    peak, total, warmup = 2.0, 110, 10
+    assert warmup_cosine_lr(0, total, warmup, peak) == 0.0
+    assert warmup_cosine_lr(5, total, warmup, peak) == pytest.approx(1.0)
+    assert warmup_cosine_lr(warmup, total, warmup, peak) == pytest.approx(peak)
+    assert warmup_cosine_lr(60, total, warmup, peak) == pytest.approx(peak / 2)
+    assert warmup_cosine_lr(total, total, warmup, peak) == pytest.approx(0.0, abs=1e-12)
+    assert warmup_cosine_lr(total + 50, total, warmup, peak) == pytest.approx(0.0, abs=1e-12)
+    # decay is monotone and without restarts
+    values = [warmup_cosine_lr(k, total, warmup, peak) for k in range(warmup, total + 1)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    # no warm-up: starts at the peak
+    assert warmup_cosine_lr(0, 100, 0, peak) == pytest.approx(peak)
+    assert warmup_cosine_lr(50, 100, 0, peak) == pytest.approx(peak / 2)
+
+
+def test_scaled_learning_rate_and_set_learning_rate():
+    assert scaled_learning_rate(0.2, 4096) == pytest.approx(3.2)
+    assert scaled_learning_rate(0.2, 256) == pytest.approx(0.2)
+    assert scaled_learning_rate(1.0, 128) == pytest.approx(0.5)
+    model = small_model()
+    optimizer = LARS(lars_param_groups(model.named_parameters(), 1e-6), lr=0.1)
+    set_learning_rate(optimizer, 0.7)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.7, 0.7]
