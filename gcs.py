@@ -60,8 +60,11 @@ class GCSSource:
     train_blob_list: str
     val_blob_list: str
     cache_dir: Optional[str] = None
+    max_in_flight: int = 32
 
     def __post_init__(self):
+        if self.max_in_flight < 1:
+            raise ValueError(f"GCSSource.max_in_flight must be >= 1, got {self.max_in_flight}")
         if not self.bucket or self.bucket.startswith("gs://") or "/" in self.bucket:
             raise ValueError(f"GCSSource.bucket must be a bare bucket name like 'my-imagenet', "
                              f"got {self.bucket!r}")

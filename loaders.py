@@ -39,7 +39,7 @@ def base_dataset(settings: Settings, split: data.Split) -> Dataset:
         import gcs as gcs_module
 
         gcs = gcs_module.GCSSource(cfg.gcs.bucket, cfg.gcs.train_blob_list, cfg.gcs.val_blob_list,
-                                   cfg.gcs.cache_dir)
+                                   cfg.gcs.cache_dir, cfg.gcs.max_in_flight)
     return data.build_dataset(cfg.dataset, split, root=cfg.root, transform=None,
                               validation_size=cfg.validation_size, seed=settings.seed,
                               download=cfg.download, gcs=gcs)
