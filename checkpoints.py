@@ -8,13 +8,22 @@ the setting instead of a wall of shape errors.
 
 Checkpoints always load with ``torch.load(weights_only=True)``: loading never runs code. The only
 non-tensor objects the harness stores are numpy's RNG state arrays, whose reconstruct types are
-allowlisted here (never ``weights_only=False``).
+allowlisted here (never ``weights_only=False``); the harness's ``trial_state.pkl`` (read with plain
+``pickle``) is checked to hold plain data before a resume.
+
+The harness writes a checkpoint straight into its final directory. Only a checkpoint with the
+``byol_complete.json`` marker counts: it is written last, after every file is flushed, and lists the
+files' sizes and SHA-256, so a run that died while checkpointing (crash, kill, full disk) can never
+be mistaken for a good one (:func:`verify_checkpoint`). Weights that are no longer finite are never
+checkpointed (:func:`check_finite`).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import pickle
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -22,6 +31,8 @@ import torch
 from determined import pytorch
 
 STATE_FILE = "state_dict.pth"
+SHOWN_METRICS = ("test_accuracy", "validation_accuracy", "test_top5_accuracy", "best_classifier_lr",
+                 "knn_accuracy", "validation_byol_loss")
 FINGERPRINT_KEYS = ("backbone", "projection_size", "projection_hidden_size", "num_classes",
                     "classifier_heads", "training_mode")
 
@@ -40,11 +51,16 @@ def fingerprint(trial) -> Dict[str, Any]:
             "classifier_heads": len(s.classifier.learning_rates), "training_mode": s.training_mode.value}
 
 
+class IncompatibleCheckpointError(ValueError):
+    """The checkpoint was written with settings that give other tensor shapes than this run's."""
+
+
 def check_compatible(saved: Dict[str, Any], current: Dict[str, Any], where: str) -> None:
     for key in FINGERPRINT_KEYS:
         if key in saved and saved[key] != current[key]:
-            raise ValueError(f"checkpoint {where} was written with {key}={saved[key]!r} but this run has "
-                             f"{key}={current[key]!r}: resume with the checkpoint's settings or start fresh")
+            raise IncompatibleCheckpointError(
+                f"checkpoint {where} was written with {key}={saved[key]!r} but this run has "
+                f"{key}={current[key]!r}: resume with the checkpoint's settings or start fresh")
 
 
 class TrialStateCallback(pytorch.PyTorchCallback):
@@ -57,6 +73,8 @@ class TrialStateCallback(pytorch.PyTorchCallback):
     def on_trial_startup(self, first_batch_idx: int, checkpoint_uuid: Optional[str]) -> None:
         if checkpoint_uuid:
             self.checkpoint_where = str(checkpoint_uuid)
+            if os.path.isdir(str(checkpoint_uuid)):  # local resume: the last good checkpoint until a new one
+                self.trial.last_checkpoint_path = str(checkpoint_uuid)
 
     def state_dict(self) -> Dict[str, Any]:
         return {"global_step": self.trial.global_step, "heads": self.trial.heads.state_dict(),
@@ -71,15 +89,172 @@ class TrialStateCallback(pytorch.PyTorchCallback):
         self.trial.global_step = int(state["global_step"])
         self.trial.heads.load_state_dict(state["heads"])
 
+    def on_checkpoint_save_start(self, checkpoint: Dict[str, Any]) -> None:
+        # Chief only, before anything is written: a diverged run must not replace good checkpoints.
+        check_finite(checkpoint, self.trial.global_step)
+
+    def on_checkpoint_write_end(self, checkpoint_dir: str) -> None:
+        # Chief only, after the harness wrote every file: from here on the checkpoint counts.
+        write_complete_marker(checkpoint_dir, self.trial.global_step)
+        self.trial.last_checkpoint_path = checkpoint_dir
+
     def on_checkpoint_upload_end(self, uuid: str) -> None:
         self.trial.last_checkpoint = uuid
+        self.trial.check_replicas(uuid)  # every rank: identical networks, or a clear error
 
     def on_validation_start(self) -> None:
-        if self.trial.pretraining and self.trial.settings.classifier_validation:
-            self.trial.train_probe_heads()
+        if self.trial.pretraining:
+            self.trial.prepare_probes()  # probe heads and/or the kNN bank, as configured
 
     def on_validation_end(self, metrics: Dict[str, Any]) -> None:
         self.trial.last_validation = dict(metrics)
+        if self.trial.rank == 0:
+            shown = {k: v for k, v in metrics.items() if k in SHOWN_METRICS and isinstance(v, (int, float))}
+            print(f"[validate] step {self.trial.global_step}: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())), flush=True)
+        self.trial.knn_bank = None  # frees the CLS_TRAIN features until the next validation
+
+
+class NonFiniteWeightsError(FloatingPointError):
+    """The weights about to be checkpointed hold NaN or infinite values."""
+
+
+def check_finite(checkpoint: Dict[str, Any], step: int) -> None:
+    """Raises :class:`NonFiniteWeightsError` naming the first model tensor with NaN/inf values."""
+    for index, state in enumerate(checkpoint.get("models_state_dict", [])):
+        for name, tensor in state.items():
+            if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteWeightsError(
+                    f"weights {name!r} are not finite after global step {step}: training diverged, so this "
+                    f"state is not checkpointed and earlier checkpoints are kept as they are. Lower the "
+                    f"learning rate (base_lr) or check the input data.")
+
+
+# ----------------------------------------------------------------------------- complete checkpoints
+# The harness writes a checkpoint's files straight into its final directory, so a run that dies while
+# checkpointing (crash, kill, full disk) leaves a directory that looks like a checkpoint. This file is
+# written last, after everything else is flushed to disk, and lists each file's size and SHA-256:
+# a checkpoint counts only with it, and only while its files still match it.
+COMPLETE_FILE = "byol_complete.json"
+_HASHED_FILES = (STATE_FILE, "trial_state.pkl", "load_data.json")
+
+
+class IncompleteCheckpointError(ValueError):
+    """A checkpoint directory that was never completely written, or was changed since."""
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_complete_marker(directory: str, global_step: int) -> str:
+    """Flushes the checkpoint's files, then atomically writes :data:`COMPLETE_FILE` listing them."""
+    files = {}
+    for name in _HASHED_FILES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            _fsync(path)
+            files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    if STATE_FILE not in files:
+        raise IncompleteCheckpointError(f"checkpoint {directory!r} has no {STATE_FILE} after writing")
+    marker = os.path.join(directory, COMPLETE_FILE)
+    temporary = marker + ".tmp"
+    with open(temporary, "w") as handle:
+        json.dump({"global_step": int(global_step), "files": files}, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, marker)
+    _fsync(directory)
+    return marker
+
+
+def complete_checkpoints(parent: str) -> list:
+    """``(global_step, path)`` of the complete checkpoints directly under ``parent``, oldest first
+    (marker present; files are verified by :func:`verify_checkpoint`)."""
+    found = []
+    if os.path.isdir(parent):
+        for name in os.listdir(parent):
+            marker = os.path.join(parent, name, COMPLETE_FILE)
+            try:
+                with open(marker) as handle:
+                    found.append((int(json.load(handle)["global_step"]), os.path.join(parent, name)))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    return sorted(found, key=lambda item: (item[0], os.path.getmtime(item[1])))
+
+
+def _alternatives(directory: str) -> str:
+    parent = os.path.dirname(os.path.abspath(directory))
+    good = [path for _, path in complete_checkpoints(parent) if os.path.abspath(path) != os.path.abspath(directory)]
+    if not good:
+        return f"there is no complete checkpoint in {parent!r}"
+    return f"the newest complete checkpoint in {parent!r} is {good[-1]!r}"
+
+
+def verify_checkpoint(directory: str) -> Dict[str, Any]:
+    """Checks that ``directory`` is a complete, unchanged checkpoint; returns its marker.
+
+    Raises FileNotFoundError (no such directory) or :class:`IncompleteCheckpointError` saying what
+    is wrong and which checkpoint next to it is complete."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint {directory!r} is not a directory")
+    marker_path = os.path.join(directory, COMPLETE_FILE)
+    if not os.path.isfile(marker_path):
+        what = ("the run that wrote it stopped while checkpointing" if os.path.exists(os.path.join(directory, "code"))
+                or os.path.exists(os.path.join(directory, STATE_FILE)) else "it is not a checkpoint of this project")
+        raise IncompleteCheckpointError(
+            f"checkpoint {directory!r} is incomplete: it has no {COMPLETE_FILE}, which is written after all "
+            f"its other files ({what}); {_alternatives(directory)}")
+    try:
+        with open(marker_path) as handle:
+            marker = json.load(handle)
+        files = dict(marker["files"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise IncompleteCheckpointError(f"checkpoint {directory!r}: {COMPLETE_FILE} is unreadable ({error}); "
+                                        f"{_alternatives(directory)}") from None
+    for name, expected in files.items():
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            problem = "is missing"
+        elif os.path.getsize(path) != expected["bytes"]:
+            problem = f"has {os.path.getsize(path)} bytes, {expected['bytes']} when written"
+        elif _sha256(path) != expected["sha256"]:
+            problem = "differs from what was written (SHA-256 mismatch)"
+        else:
+            continue
+        raise IncompleteCheckpointError(f"checkpoint {directory!r} is damaged: {name} {problem}; "
+                                        f"{_alternatives(directory)}")
+    _check_plain_pickle(os.path.join(directory, "trial_state.pkl"))
+    return marker
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"refers to {module}.{name}")
+
+
+def _check_plain_pickle(path: str) -> None:
+    """The harness reads its ``trial_state.pkl`` with plain ``pickle.load``; before letting it, make
+    sure the file holds only plain data (numbers, strings, dicts), never code references."""
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, "rb") as handle:
+            _PlainDataUnpickler(handle).load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as error:
+        raise IncompleteCheckpointError(f"{path!r} is not plain data ({error}): refusing to load it") from None
 
 
 def read_checkpoint(directory: str) -> Dict[str, Any]:
@@ -124,6 +299,8 @@ def load_pretrained_encoder(encoder: torch.nn.Module, settings, context=None) ->
     """Loads the BYOL encoder of ``settings.pretrained_checkpoint`` strictly into ``encoder``."""
     reference = settings.pretrained_checkpoint
     with resolve_checkpoint_dir(reference, context) as directory:
+        if os.path.exists(os.path.join(str(directory), COMPLETE_FILE)):
+            verify_checkpoint(str(directory))  # written by this project: must still match its marker
         checkpoint = read_checkpoint(str(directory))
         saved = read_load_data(str(directory)).get("hparams") or {}
     saved_backbone = saved.get("backbone")

@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
+import pickle
+import shutil
 import sys
 import time
 from typing import Any, Dict, Iterator, Optional
@@ -21,6 +24,7 @@ import determined as det
 import torch
 from determined import core, pytorch
 
+import checkpoints
 from utils import ConfigError, Length, Settings, TrainingMode, load_config, parse_settings, slots_of
 
 
@@ -73,18 +77,48 @@ def distributed_context() -> Optional[core.DistributedContext]:
                           "run USE_TORCH_DISTRIBUTED=1 torchrun --nproc_per_node N model_def.py ...")
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(backend=backend)
-    return core.DistributedContext.from_torch_distributed()
+    single_node = os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE")
+    if not single_node or "INTER_TRAIN_PROCESS_COMM_PORT_1" in os.environ:
+        return core.DistributedContext.from_torch_distributed()
+    # Determined's own messaging listens on fixed ports (12360 and up) by default, so two local
+    # multi-process runs on one machine would collide ("Address already in use"): take free ones.
+    ports = free_ports(2) if torch.distributed.get_rank() == 0 else [None, None]
+    torch.distributed.broadcast_object_list(ports, src=0)
+    return core.DistributedContext(
+        rank=int(os.environ["RANK"]), size=int(os.environ["WORLD_SIZE"]),
+        local_rank=int(os.environ["LOCAL_RANK"]), local_size=int(os.environ["LOCAL_WORLD_SIZE"]),
+        cross_rank=int(os.environ["GROUP_RANK"]), cross_size=int(os.environ["GROUP_WORLD_SIZE"]),
+        pub_port=ports[0], pull_port=ports[1])
+
+
+def free_ports(count: int) -> list:
+    """``count`` distinct TCP ports that are free right now (all probed at once, so distinct)."""
+    import socket
+
+    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 @contextlib.contextmanager
 def local_trial_context(hparams: Dict, exp_conf: Dict, distributed: Optional[core.DistributedContext],
-                        checkpoint_dir: Optional[str]) -> Iterator[pytorch.PyTorchTrialContext]:
+                        checkpoint_dir: Optional[str], writes: Optional["CheckpointWrites"] = None
+                        ) -> Iterator[pytorch.PyTorchTrialContext]:
     """``determined.pytorch.init`` for local mode, plus a checkpoint directory of our choice
     (``pytorch.init`` has no ``checkpoint_storage`` argument; ``core.init`` has)."""
     with core.init(distributed=distributed, checkpoint_storage=checkpoint_dir,
                    preempt_mode=core.PreemptMode.WorkersAskChief,
                    tensorboard_mode=core.TensorboardMode.MANUAL) as core_context:
+        if writes is not None:
+            core_context.checkpoint.store_path = writes.watch(core_context.checkpoint.store_path)
         yield pytorch.PyTorchTrialContext(
             core_context=core_context, trial_seed=None, hparams=hparams,
             slots_per_trial=core_context.distributed.get_size(), num_gpus=torch.cuda.device_count(),
@@ -110,7 +144,10 @@ def periods(settings: Settings, steps_per_epoch: int):
 
 
 def run_trial(context: pytorch.PyTorchTrialContext, settings: Optional[Settings],
-              latest_checkpoint: Optional[str]):
+              latest_checkpoint: Optional[str], checkpoint_policy: Optional[str] = None):
+    """Trains the trial. ``checkpoint_policy`` (Determined's 'all' | 'none'; default: 'all' when
+    pretraining, 'none' for heads and fine-tuning, which validate every epoch and need only the
+    periodic and final checkpoints)."""
     import model_def
 
     trial = model_def.BYOLTrial(context, settings)
@@ -121,10 +158,17 @@ def run_trial(context: pytorch.PyTorchTrialContext, settings: Optional[Settings]
               f"({trial.steps_per_epoch} per epoch), global batch "
               f"{s.global_batch_size if trial.pretraining else s.classifier.batch_size}, "
               f"{context.distributed.size} process(es), device {trial.device}", flush=True)
+        if context.distributed.size > 1:
+            batch = s.global_batch_size if trial.pretraining else s.classifier.batch_size
+            per_slot = batch // context.distributed.size
+            print(f"[byol] {per_slot} images per process; batch norm "
+                  f"{'synchronised across' if trial.synced_batch_norm else 'per process (not synchronised) in'} "
+                  f"{context.distributed.size} processes", flush=True)
     trainer = pytorch.Trainer(trial, context)
     trainer.fit(max_length=pytorch.Batch(max(trial.total_steps, 0)), validation_period=validation_period,
                 checkpoint_period=checkpoint_period, latest_checkpoint=latest_checkpoint,
-                reporting_period=pytorch.Batch(max(trial.steps_per_epoch, 1)), checkpoint_policy="all")
+                reporting_period=pytorch.Batch(max(trial.steps_per_epoch, 1)),
+                checkpoint_policy=checkpoint_policy or ("all" if trial.pretraining else "none"))
     return trial
 
 
@@ -153,23 +197,34 @@ def main(argv=None) -> int:
         hparams = apply_overrides(config["hyperparameters"], args)
         distributed = distributed_context()
         slots = distributed.get_size() if distributed else 1
-        if slots_of(config) != slots and slots > 1:
+        if slots_of(config) != slots and slots > 1 and distributed.get_rank() == 0:
             print(f"[byol] note: the config asks for {slots_of(config)} slots; running {slots} local processes",
                   flush=True)
-        settings = parse_settings(hparams, config.get("data"), slots)
-    except (ConfigError, FileNotFoundError) as error:
+        # sync_batch_norm defaults to on for several processes (global-batch statistics, section 3.3).
+        settings = parse_settings({"sync_batch_norm": slots > 1, **hparams}, config.get("data"), slots)
+        if args.resume_from:  # only a completely written, unchanged checkpoint (checkpoints.py)
+            checkpoints.verify_checkpoint(args.resume_from)
+        checkpoint_dir = os.path.abspath(args.checkpoint_dir or default_checkpoint_dir(config)
+                                         or local_storage_default())
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        check_not_copied_into_itself(checkpoint_dir)
+    except (ConfigError, FileNotFoundError, checkpoints.IncompleteCheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    checkpoint_dir = args.checkpoint_dir or default_checkpoint_dir(config)
-    if args.resume_from and not os.path.isdir(args.resume_from):
-        print(f"error: --resume-from {args.resume_from!r} is not a checkpoint directory", file=sys.stderr)
-        return 2
     latest = os.path.abspath(args.resume_from) if args.resume_from else None
-    if checkpoint_dir:
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        checkpoint_dir = os.path.abspath(checkpoint_dir)
+    writes = CheckpointWrites(latest, distributed.get_rank() if distributed else 0)
+    try:
+        with writes.explained():
+            return train_locally(args, config, hparams, settings, distributed, checkpoint_dir, latest, started, writes)
+    except RunFailed as failure:
+        print(f"error: {failure}", file=sys.stderr)
+        return failure.exit_code
+
+
+def train_locally(args, config, hparams, settings, distributed, checkpoint_dir, latest, started,
+                  writes: Optional["CheckpointWrites"] = None) -> int:
     exp_conf = {**config, "hyperparameters": hparams}
-    with local_trial_context(hparams, exp_conf, distributed, checkpoint_dir) as context:
+    with local_trial_context(hparams, exp_conf, distributed, checkpoint_dir, writes) as context:
         trial = run_trial(context, settings, latest)
         metrics = summary(trial, time.time() - started)
         if context.distributed.rank == 0:
@@ -179,7 +234,146 @@ def main(argv=None) -> int:
                 with open(args.metrics_out, "w") as handle:
                     json.dump(metrics, handle, indent=2, sort_keys=True)
                 print(f"[byol] metrics written to {args.metrics_out}", flush=True)
+                write_plot(trial, args.metrics_out)
     return 0
+
+
+def local_storage_default() -> str:
+    """Where Determined's local mode stores checkpoints when no directory is configured."""
+    import appdirs
+
+    return appdirs.user_data_dir("determined")
+
+
+def check_not_copied_into_itself(checkpoint_dir: str) -> None:
+    """Local mode copies the working directory into every checkpoint (``code/``, minus what
+    ``.detignore`` excludes); a checkpoint directory inside it would be copied into itself."""
+    from determined.common import detignore
+
+    cwd = os.getcwd()
+    relative = os.path.relpath(checkpoint_dir, cwd)
+    if relative.startswith(os.pardir) or os.path.isabs(relative):
+        return
+    if relative == os.curdir:
+        raise ConfigError(f"checkpoint directory {checkpoint_dir!r} is the working directory: choose another one")
+    ignore = detignore.make_shutil_ignore(__import__("pathlib").Path(cwd))
+    parts = relative.split(os.sep)
+    for depth, name in enumerate(parts):
+        if name in ignore(os.path.join(cwd, *parts[:depth]), [name]):
+            return
+    raise ConfigError(f"checkpoint directory {checkpoint_dir!r} is inside the working directory {cwd!r}, which "
+                      f"Determined copies into every checkpoint (its code/ folder): it would copy itself. Use a "
+                      f"directory outside it, or one that .detignore excludes (e.g. checkpoints/)")
+
+
+class RunFailed(Exception):
+    """A fault that ended the run, explained in one message (printed by :func:`main`)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _unpickler_reason(error: BaseException) -> str:
+    """The line of torch's long weights_only message that names what was refused."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unpickler error" in line]
+    return (named or lines or [repr(error)])[0]
+
+
+FULL_DISK_BYTES = 16 << 20  # less free space than this after a failed checkpoint write: the disk is full
+
+
+class CheckpointWrites:
+    """The checkpoints this process writes (rank 0 writes them all), and the faults that end a run.
+
+    :meth:`watch` wraps the core context's ``store_path``: a checkpoint whose writing fails (full
+    disk, non-finite weights, ...) is removed at once, so every checkpoint directory that remains is
+    a good one. :meth:`explained` turns the faults a run can meet into :class:`RunFailed` with one
+    clear message that names the last complete checkpoint."""
+
+    def __init__(self, resumed_from: Optional[str] = None, rank: int = 0):
+        self.complete = [resumed_from] if resumed_from else []
+        self.failed: Optional[str] = None
+        self.free_bytes: Optional[int] = None  # on the checkpoint's filesystem when writing failed
+        self.rank = rank
+
+    def watch(self, store_path):
+        @contextlib.contextmanager
+        def watched(*args, **kwargs):
+            path = None
+            try:
+                with store_path(*args, **kwargs) as (path, storage_id):
+                    yield path, storage_id
+            except BaseException:
+                if path is not None and not os.path.exists(os.path.join(path, checkpoints.COMPLETE_FILE)):
+                    self.failed = str(path)
+                    self.free_bytes = shutil.disk_usage(os.path.dirname(str(path))).free  # before freeing it
+                    shutil.rmtree(path, ignore_errors=True)
+                raise
+            self.complete.append(str(path))
+        return watched
+
+    def last_complete(self) -> str:
+        if self.rank != 0:
+            return "rank 0 writes the checkpoints and names the last complete one"
+        if not self.complete:
+            return "no complete checkpoint was written"
+        last = self.complete[-1]
+        return f"the last complete checkpoint is {last!r} (continue with --resume-from {last})"
+
+    @contextlib.contextmanager
+    def explained(self) -> Iterator[None]:
+        import faults
+        import model_def
+        import replicas
+
+        try:
+            yield
+        except (checkpoints.IncompatibleCheckpointError, checkpoints.IncompleteCheckpointError) as error:
+            raise RunFailed(str(error), exit_code=2) from error
+        except pickle.UnpicklingError as error:  # torch.load(weights_only=True) refused the checkpoint
+            raise RunFailed(f"checkpoint {self.complete[0] if self.complete else ''!r} holds more than tensors and "
+                            f"plain data, so it is not loaded (weights_only): {_unpickler_reason(error)}",
+                            exit_code=2) from error
+        except model_def.NonFiniteLossError as error:  # names the step and the last good checkpoint
+            raise RunFailed(faults.describe(error)) from error
+        except (checkpoints.NonFiniteWeightsError, faults.UnreadableImageError,
+                replicas.ReplicaDivergenceError) as error:
+            raise RunFailed(f"{faults.describe(error)} ({self._removed()}{self.last_complete()})") from error
+        except Exception as error:
+            if self.failed is None:
+                raise
+            raise RunFailed(f"writing checkpoint {self.failed!r} failed: {faults.describe(error)}. "
+                            f"{self._space(error)}T{self._removed()[1:]}{self.last_complete()}") from error
+
+    def _space(self, error: BaseException) -> str:
+        """torch.save reports a full disk as e.g. 'unexpected pos 2008768 vs 2008664': say it plainly."""
+        chain, full = error, False
+        while chain is not None:
+            full = full or (isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, errno.EDQUOT))
+            chain = chain.__cause__ or chain.__context__
+        if full or (self.free_bytes is not None and self.free_bytes < FULL_DISK_BYTES):
+            return (f"No space left on device: {self.free_bytes} bytes were free on the checkpoint filesystem; "
+                    f"make room or choose another --checkpoint-dir. ")
+        return ""
+
+    def _removed(self) -> str:
+        return f"the incomplete checkpoint {self.failed!r} was removed; " if self.failed else ""
+
+
+def write_plot(trial, metrics_out: str) -> Optional[str]:
+    """Loss, learning-rate and accuracy curves next to the metrics file (``plots.py``)."""
+    import plots
+
+    history = getattr(trial, "metrics_history", None)
+    if history is None:
+        return None
+    s = trial.settings
+    path = plots.write_metrics_plot(history, plots.plot_path(metrics_out),
+                                    title=f"{s.training_mode.value}: {s.backbone} on {s.data.dataset}")
+    print(f"[byol] training curves drawn in {path}", flush=True)
+    return path
 
 
 def print_summary(trial, metrics: Dict[str, Any]) -> None:
@@ -188,6 +382,9 @@ def print_summary(trial, metrics: Dict[str, Any]) -> None:
         lines.append(f"[byol] linear probe: test accuracy {metrics['test_accuracy']:.4f} "
                      f"(head lr {metrics.get('best_classifier_lr')} chosen on validation "
                      f"accuracy {metrics.get('validation_accuracy', float('nan')):.4f})")
+    if "knn_accuracy" in metrics:
+        lines.append(f"[byol] weighted {trial.settings.classifier.knn_k}-NN on frozen features: test accuracy "
+                     f"{metrics['knn_accuracy']:.4f}")
     if "random_init_test_accuracy" in metrics:
         lines.append(f"[byol] same probe on a randomly initialised encoder: "
                      f"{metrics['random_init_test_accuracy']:.4f}")

@@ -1,0 +1,328 @@
+"""Evaluating a BYOL result: the linear protocol, fine-tuning, feature probes and export.
+
+Linear evaluation (Grill et al. 2020, arXiv 2006.07733, section 4.1 and appendix C.1): linear
+heads, one per learning rate, are trained on the frozen encoder of a BYOL checkpoint (SGD with
+Nesterov momentum 0.9, cosine schedule, optional logit clipping / regularisation, the
+``classifier.augmentation`` of choice); the head best on CLS_VALIDATION is reported on TEST,
+top-1 and top-5. Fine-tuning (appendix C.2) trains the encoder with a single head.
+
+    python evaluate_result.py --experiment-id N [--classifier-train-epochs 80] [--fine-tune]
+        On a Determined cluster: the experiment's best checkpoint by its searcher metric, evaluated
+        by a new experiment (same configuration, CLASSIFIER_ONLY or FINE_TUNE, validation every
+        epoch). Prints the new experiment's id.
+    python evaluate_result.py --checkpoint DIR [--classifier-train-epochs 80] [--fine-tune
+            [--encoder-lr X] [--head-lr Y]] [--checkpoint-dir OUT] [--metrics-out FILE] [--set K=V]
+        The same locally from a checkpoint directory (a local run's, or one fetched with
+        ``det checkpoint download``); also under ``USE_TORCH_DISTRIBUTED=1 torchrun``.
+    python evaluate_result.py --checkpoint DIR --export-encoder OUT.pt
+        The encoder as a plain ``state_dict`` (see ``export_encoder`` for what loads it where).
+    python evaluate_result.py features --checkpoint DIR --out FEATURES.pt
+    python evaluate_result.py probe --features FEATURES.pt [--k 20]
+        Fast iteration (``probes.py``): frozen features of the classifier splits, then a weighted
+        cosine kNN (``knn.py``) and logistic regression, beside the same probes on PCA of pixels.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+
+import backbone as backbones
+import checkpoints
+from utils import ConfigError, Settings, TrainingMode, parse_settings
+
+PROBE_COMMANDS = ("features", "probe")
+TORCHVISION_BACKBONES = ("resnet18", "resnet50")  # the names torchvision.models has, fc replaced
+
+
+class EvaluationError(ValueError):
+    """The experiment or checkpoint cannot be evaluated; the message says why and what to do."""
+
+
+# ------------------------------------------------------------------ what is evaluated
+def checkpoint_config(directory: str) -> tuple[Dict[str, Any], Dict[str, Any]]:
+    """``(hparams, experiment_config)`` saved with a trial checkpoint directory."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint {directory!r} is not a directory: pass a directory written by "
+                                f"model_def.py (<checkpoint-dir>/<uuid>) or fetched with `det checkpoint download`")
+    load_data = checkpoints.read_load_data(directory)
+    if not load_data.get("hparams") or not os.path.isfile(os.path.join(directory, checkpoints.STATE_FILE)):
+        raise FileNotFoundError(f"{directory!r} is not a checkpoint of this project's trial: it needs "
+                                f"load_data.json (with hparams) and {checkpoints.STATE_FILE}")
+    return copy.deepcopy(load_data["hparams"]), copy.deepcopy(load_data.get("experiment_config") or {})
+
+
+def check_pretraining_checkpoint(hparams: Dict[str, Any], where: str) -> None:
+    """Only BYOL pretraining checkpoints are evaluated (a classifier's encoder is not a new result)."""
+    mode = hparams.get("training_mode", TrainingMode.SELF_SUPERVISED.value)
+    if mode != TrainingMode.SELF_SUPERVISED.value:
+        source = hparams.get("pretrained_checkpoint")
+        raise EvaluationError(f"checkpoint {where} was written in {mode} mode; evaluation needs a BYOL pretraining "
+                              f"(SELF_SUPERVISED) checkpoint" + (f", e.g. the one it started from: {source}"
+                                                                  if source else ""))
+
+
+def evaluation_hparams(hparams: Dict[str, Any], reference: str, epochs: int, fine_tune: bool = False,
+                       head_lr: Optional[float] = None, encoder_lr: Optional[float] = None) -> Dict[str, Any]:
+    """The pretraining run's hyperparameters turned into those of its evaluation run."""
+    if epochs < 1:
+        raise EvaluationError(f"--classifier-train-epochs must be >= 1, got {epochs}")
+    hparams = copy.deepcopy(hparams)
+    classifier = dict(hparams.get("classifier") or {})
+    # backbone_weights only initialised pretraining: the encoder now comes from the checkpoint.
+    # The pretraining checkpoint period counts pretraining batches: evaluation runs checkpoint every
+    # quarter of their length (and at the end).
+    hparams.update(pretrained_checkpoint=reference, train_length={"epochs": epochs},
+                   validation_period={"epochs": 1}, checkpoint_period={"epochs": max(1, -(-epochs // 4))},
+                   backbone_weights=None)
+    if fine_tune:
+        rates = classifier.get("learning_rates") or [0.1]
+        head = head_lr if head_lr is not None else min(rates)  # the most conservative configured rate
+        configured = classifier.get("encoder_lr") or 0.0
+        classifier.update(learning_rates=[head],
+                          encoder_lr=encoder_lr if encoder_lr is not None else (configured or head))
+        hparams["training_mode"] = TrainingMode.FINE_TUNE.value
+    else:
+        if head_lr is not None or encoder_lr is not None:
+            raise EvaluationError("--head-lr and --encoder-lr apply to --fine-tune; the linear protocol trains one "
+                                  "head per hyperparameters.classifier.learning_rates")
+        hparams["training_mode"] = TrainingMode.CLASSIFIER_ONLY.value
+    hparams["classifier"] = classifier
+    return hparams
+
+
+def apply_sets(hparams: Dict[str, Any], data_section: Dict[str, Any], items: Sequence[str]) -> None:
+    """``--set a.b=value`` (yaml value) into the hyperparameters, ``--set data.x=value`` into data."""
+    import yaml
+
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. data.root=/data")
+        target, parts = hparams, key.split(".")
+        if parts[0] == "data":
+            target, parts = data_section, parts[1:]
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = yaml.safe_load(value)
+
+
+# ------------------------------------------------------------------ encoders
+def load_encoder(directory: str, backbone_name: str) -> torch.nn.Module:
+    """The checkpoint's encoder in ``backbone.build_backbone(backbone_name)``; a clear error names
+    missing, unexpected and wrongly shaped tensors instead of loading partially."""
+    net = backbones.build_backbone(backbone_name)
+    state = checkpoints.encoder_state(checkpoints.read_checkpoint(directory), repr(directory))
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{key} {tuple(state[key].shape)} (backbone: {tuple(value.shape)})"
+             for key, value in expected.items() if key in state and state[key].shape != value.shape]
+    if missing or unexpected or wrong:
+        raise EvaluationError(f"checkpoint {directory!r} does not fit backbone {backbone_name!r}: "
+                              f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {wrong[:3]}; "
+                              f"was it written with another hyperparameters.backbone?")
+    net.load_state_dict(state, strict=True)
+    return net
+
+
+def export_encoder(directory: str, out: str, backbone_name: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """Writes the checkpoint's encoder (any mode) as a plain ``state_dict`` to ``out``.
+
+    * ``resnet18`` / ``resnet50``: loads with ``strict=True`` into ``torchvision.models.<name>()``.
+      Our backbone has no classifier (``fc`` is an Identity), so the export adds
+      ``fc.weight`` / ``fc.bias`` for torchvision's 1000 classes **set to zero**: they make strict
+      loading possible and are visibly untrained (every logit 0), never a fake classifier. Replace
+      or train ``fc`` before using the model's outputs; everything else is the BYOL encoder.
+    * ``resnet18_cifar``, ``resnet50_cifar`` (3x3 stem, no max-pool) and ``small_cnn`` are not
+      torchvision architectures: they load only into ``backbone.build_backbone(name)``, strictly,
+      or through ``hyperparameters.backbone_weights`` of a new run.
+    The claim is checked by loading the export before it is written.
+    """
+    if backbone_name is None:
+        backbone_name = checkpoint_config(directory)[0].get("backbone", Settings().backbone)
+    state = load_encoder(directory, backbone_name).state_dict()
+    if backbone_name in TORCHVISION_BACKBONES:
+        import torchvision
+
+        target = getattr(torchvision.models, backbone_name)(weights=None)
+        state["fc.weight"] = torch.zeros_like(target.fc.weight)
+        state["fc.bias"] = torch.zeros_like(target.fc.bias)
+    else:
+        target = backbones.build_backbone(backbone_name)
+    target.load_state_dict(state, strict=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    torch.save(state, out)
+    return state
+
+
+# ------------------------------------------------------------------ the protocol, locally
+def evaluate_checkpoint(directory: str, epochs: int, fine_tune: bool = False, head_lr: Optional[float] = None,
+                        encoder_lr: Optional[float] = None, sets: Sequence[str] = (),
+                        checkpoint_dir: Optional[str] = None, metrics_out: Optional[str] = None) -> Dict[str, Any]:
+    """Runs the linear protocol (or fine-tuning) on a local checkpoint; returns the final metrics."""
+    import json
+
+    import runner
+
+    directory = os.path.abspath(directory)
+    hparams, config = checkpoint_config(directory)
+    check_pretraining_checkpoint(hparams, repr(directory))
+    hparams = evaluation_hparams(hparams, directory, epochs, fine_tune, head_lr, encoder_lr)
+    data_section = dict(hparams.pop("data", None) or config.get("data") or {})
+    apply_sets(hparams, data_section, sets)
+    distributed = runner.distributed_context()
+    settings = parse_settings(hparams, data_section, distributed.get_size() if distributed else 1)
+    load_encoder(directory, settings.backbone)  # a wrong checkpoint fails here, before any work
+    out = os.path.abspath(checkpoint_dir or os.path.dirname(directory))
+    runner.check_not_copied_into_itself(out)
+    os.makedirs(out, exist_ok=True)
+    name = "fine-tune" if fine_tune else "linear-eval"
+    exp_conf = {**config, "name": f"{config.get('name', 'byol')}-{name}", "hyperparameters": hparams,
+                "data": data_section, "searcher": evaluation_searcher()}
+    started = time.time()
+    with runner.local_trial_context(hparams, exp_conf, distributed, out) as context:
+        trial = runner.run_trial(context, settings, None)
+        metrics = runner.summary(trial, time.time() - started)
+        if context.distributed.rank == 0:
+            runner.print_summary(trial, metrics)
+            print(describe_result(settings, metrics), flush=True)
+            if metrics_out:
+                os.makedirs(os.path.dirname(os.path.abspath(metrics_out)), exist_ok=True)
+                with open(metrics_out, "w") as handle:
+                    json.dump(metrics, handle, indent=2, sort_keys=True)
+                print(f"[eval] metrics written to {metrics_out}", flush=True)
+                runner.write_plot(trial, metrics_out)
+    return metrics
+
+
+def describe_result(settings: Settings, metrics: Dict[str, Any]) -> str:
+    c = settings.classifier
+    if settings.training_mode == TrainingMode.FINE_TUNE:
+        how = f"fine-tuned encoder (encoder lr {c.encoder_lr:g}, head lr {c.learning_rates[0]:g})"
+    else:
+        how = f"frozen encoder, {len(c.learning_rates)} heads (lr {', '.join(f'{r:g}' for r in c.learning_rates)})"
+    if "test_accuracy" not in metrics:
+        return f"[eval] {how}: no validation result (metrics: {sorted(metrics)})"
+    chosen = ("" if len(c.learning_rates) == 1 else f", head lr {metrics['best_classifier_lr']:g} chosen on")
+    return (f"[eval] {how}{chosen or ','} CLS_VALIDATION {metrics['validation_accuracy']:.4f}: "
+            f"TEST top-1 {metrics['test_accuracy']:.4f}, top-5 {metrics['test_top5_accuracy']:.4f}")
+
+
+def evaluation_searcher() -> Dict[str, Any]:
+    """Evaluation runs rank their checkpoints by CLS_VALIDATION accuracy: TEST picks nothing."""
+    return {"name": "single", "metric": "validation_accuracy", "smaller_is_better": False}
+
+
+# ------------------------------------------------------------------ the protocol, on a cluster
+def default_client(master: Optional[str] = None):
+    """The Determined SDK client (master from ``--master``, ``DET_MASTER`` or ``det`` login)."""
+    from determined.common.api import errors
+    from determined.experimental import client
+
+    try:
+        return client.Determined(master=master)
+    except (errors.MasterNotFoundException, errors.UnauthenticatedException) as error:
+        raise EvaluationError(f"cannot use the Determined master {master or '(DET_MASTER)'}: {error}; "
+                              f"pass --master URL or run `det user login`") from None
+
+
+def best_checkpoint(client, experiment_id: int):
+    """``(experiment, checkpoint)``: the experiment's best checkpoint by its searcher metric."""
+    from determined.common.api import errors
+
+    try:
+        experiment = client.get_experiment(experiment_id)
+    except errors.NotFoundException:
+        raise EvaluationError(f"experiment {experiment_id} was not found on the Determined master "
+                              f"(check the id with `det experiment list`)") from None
+    found = experiment.list_checkpoints(max_results=1)  # sorted by the searcher metric, best first
+    if not found:
+        state = getattr(getattr(experiment, "state", None), "value", None) or "unknown"
+        raise EvaluationError(f"experiment {experiment_id} (state {state}) has no completed checkpoint with a "
+                              f"validation yet: wait for its first validation and checkpoint")
+    checkpoint = found[0]
+    if checkpoint.training is None:
+        raise EvaluationError(f"checkpoint {checkpoint.uuid} of experiment {experiment_id} has no training "
+                              f"metadata (hparams): it was not written by a trial")
+    return experiment, checkpoint
+
+
+def evaluate_experiment(client, experiment_id: int, epochs: int, fine_tune: bool = False,
+                        head_lr: Optional[float] = None, encoder_lr: Optional[float] = None,
+                        model_dir: Optional[str] = None) -> int:
+    """Creates the evaluation experiment of ``experiment_id``'s best checkpoint; returns its id."""
+    experiment, checkpoint = best_checkpoint(client, experiment_id)
+    hparams = copy.deepcopy(checkpoint.training.hparams)
+    check_pretraining_checkpoint(hparams, f"{checkpoint.uuid} (experiment {experiment_id})")
+    hparams = evaluation_hparams(hparams, checkpoint.uuid, epochs, fine_tune, head_lr, encoder_lr)
+    config = copy.deepcopy(experiment.config or checkpoint.training.experiment_config)
+    data_section = hparams.get("data") or config.get("data")
+    parse_settings(hparams, None if "data" in hparams else data_section,
+                   int((config.get("resources") or {}).get("slots_per_trial", 1)))  # fail here, not on the cluster
+    name = "fine-tune" if fine_tune else "linear-eval"
+    config.update(name=f"{config.get('name', 'byol')}-{name}-{checkpoint.uuid[:8]}", hyperparameters=hparams,
+                  searcher=evaluation_searcher())
+    created = client.create_experiment(config, model_dir or os.path.dirname(os.path.abspath(__file__)),
+                                       project_id=getattr(experiment, "project_id", None))
+    return created.id
+
+
+# ------------------------------------------------------------------ command line
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--experiment-id", type=int, help="a Determined experiment (cluster path)")
+    source.add_argument("--checkpoint", help="a local checkpoint directory (local path)")
+    parser.add_argument("--classifier-train-epochs", type=int, default=80, help="epochs of head training (default 80)")
+    parser.add_argument("--fine-tune", action="store_true", help="FINE_TUNE: train the encoder with one head")
+    parser.add_argument("--head-lr", type=float, help="fine-tuning head learning rate (default: smallest configured)")
+    parser.add_argument("--encoder-lr", type=float,
+                        help="fine-tuning encoder learning rate (default: classifier.encoder_lr, else the head's)")
+    parser.add_argument("--export-encoder", metavar="OUT.pt", help="write the encoder's state_dict and stop")
+    parser.add_argument("--checkpoint-dir", help="local checkpoint storage (default: next to --checkpoint)")
+    parser.add_argument("--metrics-out", help="write the final metrics as JSON (and curves as PNG) here")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a hyperparameter, or data.KEY, of the checkpoint's configuration")
+    parser.add_argument("--master", help="Determined master URL (default: DET_MASTER)")
+    parser.add_argument("--model-dir", help="model definition to upload (default: this directory)")
+    args = parser.parse_args(argv)
+    if args.experiment_id is not None and (args.export_encoder or args.set or args.checkpoint_dir or args.metrics_out):
+        parser.error("--export-encoder, --set, --checkpoint-dir and --metrics-out need --checkpoint "
+                     "(fetch the checkpoint with `det checkpoint download`)")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None, make_client: Callable = default_client) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in PROBE_COMMANDS:
+            import probes
+
+            return probes.main(argv)
+        args = parse_args(argv)
+        if args.experiment_id is not None:
+            new_id = evaluate_experiment(make_client(args.master), args.experiment_id, args.classifier_train_epochs,
+                                         args.fine_tune, args.head_lr, args.encoder_lr, args.model_dir)
+            print(new_id, flush=True)
+        elif args.export_encoder:
+            state = export_encoder(args.checkpoint, args.export_encoder)
+            print(f"[export] {len(state)} tensors -> {args.export_encoder}" +
+                  (" (fc.* are zeros: a placeholder for strict loading into torchvision, not a classifier)"
+                   if "fc.weight" in state else ""), flush=True)
+        else:
+            evaluate_checkpoint(args.checkpoint, args.classifier_train_epochs, args.fine_tune, args.head_lr,
+                                args.encoder_lr, args.set, args.checkpoint_dir, args.metrics_out)
+    except (EvaluationError, ConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Feature probes for fast iteration: frozen features once, then seconds-long read-outs.
+
+``evaluate_result.py features --checkpoint DIR --out FEATURES.pt`` stores the frozen representation
+y (Grill et al. 2020, arXiv 2006.07733, section 3.1) of CLS_TRAIN, CLS_VALIDATION and TEST, with
+their labels and small (at most 32x32) uint8 copies of the images.
+``evaluate_result.py probe --features FEATURES.pt [--k 20]`` then runs, on TEST:
+
+* the weighted cosine kNN of ``knn.py`` (bank: CLS_TRAIN), and
+* multinomial logistic regression, its L2 strength chosen on CLS_VALIDATION -- a quick stand-in
+  for the linear protocol of appendix C.1 (which trains SGD heads on the accelerator; use
+  ``evaluate_result.py --checkpoint DIR`` for the number to report),
+
+beside the same two probes on PCA of the pixels (as many components as the encoder has features),
+the baseline a representation has to beat. Both probes fit in memory: they are meant for the small
+datasets and subsets one iterates on, not for ImageNet.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Dict, Sequence
+
+import torch
+
+import data
+from evaluate_result import EvaluationError, apply_sets, checkpoint_config, load_encoder
+from utils import TrainingMode, parse_settings
+
+FEATURE_FILE_FORMAT = "byol-features-v1"
+PIXEL_SIZE = 32  # the PCA-of-pixels baseline works on at most 32x32 images
+
+
+def extract_feature_file(directory: str, out: str, sets: Sequence[str] = (), batch_size: int = 256) -> Dict:
+    """Frozen features, labels and small pixel copies of CLS_TRAIN, CLS_VALIDATION and TEST."""
+    import torch.nn.functional as F
+
+    import augment
+    import loaders
+    from sampling import SeededTransformDataset
+
+    hparams, config = checkpoint_config(directory)
+    data_section = dict(hparams.pop("data", None) or config.get("data") or {})
+    apply_sets(hparams, data_section, sets)
+    hparams["training_mode"] = TrainingMode.SELF_SUPERVISED.value  # features of any mode's encoder
+    settings = parse_settings(hparams, data_section)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = load_encoder(directory, settings.backbone).to(device).eval()
+    info = data.dataset_info(settings.data.dataset, settings.data.root)
+    normalize = augment.Normalize(info.mean, info.std).to(device)
+    splits = {}
+    for split in (data.Split.CLS_TRAIN, data.Split.CLS_VALIDATION, data.Split.TEST):
+        transform = loaders.evaluation_transform(settings, settings.image_size)  # as the trial's validation
+        dataset = SeededTransformDataset(loaders.base_dataset(settings, split), transform)
+        feats, labels, pixels = [], [], []
+        with torch.no_grad():
+            for images, targets in loaders.sharded_loader(dataset, batch_size, 0, 1, settings.data.num_workers):
+                feats.append(encoder(normalize(images.to(device))).float().cpu())
+                labels.append(targets.long())
+                small = images.float()
+                if small.shape[-1] > PIXEL_SIZE:
+                    small = F.interpolate(small, size=(PIXEL_SIZE, PIXEL_SIZE), mode="area")
+                pixels.append(small.round().clamp(0, 255).to(torch.uint8))
+        splits[split.value] = {"features": torch.cat(feats), "labels": torch.cat(labels), "pixels": torch.cat(pixels)}
+    result = {"format": FEATURE_FILE_FORMAT, "checkpoint": os.path.abspath(directory), "backbone": settings.backbone,
+              "dataset": settings.data.dataset, "num_classes": info.num_classes, "splits": splits}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    torch.save(result, out)
+    return result
+
+
+def read_feature_file(path: str) -> Dict:
+    """Loads a features file (tensors only: ``weights_only=True``)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"features file {path!r} does not exist: write it with "
+                                f"`evaluate_result.py features --checkpoint DIR --out {path}`")
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(content, dict) or content.get("format") != FEATURE_FILE_FORMAT:
+        raise EvaluationError(f"{path!r} is not a features file of `evaluate_result.py features` "
+                              f"(expected format {FEATURE_FILE_FORMAT!r})")
+    return content
+
+
+def logistic_regression_accuracy(train, validation, test, seed: int = 0) -> tuple[float, float]:
+    """Multinomial logistic regression on standardised features; the L2 strength C is chosen on
+    CLS_VALIDATION from a small grid (as the linear protocol chooses its learning rate) and the
+    result reported on TEST. Returns ``(test accuracy, chosen C)``."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train[0])
+    fitted = []
+    for c in (0.01, 0.1, 1.0, 10.0):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model = LogisticRegression(C=c, max_iter=500, random_state=seed).fit(scaler.transform(train[0]), train[1])
+        fitted.append((model.score(scaler.transform(validation[0]), validation[1]), -c, model))
+    _, negative_c, best = max(fitted, key=lambda item: item[:2])  # ties: the stronger regularisation
+    return float(best.score(scaler.transform(test[0]), test[1])), -negative_c
+
+
+def run_probes(content: Dict, k: int = 20, temperature: float = 0.07) -> Dict[str, Dict[str, float]]:
+    """kNN and logistic regression on the encoder's features and on PCA of the pixels."""
+    from sklearn.decomposition import PCA
+
+    import knn
+
+    splits = content["splits"]
+    names = (data.Split.CLS_TRAIN.value, data.Split.CLS_VALIDATION.value, data.Split.TEST.value)
+    encoder = {name: (splits[name]["features"].numpy(), splits[name]["labels"].numpy()) for name in names}
+    pixels = {name: (splits[name]["pixels"].flatten(1).float().numpy() / 255.0, splits[name]["labels"].numpy())
+              for name in names}
+    dims = min(encoder[names[0]][0].shape[1], pixels[names[0]][0].shape[1], pixels[names[0]][0].shape[0])
+    pca = PCA(n_components=dims, random_state=0).fit(pixels[names[0]][0])
+    pixels = {name: (pca.transform(x), y) for name, (x, y) in pixels.items()}
+    results = {}
+    for label, sets in (("encoder", encoder), (f"pca{dims}_pixels", pixels)):
+        (train_x, train_y), test = sets[names[0]], sets[names[2]]
+        knn_acc = knn.knn_accuracy(torch.as_tensor(train_x), torch.as_tensor(train_y), torch.as_tensor(test[0]),
+                                   torch.as_tensor(test[1]), k, content["num_classes"], temperature)
+        logreg_acc, c = logistic_regression_accuracy(sets[names[0]], sets[names[1]], test)
+        results[label] = {"knn_accuracy": knn_acc, "logreg_accuracy": logreg_acc, "logreg_C": c,
+                          "dimensions": int(train_x.shape[1])}
+    return results
+
+
+def format_probes(results: Dict[str, Dict[str, float]], k: int, content: Dict) -> str:
+    columns = list(results)
+
+    def row(label: str, key: str, style: str) -> str:
+        return f"{label:<34}" + "".join(format(results[name][key], style) for name in columns)
+
+    return "\n".join([
+        f"[probe] {content['backbone']} on {content['dataset']} ({content['checkpoint']}): TEST top-1 accuracy",
+        f"{'probe':<34}" + "".join(f"{name:>20}" for name in columns),
+        row("dimensions", "dimensions", ">20d"),
+        row(f"weighted cosine {k}-NN (T=0.07)", "knn_accuracy", ">20.4f"),
+        row("logistic regression (C on val.)", "logreg_accuracy", ">20.4f"),
+    ])
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="evaluate_result.py", description="feature probes for fast iteration")
+    commands = parser.add_subparsers(dest="command", required=True)
+    features = commands.add_parser("features", help="extract frozen features of the classifier splits")
+    features.add_argument("--checkpoint", required=True)
+    features.add_argument("--out", required=True, metavar="FEATURES.pt")
+    features.add_argument("--batch-size", type=int, default=256)
+    features.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    probe = commands.add_parser("probe", help="kNN and logistic regression on extracted features")
+    probe.add_argument("--features", required=True, metavar="FEATURES.pt")
+    probe.add_argument("--k", type=int, default=20, help="neighbours of the kNN probe (default 20)")
+    args = parser.parse_args(argv)
+    if args.command == "features":
+        content = extract_feature_file(args.checkpoint, args.out, args.set, args.batch_size)
+        sizes = ", ".join(f"{name} {tuple(split['features'].shape)}" for name, split in content["splits"].items())
+        print(f"[features] {content['backbone']} on {content['dataset']}: {sizes} -> {args.out}", flush=True)
+    else:
+        if args.k < 1:
+            parser.error(f"--k must be >= 1, got {args.k}")
+        content = read_feature_file(args.features)
+        print(format_probes(run_probes(content, args.k), args.k, content), flush=True)
+    return 0

@@ -1,0 +1,150 @@
+"""Real training runs for the distributed, resume and fault tests: ``python model_def.py`` or
+``torchrun --nproc_per_node N model_def.py`` (gloo) in subprocesses, on a tiny digits setting.
+
+The straight runs that several tests compare against are made once per test session
+(:func:`straight_run`) in a temporary directory removed at exit.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import checkpoints  # noqa: E402
+import replicas  # noqa: E402
+
+TINY_HPARAMS = {
+    "training_mode": "SELF_SUPERVISED", "seed": 0, "backbone": "small_cnn", "image_size": 8,
+    "global_batch_size": 32, "train_length": {"batches": 4}, "warmup_epochs": 0.05, "base_lr": 1.0,
+    "projection_size": 16, "projection_hidden_size": 32, "checkpoint_period": {"batches": 1},
+    "classifier_validation": False, "compare_random_init": False,
+    "classifier": {"learning_rates": [0.4, 0.1], "train_epochs": 2, "batch_size": 64},
+}
+
+
+def write_config(directory: str, data: Optional[dict] = None, **hparams) -> str:
+    """A tiny experiment yaml (digits by default) in ``directory``."""
+    config = {
+        "name": "tiny", "entrypoint": "python3 model_def.py --config tiny.yaml",
+        "resources": {"slots_per_trial": 1}, "max_restarts": 0,
+        "searcher": {"name": "single", "metric": "validation_byol_loss", "smaller_is_better": True},
+        "hyperparameters": {**TINY_HPARAMS, **hparams},
+        "data": data or {"dataset": "digits", "root": os.path.join(directory, "data"), "validation_size": 50,
+                         "num_workers": 0},
+    }
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "tiny.yaml")
+    with open(path, "w") as handle:
+        yaml.safe_dump(config, handle)
+    return path
+
+
+def command(args: List[str], nproc: int = 1) -> List[str]:
+    if nproc == 1:
+        return [PYTHON, os.path.join(ROOT, "model_def.py"), *args]
+    return [*torchrun(nproc), os.path.join(ROOT, "model_def.py"), *args]
+
+
+def torchrun(nproc: int) -> List[str]:
+    """``torchrun`` for one machine; ``--standalone`` binds its rendezvous to a free port itself."""
+    return [TORCHRUN, "--standalone", "--nproc_per_node", str(nproc)]
+
+
+def environment(nproc: int = 1) -> Dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if nproc > 1:
+        env["USE_TORCH_DISTRIBUTED"] = "1"
+    return env
+
+
+def train(args: List[str], nproc: int = 1, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
+    """Runs the trial's command line; the working directory is the repository (its .detignore keeps
+    the per-checkpoint code copy small)."""
+    result = subprocess.run(command(args, nproc), cwd=ROOT, env=environment(nproc), capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"run failed ({result.returncode}): {' '.join(args)}\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def complete(directory: str) -> List[Tuple[int, str]]:
+    """``(global_step, path)`` of the complete checkpoints in ``directory``, oldest first."""
+    return checkpoints.complete_checkpoints(directory)
+
+
+def at_step(directory: str, step: int) -> str:
+    found = [path for s, path in complete(directory) if s == step]
+    assert len(found) == 1, f"expected one checkpoint at step {step} in {directory}: {complete(directory)}"
+    return found[0]
+
+
+def load(path: str) -> dict:
+    """A checkpoint's state, loaded as every checkpoint here is: ``weights_only=True``."""
+    checkpoints.allow_harness_checkpoints()
+    return torch.load(os.path.join(path, checkpoints.STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def training_state(checkpoint: dict) -> dict:
+    """What must be bit-identical after an exact resume: networks, optimiser (LARS momentum),
+    schedule position and heads."""
+    return {"models": checkpoint["models_state_dict"], "optimizers": checkpoint["optimizers_state_dict"],
+            "byol_state": checkpoint["callbacks"]["byol_state"]}
+
+
+def assert_identical(a, b, path: str = "") -> None:
+    if isinstance(a, dict):
+        assert set(a) == set(b), f"{path}: keys differ: {sorted(set(a) ^ set(b))[:5]}"
+        for key in a:
+            assert_identical(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{path}[{i}]")
+    elif torch.is_tensor(a):
+        assert a.dtype == b.dtype and a.shape == b.shape, \
+            f"{path}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        assert torch.equal(a, b), f"{path}: differs by up to {(a.double() - b.double()).abs().max().item():.3g}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def saved_digests(path: str) -> Dict[str, str]:
+    """:func:`replicas.trial_digests` recomputed from a checkpoint on disk."""
+    state = load(path)
+    digests = replicas.state_digests(state["models_state_dict"][0])
+    digests.update(replicas.state_digests(state["callbacks"]["byol_state"]["heads"], prefix="heads."))
+    return digests
+
+
+_SESSION = tempfile.mkdtemp(prefix="byol-runs-")
+atexit.register(shutil.rmtree, _SESSION, True)
+
+
+@functools.lru_cache(maxsize=None)
+def straight_run(nproc: int) -> Tuple[str, str, str]:
+    """4 batches straight, a checkpoint after every batch: ``(config, checkpoint_dir, stdout)``."""
+    directory = os.path.join(_SESSION, f"straight{nproc}")
+    config = write_config(directory)
+    result = train(["--config", config, "--checkpoint-dir", os.path.join(directory, "ckpt")], nproc)
+    return config, os.path.join(directory, "ckpt"), result.stdout
+
+
+def metrics(path: str) -> dict:
+    with open(path) as handle:
+        return json.load(handle)

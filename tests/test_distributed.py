@@ -1,0 +1,177 @@
+"""Several processes (torchrun, gloo on CPU) behave as one run: global batch semantics, batch norm
+over the global batch, bit-identical replicas after every update, and validation reducers whose
+results over 2 processes equal those of 1 process over the same data."""
+import math
+import re
+import subprocess
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import runner
+import sync_batchnorm
+from run_helpers import (ROOT, at_step, complete, environment, load, metrics, saved_digests, straight_run,
+                         torchrun, train, write_config)
+from utils import ConfigError, parse_settings
+
+
+def test_global_batch_must_divide_into_slots(tmp_path):
+    data = {"dataset": "digits", "root": str(tmp_path)}
+    assert parse_settings({"global_batch_size": 32}, data, slots=2).global_batch_size == 32
+    with pytest.raises(ConfigError, match="global_batch_size.*divisible by the number of slots \\(3\\)"):
+        parse_settings({"global_batch_size": 32}, data, slots=3)
+
+
+def test_all_reduce_batch_norm_converts_and_equals_batch_norm_in_one_process():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(36, 5), nn.BatchNorm1d(5))
+    net[1].weight.data.uniform_()
+    reference = net.double()
+    converted = sync_batchnorm.convert_sync_batchnorm(__import__("copy").deepcopy(net), torch.device("cpu"))
+    assert [type(m) for m in converted.modules()].count(sync_batchnorm.AllReduceBatchNorm) == 2
+    assert converted[1].weight.dtype == torch.float64 and torch.equal(converted[1].weight, net[1].weight)
+    x = torch.randn(6, 3, 5, 5, dtype=torch.float64)
+    for mode in (True, False):
+        reference.train(mode), converted.train(mode)
+        assert torch.allclose(converted(x), reference(x), atol=1e-12)
+    for ours, theirs in zip(converted.buffers(), reference.buffers()):
+        assert torch.allclose(ours.double(), theirs.double(), atol=1e-12)
+
+
+SYNC_BN_CHECK = textwrap.dedent("""
+    import copy, sys, torch, torch.distributed as dist
+    sys.path.insert(0, {root!r})
+    from sync_batchnorm import convert_sync_batchnorm
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(36, 5), torch.nn.BatchNorm1d(5)).double()
+    whole = copy.deepcopy(net)
+    synced = convert_sync_batchnorm(net, torch.device("cpu"))
+    x = torch.randn(10, 3, 5, 5, dtype=torch.float64)       # the global batch; shards of 5
+    for step in range(2):
+        out = synced(x.chunk(world)[rank])
+        (out.pow(3).sum() / x.shape[0] * world).backward()  # per-rank mean loss; DDP averages grads
+        for p in synced.parameters():
+            dist.all_reduce(p.grad); p.grad /= world
+        full = whole(x)
+        full.pow(3).sum().div(x.shape[0]).backward()
+        assert torch.allclose(out, full.chunk(world)[rank], atol=1e-12), "outputs"
+        for a, b in zip(synced.parameters(), whole.parameters()):
+            assert torch.allclose(a.grad, b.grad, atol=1e-10), "gradients"
+        for a, b in zip(synced.buffers(), whole.buffers()):
+            assert torch.allclose(a.double(), b.double(), atol=1e-12), "running statistics"
+    try:
+        torch.nn.SyncBatchNorm(4)(torch.randn(4, 4, 2, 2))
+        verdict = "torch's SyncBatchNorm runs on CPU"
+    except ValueError as error:
+        verdict = f"torch's SyncBatchNorm refuses CPU: {{error}}"
+    with open(f"{{sys.argv[1]}}/rank{{rank}}.ok", "w") as handle:  # one file per rank: stdout interleaves
+        handle.write(verdict)
+""")
+
+
+@pytest.mark.slow
+def test_all_reduce_batch_norm_over_two_processes_equals_one_batch(tmp_path):
+    script = tmp_path / "check_sync_bn.py"
+    script.write_text(SYNC_BN_CHECK.format(root=ROOT))
+    result = subprocess.run([*torchrun(2), str(script), str(tmp_path)], env=environment(2), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_hold_identical_replicas_after_every_update():
+    _, directory, stdout = straight_run(2)
+    assert "batch norm synchronised across 2 processes" in stdout
+    reports = re.findall(r"\[byol\] checkpoint (\S+) at step (\d+): weights identical on 2 ranks \(([^)]*)\)", stdout)
+    assert [int(step) for _, step, _ in reports] == [1, 2, 3, 4]  # a checkpoint after every update
+    for uuid, step, listed in reports:
+        live = dict(item.split("=") for item in listed.split())
+        saved = {part: digest[:12] for part, digest in saved_digests(at_step(directory, int(step))).items()}
+        assert live == saved, f"step {step}: the compared weights are not those saved"
+        assert {"target_encoder", "target_projector", "heads.heads", "online_encoder"} <= set(live)
+    # Targets moved: the digests differ from step to step.
+    assert len({dict(item.split("=") for item in r[2].split())["target_encoder"] for r in reports}) == 4
+
+
+@pytest.mark.slow
+def test_learning_rate_and_schedule_follow_the_global_batch():
+    """Same global batch in 1 and 2 processes: the same learning rates (scaled by the global batch)."""
+    rates = []
+    for nproc in (1, 2):
+        _, directory, _ = straight_run(nproc)
+        history = load(at_step(directory, 4))["callbacks"]["metrics_history"]["training"]
+        rates.append([round(entry["lr"], 12) for entry in history])
+    assert rates[0] == rates[1] and len(rates[0]) >= 1
+    steps = [step for step, _ in complete(straight_run(2)[1])]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("classifier_validation", [True, False])
+def test_reducers_equal_over_one_and_two_processes(tmp_path, classifier_validation):
+    """Validation from the same checkpoint (no training left) with 1 and with 2 processes."""
+    config, directory, _ = straight_run(1)
+    results = []
+    for nproc in (1, 2):
+        out = tmp_path / f"metrics{nproc}.json"
+        train(["--config", config, "--checkpoint-dir", str(tmp_path / f"ck{nproc}"), "--resume-from",
+               at_step(directory, 2), "--batches", "2", "--metrics-out", str(out),
+               "--set", f"classifier_validation={str(classifier_validation).lower()}",
+               "--set", "classifier={learning_rates: [0.4, 0.1], train_epochs: 1, batch_size: 64}"], nproc)
+        results.append({k: v for k, v in metrics(str(out)).items() if k not in ("wall_seconds", "last_checkpoint")})
+    one, two = results
+    if classifier_validation:
+        assert "test_accuracy" in one and one["validation_accuracy_lr0.4"] > 0
+        for key in one:
+            if key != "validation_byol_loss":
+                assert one[key] == two[key], key  # counts summed over shards: exact
+    else:
+        assert math.isfinite(one["validation_byol_loss"])
+        # same views, same data; only the order of floating-point sums differs
+        assert one["validation_byol_loss"] == pytest.approx(two["validation_byol_loss"], rel=1e-6)
+
+
+def test_local_runs_take_free_ports_for_determined_messaging():
+    ports = runner.free_ports(2)
+    assert len(set(ports)) == 2 and all(1024 <= port < 65536 for port in ports)
+
+
+def test_divergence_check_names_parts_and_ranks():
+    import replicas
+
+    same = {"target_encoder": "a", "heads.heads": "b"}
+    replicas.check_identical(same, [same, dict(same)])
+    with pytest.raises(replicas.ReplicaDivergenceError, match=r"target_encoder differs on rank\(s\) \[2\]"):
+        replicas.check_identical(same, [same, dict(same), {"target_encoder": "x", "heads.heads": "b"}])
+
+
+UNSYNCED_RUN = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    import replicas
+    replicas.broadcast_buffers = lambda module: None  # the fault: per-process batch-norm statistics kept
+    import runner
+    sys.exit(runner.main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.slow
+def test_replicas_that_drift_apart_stop_the_run(tmp_path):
+    """Without synchronised batch norm, per-process running statistics would make the replicas differ;
+    rank 0's are broadcast after every step. Disabling that must be caught at the first checkpoint."""
+    config = write_config(str(tmp_path))
+    script = tmp_path / "unsynced.py"
+    script.write_text(UNSYNCED_RUN.format(root=ROOT))
+    result = subprocess.run([*torchrun(2), str(script), "--config", config, "--checkpoint-dir",
+                             str(tmp_path / "ck"), "--batches", "2", "--set", "sync_batch_norm=false"],
+                            cwd=ROOT, env=environment(2), capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0
+    assert "per process (not synchronised)" in result.stdout
+    assert re.search(r"error: the 2 processes of this run no longer hold identical weights: .*target_encoder "
+                     r"differs on rank\(s\) \[1\]", result.stderr), result.stderr[-3000:]

@@ -1,0 +1,43 @@
+"""probes.py on a synthetic features file: kNN and logistic regression beside PCA of pixels."""
+import torch
+
+import evaluate_result
+import probes
+
+
+def _run(argv, capsys):
+    code = evaluate_result.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _features_file(path, separable=True):
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=generator) * 4
+    splits = {}
+    for name, n in (("cls_train", 60), ("cls_validation", 30), ("test", 30)):
+        labels = torch.arange(n) % 3
+        noise = torch.randn(n, 16, generator=generator)
+        features = centres[labels] + noise if separable else noise
+        pixels = torch.randint(0, 256, (n, 3, 8, 8), generator=generator, dtype=torch.int64).to(torch.uint8)
+        splits[name] = {"features": features, "labels": labels, "pixels": pixels}
+    torch.save({"format": probes.FEATURE_FILE_FORMAT, "checkpoint": "/ck", "backbone": "small_cnn",
+                "dataset": "digits", "num_classes": 3, "splits": splits}, path)
+
+
+def test_probe_separates_clustered_features_and_not_random_pixels(tmp_path, capsys):
+    _features_file(tmp_path / "f.pt")
+    results = probes.run_probes(probes.read_feature_file(str(tmp_path / "f.pt")), k=5)
+    assert results["encoder"]["knn_accuracy"] == 1.0 and results["encoder"]["logreg_accuracy"] == 1.0
+    assert results["pca16_pixels"]["knn_accuracy"] < 0.7 and results["pca16_pixels"]["dimensions"] == 16
+    code, out, err = _run(["probe", "--features", str(tmp_path / "f.pt"), "--k", "5"], capsys)
+    assert code == 0, err
+    assert "weighted cosine 5-NN" in out and "pca16_pixels" in out and "logistic regression" in out
+
+
+def test_probe_file_errors(tmp_path, capsys):
+    code, _, err = _run(["probe", "--features", str(tmp_path / "none.pt")], capsys)
+    assert code == 2 and "does not exist" in err
+    torch.save({"something": torch.zeros(1)}, tmp_path / "other.pt")
+    code, _, err = _run(["probe", "--features", str(tmp_path / "other.pt")], capsys)
+    assert code == 2 and "not a features file" in err
