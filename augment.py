@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -337,9 +337,20 @@ class PhotometricAugment(nn.Module):
             "solarize": coin(view.solarize_p),
         }
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def select(params: dict, rows: torch.Tensor) -> dict:
+        """The parameters of the samples ``rows`` (an index or slice into a larger draw)."""
+        return {key: value[rows] for key, value in params.items()}
+
+    def forward(self, images: torch.Tensor, params: Optional[dict] = None) -> torch.Tensor:
+        """Augments a uint8 batch. ``params`` (from :meth:`sample_parameters`, one row per image)
+        lets the caller draw them, e.g. once for a whole global batch so that any number of
+        processes apply the same augmentation to the same image."""
         _check_uint8_batch(images)
-        params = self.sample_parameters(images.shape[0], images.device)
+        if params is None:
+            params = self.sample_parameters(images.shape[0], images.device)
+        elif len(params["sigma"]) != images.shape[0]:
+            raise ValueError(f"params hold {len(params['sigma'])} samples for a batch of {images.shape[0]}")
         view = self.view
         x = images.float() / 255.0
         if view.jitter_p > 0:

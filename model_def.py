@@ -12,13 +12,11 @@ Run it locally (Determined's Trainer in local mode) or on a cluster (the experim
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import itertools
-import json
-import os
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 from determined import pytorch
@@ -35,9 +33,12 @@ import plots
 import replicas
 import sync_batchnorm
 from byol import BYOL, cosine_ema_tau
-from reducers import ValidatedAccuracyReducer, WeightedMeanReducer
-from sampling import GlobalBatchSampler, ShardSampler, mix_seed
+from sampling import GlobalBatchSampler, mix_seed
 from utils import Settings, TrainingMode, parse_settings
+from validation import ValidationMixin
+
+# Seed streams of the trial's randomness (mix_seed(seed, step, stream)); validation.py has its own.
+VIEW1_STREAM, VIEW2_STREAM, VARIANT_STREAM = 1, 2, 4
 
 checkpoints.allow_harness_checkpoints()
 
@@ -82,7 +83,14 @@ class BatchesUntil:
         return itertools.islice(iter(self.sampler), max(self.stop - self.sampler.start_step, 0))
 
 
-class BYOLTrial(pytorch.PyTorchTrial):
+class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
+    """BYOL pretraining, or linear heads / fine-tuning on its encoder (see the module docstring).
+
+    Exact resume: everything random (data order, crops, photometric views) is a pure function of
+    ``(seed, global step, sample)``, and the global step travels in the checkpoint
+    (``checkpoints.TrialStateCallback``); the harness's own ``batch_idx`` is not used.
+    """
+
     def __init__(self, context: pytorch.PyTorchTrialContext, settings: Optional[Settings] = None) -> None:
         self.context = context
         self.rank = context.distributed.rank
@@ -142,7 +150,7 @@ class BYOLTrial(pytorch.PyTorchTrial):
         self.augment1 = self._photometric(view1)
         self.augment2 = self._photometric(view2)
         self.normalize = self._to_device(data_normalize(self.info))
-        self._reducers()
+        self.register_reducers()
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -167,17 +175,24 @@ class BYOLTrial(pytorch.PyTorchTrial):
     def learner(self) -> BYOL:
         return getattr(self.model, "module", self.model)
 
-    def _seeded(self, *parts: int):
-        """Augmentation randomness as a pure function of (seed, step, rank): exact resume."""
-        return self._seeded_global(self.rank, *parts)
-
-    def _seeded_global(self, *parts: int):
-        """Randomness as a pure function of (seed, step, parts), the same on every rank."""
+    @contextlib.contextmanager
+    def seeded(self, stream: int) -> Iterator[None]:
+        """Randomness as a pure function of (seed, global step, stream), the same on every rank;
+        the global RNG is left as it was."""
         devices = [self.device] if self.device.type == "cuda" else []
-        state = torch.random.fork_rng(devices=devices)
-        state.__enter__()
-        torch.manual_seed(mix_seed(self.settings.seed, self.global_step, *parts))
-        return state
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(mix_seed(self.settings.seed, self.global_step, stream))
+            yield
+
+    def augment_global(self, augment, images: torch.Tensor, stream: int) -> torch.Tensor:
+        """Photometric parameters drawn for the whole global batch, this rank's rows applied: the
+        same image gets the same view whatever the number of processes (the sampler gives rank r
+        rows r*B..(r+1)*B-1 of each global batch)."""
+        per_rank = images.shape[0]
+        with self.seeded(stream):
+            params = augment.sample_parameters(per_rank * self.world_size, self.device)
+        rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        return augment(images, augment.select(params, rows))
 
     # ----------------------------------------------------------------- data
     def build_training_data_loader(self):
@@ -186,48 +201,6 @@ class BYOLTrial(pytorch.PyTorchTrial):
         return loaders.LazyTrainingLoader(self.train_dataset,
                                           lambda: BatchesUntil(self._sampler(self.global_step), self.total_steps),
                                           self.settings.data.num_workers, self.device.type == "cuda")
-
-    @property
-    def _evaluation_batch(self) -> int:
-        return max(self.settings.classifier.batch_size // self.world_size, 1)
-
-    def build_validation_data_loader(self):
-        return loaders.sharded_loader(self.eval_dataset, self._evaluation_batch, self.rank, self.world_size,
-                                      self.settings.data.num_workers, self.device.type == "cuda")
-
-    def _evaluation_positions(self, batch_idx: int, size: int) -> torch.Tensor:
-        """Where this rank's validation batch lies in the whole evaluation set (contiguous shards)."""
-        first = ShardSampler(len(self.eval_dataset), self.rank, self.world_size).start
-        first += batch_idx * self._evaluation_batch
-        return torch.arange(first, first + size)
-
-    def _evaluation_views(self, images: torch.Tensor, positions: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Photometric views whose random parameters are drawn once per validation for the whole
-        evaluation set (seeded by seed and step) and picked by each image's position in it, so the
-        validation BYOL loss is the same for any number of processes (reducers.py)."""
-        if self._view_parameters[0] != self.global_step:
-            fork = self._seeded_global(-3)  # -3: never a rank, so never a training seed
-            try:
-                drawn = [augment.sample_parameters(len(self.eval_dataset), self.device)
-                         for augment in (self.augment1, self.augment2)]
-            finally:
-                fork.__exit__(None, None, None)
-            self._view_parameters = (self.global_step, drawn)
-        index = torch.as_tensor(positions, device=self.device)
-        views = []
-        for augment, drawn in zip((self.augment1, self.augment2), self._view_parameters[1]):
-            chosen = {key: value[index] for key, value in drawn.items()}
-
-            def given(batch: int, device, chosen=chosen) -> dict:
-                assert batch == len(positions), "PhotometricAugment drew for another batch size"
-                return chosen
-
-            augment.sample_parameters = given  # this call only: the parameters picked above
-            try:
-                views.append(augment(images))
-            finally:
-                del augment.sample_parameters
-        return views[0], views[1]
 
     def build_callbacks(self) -> Dict[str, pytorch.PyTorchCallback]:
         self.metrics_history = plots.MetricsHistory(self)  # drawn by the runner (plots.py)
@@ -243,24 +216,16 @@ class BYOLTrial(pytorch.PyTorchTrial):
             lr = optim.warmup_cosine_lr(step, self.total_steps, round(s.warmup_epochs * self.steps_per_epoch),
                                         self.peak_lr)
             optim.set_learning_rate(self.optimizer, lr)
-            fork = self._seeded(1)
-            try:
-                view1 = self.augment1(view1.to(self.device, non_blocking=True))
-                view2 = self.augment2(view2.to(self.device, non_blocking=True))
-            finally:
-                fork.__exit__(None, None, None)
+            view1 = self.augment_global(self.augment1, view1.to(self.device, non_blocking=True), VIEW1_STREAM)
+            view2 = self.augment_global(self.augment2, view2.to(self.device, non_blocking=True), VIEW2_STREAM)
             loss = self.model(view1, view2)
         else:
             images, labels = batch
             classifier.set_cosine_lr(self.optimizer, step, self.total_steps)
             lr = self.optimizer.param_groups[0]["lr"]
             images = images.to(self.device, non_blocking=True)
-            if s.classifier.augmentation == "variant":
-                fork = self._seeded(2)
-                try:
-                    images = self.augment1(images)
-                finally:
-                    fork.__exit__(None, None, None)
+            if s.classifier.augmentation == "variant":  # appendix C.1: the pretraining augmentations
+                images = self.augment_global(self.augment1, images, VARIANT_STREAM)
             else:
                 images = self.normalize(images)
             loss = classifier.heads_loss(self.model(images), labels.to(self.device), s.classifier.logit_regularization)
@@ -302,117 +267,6 @@ class BYOLTrial(pytorch.PyTorchTrial):
                   f"(epoch {self.global_step / self.steps_per_epoch:.2f}) loss {loss.item():.4f} "
                   f"{rate:.0f} images/s", flush=True)
         return rate
-
-    # ----------------------------------------------------------------- validation
-    def prepare_probes(self) -> None:
-        """Before each pretraining validation: CLS_TRAIN features, extracted once, train fresh probe
-        heads (appendix C.1; ``classifier_validation``) and become the kNN bank (``knn.py``;
-        ``classifier.knn_k > 0``)."""
-        s = self.settings
-        if not (s.classifier_validation or s.classifier.knn_k):
-            return
-        features, labels = self.classifier_train_features(self.learner.online_encoder)
-        if s.classifier_validation:
-            self.train_probe_heads(features=(features, labels))
-        if s.classifier.knn_k:
-            self.knn_bank = knn.FeatureBank(features, labels, self.info.num_classes)
-
-    def classifier_train_features(self, encoder: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen features and labels of all of CLS_TRAIN (gathered from every rank, in dataset order)."""
-        s = self.settings
-        dataset = faults.ReadGuard(loaders.classifier_feature_dataset(s, s.image_size))
-        loader = loaders.sharded_loader(dataset, max(s.classifier.batch_size // self.world_size, 1),
-                                        self.rank, self.world_size, s.data.num_workers)
-        features, labels = classifier.extract_features(encoder, loader, self.device, self.normalize)
-        return classifier.gather_rows(features), classifier.gather_rows(labels)
-
-    def train_probe_heads(self, encoder: Optional[torch.nn.Module] = None,
-                          heads: Optional[classifier.LinearHeads] = None,
-                          features: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
-        """Fresh heads on frozen features (appendix C.1): ``features`` (features, labels) if given,
-        else those of ``encoder`` (default: the online encoder)."""
-        s = self.settings
-        encoder = encoder if encoder is not None else self.learner.online_encoder
-        heads = heads if heads is not None else self.heads
-        features, labels = features if features is not None else self.classifier_train_features(encoder)
-        self.probe_loss = classifier.train_heads_on_features(
-            heads, features, labels, s.classifier.learning_rates, s.classifier.train_epochs,
-            s.classifier.batch_size, mix_seed(s.seed, self.global_step), s.classifier.momentum,
-            s.classifier.weight_decay, s.classifier.logit_regularization)
-
-    @torch.no_grad()
-    def random_encoder_probe(self) -> Dict[str, float]:
-        """The same linear probe on a randomly initialised encoder: what pretraining bought."""
-        s = self.settings
-        torch.manual_seed(mix_seed(s.seed, 99))
-        encoder = backbones.build_backbone(s.backbone).to(self.device)
-        heads = classifier.LinearHeads(backbones.feature_size(s.backbone), self.info.num_classes,
-                                       len(s.classifier.learning_rates), s.classifier.logit_clip).to(self.device)
-        self.train_probe_heads(encoder, heads)
-        encoder.eval()
-        reducer = ValidatedAccuracyReducer(s.classifier.learning_rates)
-        for images, labels, tags in self.build_validation_data_loader():
-            logits = heads(encoder(self.normalize(images.to(self.device))))
-            labels, tags = labels.to(self.device), tags.to(self.device)
-            for tag, split in ((loaders.VALIDATION_TAG, "validation"), (loaders.TEST_TAG, "test")):
-                mask = tags == tag
-                if mask.any():
-                    top1, top5 = classifier.correct_counts(logits[:, mask], labels[mask])
-                    reducer.update(split, top1, top5, int(mask.sum()))
-        per_slot = self.context.distributed.allgather(reducer.per_slot_reduce())
-        return reducer.cross_slot_reduce(per_slot)
-
-    def evaluation_reducer(self):
-        return pytorch.Reducer.AVG
-
-    def _reducers(self):
-        """Registered on first use (the validation-only reducers; training metrics are averaged)."""
-        if not hasattr(self, "_accuracy_reducer"):
-            self._accuracy_reducer = self.context.wrap_reducer(
-                ValidatedAccuracyReducer(self.settings.classifier.learning_rates), name=None, for_training=False)
-            self._loss_reducer = self.context.wrap_reducer(
-                WeightedMeanReducer(), name="validation_byol_loss", for_training=False)
-            if self.pretraining and self.settings.classifier.knn_k:
-                self._knn_reducer = self.context.wrap_reducer(
-                    WeightedMeanReducer(), name="knn_accuracy", for_training=False)
-        return self._accuracy_reducer, self._loss_reducer
-
-    @property
-    def probes_accuracy(self) -> bool:
-        return not self.pretraining or self.settings.classifier_validation
-
-    def evaluate_batch(self, batch: Any, batch_idx: int) -> Dict[str, Any]:
-        accuracy, byol_loss = self._reducers()
-        images_uint8, labels, tags = batch
-        images_uint8 = images_uint8.to(self.device, non_blocking=True)
-        labels, tags = labels.to(self.device), tags.to(self.device)
-        if self.knn_bank is not None:  # kNN read-out on TEST against the CLS_TRAIN bank (knn.py)
-            test = tags == loaders.TEST_TAG
-            if test.any():
-                queries = self.learner.online_encoder(self.normalize(images_uint8[test]))
-                correct = self.knn_bank.correct(queries, labels[test], self.settings.classifier.knn_k)
-                self._knn_reducer.update(correct, int(test.sum()))
-        if not self.probes_accuracy:
-            # Without classifier validation: the BYOL loss (eq. 4) on TEST, photometric views only.
-            test = tags == loaders.TEST_TAG
-            if test.any():
-                positions = self._evaluation_positions(batch_idx, images_uint8.shape[0])[test.cpu()]
-                view1, view2 = self._evaluation_views(images_uint8[test], positions.tolist())
-                count = int(test.sum())
-                byol_loss.update(self.model(view1, view2).item() * count, count)
-            return {}
-        images = self.normalize(images_uint8)
-        if self.pretraining:
-            logits = self.heads(self.learner.online_encoder(images))
-        else:
-            logits = self.model(images)
-        for tag, split in ((loaders.VALIDATION_TAG, "validation"), (loaders.TEST_TAG, "test")):
-            mask = tags == tag
-            if mask.any():
-                top1, top5 = classifier.correct_counts(logits[:, mask], labels[mask])
-                accuracy.update(split, top1, top5, int(mask.sum()))
-        return {}
-
 
 def data_normalize(info) -> torch.nn.Module:
     import augment

@@ -379,7 +379,9 @@ def write_plot(trial, metrics_out: str) -> Optional[str]:
 def print_summary(trial, metrics: Dict[str, Any]) -> None:
     lines = [f"[byol] finished {metrics['global_step']} steps in {metrics['wall_seconds']} s"]
     if "test_accuracy" in metrics:
-        lines.append(f"[byol] linear probe: test accuracy {metrics['test_accuracy']:.4f} "
+        what = {TrainingMode.SELF_SUPERVISED: "linear probe", TrainingMode.CLASSIFIER_ONLY: "linear heads",
+                TrainingMode.FINE_TUNE: "fine-tuned"}[trial.settings.training_mode]
+        lines.append(f"[byol] {what}: test accuracy {metrics['test_accuracy']:.4f} "
                      f"(head lr {metrics.get('best_classifier_lr')} chosen on validation "
                      f"accuracy {metrics.get('validation_accuracy', float('nan')):.4f})")
     if "knn_accuracy" in metrics:

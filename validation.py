@@ -1,0 +1,168 @@
+"""Validation of the BYOL trial: the linear read-out of the representation (appendix C.1).
+
+During pretraining, before each validation, fresh linear heads (one per learning rate) are trained
+on frozen CLS_TRAIN features; the validation loop then scores every head on CLS_VALIDATION and TEST,
+and ``reducers.ValidatedAccuracyReducer`` reports ``test_accuracy`` for the head best on
+CLS_VALIDATION. The same features can serve as a kNN bank (``classifier.knn_k``). Without
+classifier validation, validation reports the BYOL loss (eq. 4) on TEST. In CLASSIFIER_ONLY and
+FINE_TUNE the heads trained by the harness are scored the same way.
+
+Every figure is exact across processes: evaluation data is sharded without padding, reducers carry
+counts, and the random views of the validation loss are drawn for the whole evaluation set.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from determined import pytorch
+
+import backbone as backbones
+import classifier
+import faults
+import knn
+import loaders
+from reducers import ValidatedAccuracyReducer, WeightedMeanReducer
+from sampling import ShardSampler, mix_seed
+
+# Seed streams of the trial's randomness (mix_seed(seed, step, stream)).
+EVALUATION_VIEWS_STREAM = -3
+
+
+class ValidationMixin:
+    """The validation half of ``model_def.BYOLTrial`` (uses its settings, model, heads, context)."""
+
+    # ------------------------------------------------------------------ data
+    @property
+    def _evaluation_batch(self) -> int:
+        return max(self.settings.classifier.batch_size // self.world_size, 1)
+
+    def build_validation_data_loader(self):
+        return loaders.sharded_loader(self.eval_dataset, self._evaluation_batch, self.rank, self.world_size,
+                                      self.settings.data.num_workers, self.device.type == "cuda")
+
+    def _evaluation_positions(self, batch_idx: int, size: int) -> torch.Tensor:
+        """Where this rank's validation batch lies in the whole evaluation set (contiguous shards)."""
+        first = ShardSampler(len(self.eval_dataset), self.rank, self.world_size).start
+        first += batch_idx * self._evaluation_batch
+        return torch.arange(first, first + size)
+
+    def _evaluation_views(self, images: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Photometric views whose random parameters are drawn once per validation for the whole
+        evaluation set (seeded by seed and step) and picked by each image's position in it, so the
+        validation BYOL loss is the same for any number of processes."""
+        if self._view_parameters[0] != self.global_step:
+            with self.seeded(EVALUATION_VIEWS_STREAM):
+                drawn = [augment.sample_parameters(len(self.eval_dataset), self.device)
+                         for augment in (self.augment1, self.augment2)]
+            self._view_parameters = (self.global_step, drawn)
+        index = positions.to(self.device)
+        view1, view2 = (augment(images, augment.select(drawn, index))
+                        for augment, drawn in zip((self.augment1, self.augment2), self._view_parameters[1]))
+        return view1, view2
+
+    # ------------------------------------------------------------------ probe heads and kNN bank
+    def prepare_probes(self) -> None:
+        """Before each pretraining validation: CLS_TRAIN features, extracted once, train fresh probe
+        heads (``classifier_validation``) and become the kNN bank (``classifier.knn_k > 0``)."""
+        s = self.settings
+        if not (s.classifier_validation or s.classifier.knn_k):
+            return
+        features, labels = self.classifier_train_features(self.learner.online_encoder)
+        if s.classifier_validation:
+            self.train_probe_heads(features=(features, labels))
+        if s.classifier.knn_k:
+            self.knn_bank = knn.FeatureBank(features, labels, self.info.num_classes)
+
+    def classifier_train_features(self, encoder: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen features and labels of all of CLS_TRAIN (gathered from every rank, in dataset order)."""
+        s = self.settings
+        dataset = faults.ReadGuard(loaders.classifier_feature_dataset(s, s.image_size))
+        loader = loaders.sharded_loader(dataset, self._evaluation_batch, self.rank, self.world_size,
+                                        s.data.num_workers)
+        features, labels = classifier.extract_features(encoder, loader, self.device, self.normalize)
+        return classifier.gather_rows(features), classifier.gather_rows(labels)
+
+    def train_probe_heads(self, encoder: Optional[torch.nn.Module] = None,
+                          heads: Optional[classifier.LinearHeads] = None,
+                          features: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
+        """Fresh heads on frozen features: ``features`` (features, labels) if given, else those of
+        ``encoder`` (default: the online encoder)."""
+        s = self.settings
+        encoder = encoder if encoder is not None else self.learner.online_encoder
+        heads = heads if heads is not None else self.heads
+        features, labels = features if features is not None else self.classifier_train_features(encoder)
+        self.probe_loss = classifier.train_heads_on_features(
+            heads, features, labels, s.classifier.learning_rates, s.classifier.train_epochs,
+            s.classifier.batch_size, mix_seed(s.seed, self.global_step), s.classifier.momentum,
+            s.classifier.weight_decay, s.classifier.logit_regularization)
+
+    @torch.no_grad()
+    def random_encoder_probe(self) -> Dict[str, float]:
+        """The same linear probe on a randomly initialised encoder: what pretraining bought."""
+        s = self.settings
+        torch.manual_seed(mix_seed(s.seed, 99))
+        encoder = backbones.build_backbone(s.backbone).to(self.device).eval()
+        heads = classifier.LinearHeads(backbones.feature_size(s.backbone), self.info.num_classes,
+                                       len(s.classifier.learning_rates), s.classifier.logit_clip).to(self.device)
+        self.train_probe_heads(encoder, heads)
+        reducer = ValidatedAccuracyReducer(s.classifier.learning_rates)
+        for images, labels, tags in self.build_validation_data_loader():
+            logits = heads(encoder(self.normalize(images.to(self.device))))
+            self._count_correct(reducer, logits, labels.to(self.device), tags.to(self.device))
+        per_slot = self.context.distributed.allgather(reducer.per_slot_reduce())
+        return reducer.cross_slot_reduce(per_slot)
+
+    # ------------------------------------------------------------------ reducers and the loop
+    @property
+    def probes_accuracy(self) -> bool:
+        return not self.pretraining or self.settings.classifier_validation
+
+    def evaluation_reducer(self):
+        return pytorch.Reducer.AVG
+
+    def register_reducers(self) -> None:
+        """Only the reducers whose metrics this run reports (an unused one would report NaN)."""
+        s = self.settings
+        self._accuracy_reducer = self._loss_reducer = self._knn_reducer = None
+        if self.probes_accuracy:
+            self._accuracy_reducer = self.context.wrap_reducer(
+                ValidatedAccuracyReducer(s.classifier.learning_rates), name=None, for_training=False)
+        else:
+            self._loss_reducer = self.context.wrap_reducer(
+                WeightedMeanReducer(), name="validation_byol_loss", for_training=False)
+        if self.pretraining and s.classifier.knn_k:
+            self._knn_reducer = self.context.wrap_reducer(WeightedMeanReducer(), name="knn_accuracy",
+                                                          for_training=False)
+
+    @staticmethod
+    def _count_correct(reducer, logits: torch.Tensor, labels: torch.Tensor, tags: torch.Tensor) -> None:
+        for tag, split in ((loaders.VALIDATION_TAG, "validation"), (loaders.TEST_TAG, "test")):
+            mask = tags == tag
+            if mask.any():
+                top1, top5 = classifier.correct_counts(logits[:, mask], labels[mask])
+                reducer.update(split, top1, top5, int(mask.sum()))
+
+    def evaluate_batch(self, batch: Any, batch_idx: int) -> Dict[str, Any]:
+        images_uint8, labels, tags = batch
+        images_uint8 = images_uint8.to(self.device, non_blocking=True)
+        labels, tags = labels.to(self.device), tags.to(self.device)
+        test = tags == loaders.TEST_TAG
+        if self.knn_bank is not None and test.any():  # kNN read-out on TEST against CLS_TRAIN (knn.py)
+            queries = self.learner.online_encoder(self.normalize(images_uint8[test]))
+            correct = self.knn_bank.correct(queries, labels[test], self.settings.classifier.knn_k)
+            self._knn_reducer.update(correct, int(test.sum()))
+        if not self.probes_accuracy:
+            if test.any():  # the BYOL loss (eq. 4) on TEST, photometric views only
+                positions = self._evaluation_positions(batch_idx, images_uint8.shape[0])[test.cpu()]
+                view1, view2 = self._evaluation_views(images_uint8[test], positions)
+                count = int(test.sum())
+                self._loss_reducer.update(self.model(view1, view2).item() * count, count)
+            return {}
+        images = self.normalize(images_uint8)
+        if self.pretraining:
+            logits = self.heads(self.learner.online_encoder(images))
+        else:
+            logits = self.model(images)
+        self._count_correct(self._accuracy_reducer, logits, labels, tags)
+        return {}
