@@ -35,6 +35,7 @@ import torch
 import backbone as backbones
 import checkpoints
 from utils import ConfigError, Settings, TrainingMode, parse_settings
+from faults import RunFailed
 
 PROBE_COMMANDS = ("features", "probe")
 TORCHVISION_BACKBONES = ("resnet18", "resnet50")  # the names torchvision.models has, fc replaced
@@ -166,8 +167,6 @@ def evaluate_checkpoint(directory: str, epochs: int, fine_tune: bool = False, he
                         encoder_lr: Optional[float] = None, sets: Sequence[str] = (),
                         checkpoint_dir: Optional[str] = None, metrics_out: Optional[str] = None) -> Dict[str, Any]:
     """Runs the linear protocol (or fine-tuning) on a local checkpoint; returns the final metrics."""
-    import json
-
     import runner
 
     directory = os.path.abspath(directory)
@@ -185,20 +184,10 @@ def evaluate_checkpoint(directory: str, epochs: int, fine_tune: bool = False, he
     name = "fine-tune" if fine_tune else "linear-eval"
     exp_conf = {**config, "name": f"{config.get('name', 'byol')}-{name}", "hyperparameters": hparams,
                 "data": data_section, "searcher": evaluation_searcher()}
-    started = time.time()
-    with runner.local_trial_context(hparams, exp_conf, distributed, out) as context:
-        trial = runner.run_trial(context, settings, None)
-        metrics = runner.summary(trial, time.time() - started)
-        if context.distributed.rank == 0:
-            runner.print_summary(trial, metrics)
-            print(describe_result(settings, metrics), flush=True)
-            if metrics_out:
-                os.makedirs(os.path.dirname(os.path.abspath(metrics_out)), exist_ok=True)
-                with open(metrics_out, "w") as handle:
-                    json.dump(metrics, handle, indent=2, sort_keys=True)
-                print(f"[eval] metrics written to {metrics_out}", flush=True)
-                runner.write_plot(trial, metrics_out)
-    return metrics
+    writes = runner.CheckpointWrites(None, distributed.get_rank() if distributed else 0)
+    with writes.explained():  # faults end with one clear message (faults.py)
+        return runner.train_and_report(exp_conf, settings, distributed, out, None, time.time(), metrics_out,
+                                       writes, describe=describe_result)
 
 
 def describe_result(settings: Settings, metrics: Dict[str, Any]) -> str:
@@ -318,7 +307,7 @@ def main(argv: Optional[Sequence[str]] = None, make_client: Callable = default_c
         else:
             evaluate_checkpoint(args.checkpoint, args.classifier_train_epochs, args.fine_tune, args.head_lr,
                                 args.encoder_lr, args.set, args.checkpoint_dir, args.metrics_out)
-    except (EvaluationError, ConfigError, FileNotFoundError) as error:
+    except (EvaluationError, ConfigError, FileNotFoundError, RunFailed) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

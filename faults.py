@@ -9,13 +9,22 @@ module names them:
 * :func:`non_finite_ranks`: which processes saw a NaN/inf loss, agreed by all of them.
 * :func:`describe`: the one-line message the command line prints for a fault, including errors
   that a data-loader worker process re-raised with its whole traceback in the message.
+* :class:`CheckpointWrites`: removes a checkpoint whose writing failed and turns the faults that end
+  a run into :class:`RunFailed`, one message naming the last complete checkpoint.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+import contextlib
+import errno
+import os
+import pickle
+import shutil
+from typing import Any, Iterator, List, Optional, Sequence
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
+
+import checkpoints
 
 
 class UnreadableImageError(RuntimeError):
@@ -114,3 +123,98 @@ def describe(error: BaseException) -> str:
         last = [line for line in text.splitlines() if line.strip()][-1].strip()
         text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
     return " ".join(text.split())
+
+
+class RunFailed(Exception):
+    """A fault that ended the run, explained in one message (printed by :func:`main`)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _unpickler_reason(error: BaseException) -> str:
+    """The line of torch's long weights_only message that names what was refused."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unpickler error" in line]
+    return (named or lines or [repr(error)])[0]
+
+
+FULL_DISK_BYTES = 16 << 20  # less free space than this after a failed checkpoint write: the disk is full
+
+
+class CheckpointWrites:
+    """The checkpoints this process writes (rank 0 writes them all), and the faults that end a run.
+
+    :meth:`watch` wraps the core context's ``store_path``: a checkpoint whose writing fails (full
+    disk, non-finite weights, ...) is removed at once, so every checkpoint directory that remains is
+    a good one. :meth:`explained` turns the faults a run can meet into :class:`RunFailed` with one
+    clear message that names the last complete checkpoint."""
+
+    def __init__(self, resumed_from: Optional[str] = None, rank: int = 0):
+        self.complete = [resumed_from] if resumed_from else []
+        self.failed: Optional[str] = None
+        self.free_bytes: Optional[int] = None  # on the checkpoint's filesystem when writing failed
+        self.rank = rank
+
+    def watch(self, store_path):
+        @contextlib.contextmanager
+        def watched(*args, **kwargs):
+            path = None
+            try:
+                with store_path(*args, **kwargs) as (path, storage_id):
+                    yield path, storage_id
+            except BaseException:
+                if path is not None and not os.path.exists(os.path.join(path, checkpoints.COMPLETE_FILE)):
+                    self.failed = str(path)
+                    self.free_bytes = shutil.disk_usage(os.path.dirname(str(path))).free  # before freeing it
+                    shutil.rmtree(path, ignore_errors=True)
+                raise
+            self.complete.append(str(path))
+        return watched
+
+    def last_complete(self) -> str:
+        if self.rank != 0:
+            return "rank 0 writes the checkpoints and names the last complete one"
+        if not self.complete:
+            return "no complete checkpoint was written"
+        last = self.complete[-1]
+        return f"the last complete checkpoint is {last!r} (continue with --resume-from {last})"
+
+    @contextlib.contextmanager
+    def explained(self) -> Iterator[None]:
+        import model_def
+        import replicas
+
+        try:
+            yield
+        except (checkpoints.IncompatibleCheckpointError, checkpoints.IncompleteCheckpointError) as error:
+            raise RunFailed(str(error), exit_code=2) from error
+        except pickle.UnpicklingError as error:  # torch.load(weights_only=True) refused the checkpoint
+            raise RunFailed(f"checkpoint {self.complete[0] if self.complete else ''!r} holds more than tensors and "
+                            f"plain data, so it is not loaded (weights_only): {_unpickler_reason(error)}",
+                            exit_code=2) from error
+        except model_def.NonFiniteLossError as error:  # names the step and the last good checkpoint
+            raise RunFailed(describe(error)) from error
+        except (checkpoints.NonFiniteWeightsError, UnreadableImageError,
+                replicas.ReplicaDivergenceError) as error:
+            raise RunFailed(f"{describe(error)} ({self._removed()}{self.last_complete()})") from error
+        except Exception as error:
+            if self.failed is None:
+                raise
+            raise RunFailed(f"writing checkpoint {self.failed!r} failed: {describe(error)}. "
+                            f"{self._space(error)}T{self._removed()[1:]}{self.last_complete()}") from error
+
+    def _space(self, error: BaseException) -> str:
+        """torch.save reports a full disk as e.g. 'unexpected pos 2008768 vs 2008664': say it plainly."""
+        chain, full = error, False
+        while chain is not None:
+            full = full or (isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, errno.EDQUOT))
+            chain = chain.__cause__ or chain.__context__
+        if full or (self.free_bytes is not None and self.free_bytes < FULL_DISK_BYTES):
+            return (f"No space left on device: {self.free_bytes} bytes were free on the checkpoint filesystem; "
+                    f"make room or choose another --checkpoint-dir. ")
+        return ""
+
+    def _removed(self) -> str:
+        return f"the incomplete checkpoint {self.failed!r} was removed; " if self.failed else ""

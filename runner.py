@@ -10,12 +10,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import errno
 import json
 import logging
 import os
-import pickle
-import shutil
 import sys
 import time
 from typing import Any, Dict, Iterator, Optional
@@ -25,6 +22,8 @@ import torch
 from determined import core, pytorch
 
 import checkpoints
+import faults
+from faults import CheckpointWrites, RunFailed
 from utils import ConfigError, Length, Settings, TrainingMode, load_config, parse_settings, slots_of
 
 
@@ -222,20 +221,31 @@ def main(argv=None) -> int:
 
 
 def train_locally(args, config, hparams, settings, distributed, checkpoint_dir, latest, started,
-                  writes: Optional["CheckpointWrites"] = None) -> int:
+                  writes: Optional[CheckpointWrites] = None) -> int:
     exp_conf = {**config, "hyperparameters": hparams}
-    with local_trial_context(hparams, exp_conf, distributed, checkpoint_dir, writes) as context:
+    train_and_report(exp_conf, settings, distributed, checkpoint_dir, latest, started, args.metrics_out, writes)
+    return 0
+
+
+def train_and_report(exp_conf: Dict[str, Any], settings: Settings, distributed, checkpoint_dir: str,
+                     latest: Optional[str], started: float, metrics_out: Optional[str] = None,
+                     writes: Optional[CheckpointWrites] = None, describe=None) -> Dict[str, Any]:
+    """Trains in local mode, then prints the summary (plus ``describe(settings, metrics)``) and
+    writes the metrics JSON and the curves' PNG beside it (rank 0). Returns the final metrics."""
+    with local_trial_context(exp_conf["hyperparameters"], exp_conf, distributed, checkpoint_dir, writes) as context:
         trial = run_trial(context, settings, latest)
         metrics = summary(trial, time.time() - started)
         if context.distributed.rank == 0:
             print_summary(trial, metrics)
-            if args.metrics_out:
-                os.makedirs(os.path.dirname(os.path.abspath(args.metrics_out)), exist_ok=True)
-                with open(args.metrics_out, "w") as handle:
+            if describe is not None:
+                print(describe(settings, metrics), flush=True)
+            if metrics_out:
+                os.makedirs(os.path.dirname(os.path.abspath(metrics_out)), exist_ok=True)
+                with open(metrics_out, "w") as handle:
                     json.dump(metrics, handle, indent=2, sort_keys=True)
-                print(f"[byol] metrics written to {args.metrics_out}", flush=True)
-                write_plot(trial, args.metrics_out)
-    return 0
+                print(f"[byol] metrics written to {metrics_out}", flush=True)
+                write_plot(trial, metrics_out)
+    return metrics
 
 
 def local_storage_default() -> str:
@@ -264,102 +274,6 @@ def check_not_copied_into_itself(checkpoint_dir: str) -> None:
     raise ConfigError(f"checkpoint directory {checkpoint_dir!r} is inside the working directory {cwd!r}, which "
                       f"Determined copies into every checkpoint (its code/ folder): it would copy itself. Use a "
                       f"directory outside it, or one that .detignore excludes (e.g. checkpoints/)")
-
-
-class RunFailed(Exception):
-    """A fault that ended the run, explained in one message (printed by :func:`main`)."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def _unpickler_reason(error: BaseException) -> str:
-    """The line of torch's long weights_only message that names what was refused."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    named = [line for line in lines if "GLOBAL" in line or "Unpickler error" in line]
-    return (named or lines or [repr(error)])[0]
-
-
-FULL_DISK_BYTES = 16 << 20  # less free space than this after a failed checkpoint write: the disk is full
-
-
-class CheckpointWrites:
-    """The checkpoints this process writes (rank 0 writes them all), and the faults that end a run.
-
-    :meth:`watch` wraps the core context's ``store_path``: a checkpoint whose writing fails (full
-    disk, non-finite weights, ...) is removed at once, so every checkpoint directory that remains is
-    a good one. :meth:`explained` turns the faults a run can meet into :class:`RunFailed` with one
-    clear message that names the last complete checkpoint."""
-
-    def __init__(self, resumed_from: Optional[str] = None, rank: int = 0):
-        self.complete = [resumed_from] if resumed_from else []
-        self.failed: Optional[str] = None
-        self.free_bytes: Optional[int] = None  # on the checkpoint's filesystem when writing failed
-        self.rank = rank
-
-    def watch(self, store_path):
-        @contextlib.contextmanager
-        def watched(*args, **kwargs):
-            path = None
-            try:
-                with store_path(*args, **kwargs) as (path, storage_id):
-                    yield path, storage_id
-            except BaseException:
-                if path is not None and not os.path.exists(os.path.join(path, checkpoints.COMPLETE_FILE)):
-                    self.failed = str(path)
-                    self.free_bytes = shutil.disk_usage(os.path.dirname(str(path))).free  # before freeing it
-                    shutil.rmtree(path, ignore_errors=True)
-                raise
-            self.complete.append(str(path))
-        return watched
-
-    def last_complete(self) -> str:
-        if self.rank != 0:
-            return "rank 0 writes the checkpoints and names the last complete one"
-        if not self.complete:
-            return "no complete checkpoint was written"
-        last = self.complete[-1]
-        return f"the last complete checkpoint is {last!r} (continue with --resume-from {last})"
-
-    @contextlib.contextmanager
-    def explained(self) -> Iterator[None]:
-        import faults
-        import model_def
-        import replicas
-
-        try:
-            yield
-        except (checkpoints.IncompatibleCheckpointError, checkpoints.IncompleteCheckpointError) as error:
-            raise RunFailed(str(error), exit_code=2) from error
-        except pickle.UnpicklingError as error:  # torch.load(weights_only=True) refused the checkpoint
-            raise RunFailed(f"checkpoint {self.complete[0] if self.complete else ''!r} holds more than tensors and "
-                            f"plain data, so it is not loaded (weights_only): {_unpickler_reason(error)}",
-                            exit_code=2) from error
-        except model_def.NonFiniteLossError as error:  # names the step and the last good checkpoint
-            raise RunFailed(faults.describe(error)) from error
-        except (checkpoints.NonFiniteWeightsError, faults.UnreadableImageError,
-                replicas.ReplicaDivergenceError) as error:
-            raise RunFailed(f"{faults.describe(error)} ({self._removed()}{self.last_complete()})") from error
-        except Exception as error:
-            if self.failed is None:
-                raise
-            raise RunFailed(f"writing checkpoint {self.failed!r} failed: {faults.describe(error)}. "
-                            f"{self._space(error)}T{self._removed()[1:]}{self.last_complete()}") from error
-
-    def _space(self, error: BaseException) -> str:
-        """torch.save reports a full disk as e.g. 'unexpected pos 2008768 vs 2008664': say it plainly."""
-        chain, full = error, False
-        while chain is not None:
-            full = full or (isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, errno.EDQUOT))
-            chain = chain.__cause__ or chain.__context__
-        if full or (self.free_bytes is not None and self.free_bytes < FULL_DISK_BYTES):
-            return (f"No space left on device: {self.free_bytes} bytes were free on the checkpoint filesystem; "
-                    f"make room or choose another --checkpoint-dir. ")
-        return ""
-
-    def _removed(self) -> str:
-        return f"the incomplete checkpoint {self.failed!r} was removed; " if self.failed else ""
 
 
 def write_plot(trial, metrics_out: str) -> Optional[str]:
