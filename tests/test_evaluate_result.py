@@ -360,10 +360,10 @@ def test_linear_protocol_from_a_local_checkpoint(pretrained, linear_eval):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("augmentation", ["none", "crop_flip"])
+@pytest.mark.parametrize("augmentation", ["none", "crop_flip", "variant"])
 def test_linear_protocol_same_on_two_processes(pretrained, linear_eval, tmp_path, augmentation):
-    """Heads see the same global batches, crops and flips (per-sample seeds) on 1 and 2 processes.
-    (The 'variant' augmentation's batched photometric draws depend on the process count.)"""
+    """Heads see the same global batches, crops and flips (per-sample seeds) and photometric views
+    (drawn per global batch) on 1 and 2 processes."""
     checkpoint, _, _ = pretrained
     option = ("--set", f"classifier.augmentation={augmentation}")
     one = linear_eval[0] if augmentation == "none" else _evaluate(checkpoint, tmp_path, "one", *option)
