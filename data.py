@@ -179,7 +179,7 @@ def _ensure_files(root: str, name: str, expected: Sequence[str], download: bool,
         problem = f" ({name} cannot be downloaded automatically)"
     raise FileNotFoundError(
         f"{name}: missing {', '.join(repr(path) for path in missing)}{problem}. {how_to_get}"
-        + ("" if download or fetch is None else " Or set download=True on a machine with network access.")
+        + ("" if download or fetch is None else " Or set data.download: true on a machine with network access.")
     )
 
 

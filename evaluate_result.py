@@ -34,7 +34,7 @@ import torch
 
 import backbone as backbones
 import checkpoints
-from utils import ConfigError, Settings, TrainingMode, parse_settings
+from utils import ConfigError, Settings, TrainingMode, apply_overrides, parse_settings
 from faults import RunFailed
 
 PROBE_COMMANDS = ("features", "probe")
@@ -95,22 +95,6 @@ def evaluation_hparams(hparams: Dict[str, Any], reference: str, epochs: int, fin
         hparams["training_mode"] = TrainingMode.CLASSIFIER_ONLY.value
     hparams["classifier"] = classifier
     return hparams
-
-
-def apply_sets(hparams: Dict[str, Any], data_section: Dict[str, Any], items: Sequence[str]) -> None:
-    """``--set a.b=value`` (yaml value) into the hyperparameters, ``--set data.x=value`` into data."""
-    import yaml
-
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. data.root=/data")
-        target, parts = hparams, key.split(".")
-        if parts[0] == "data":
-            target, parts = data_section, parts[1:]
-        for part in parts[:-1]:
-            target = target.setdefault(part, {})
-        target[parts[-1]] = yaml.safe_load(value)
 
 
 # ------------------------------------------------------------------ encoders
@@ -174,7 +158,7 @@ def evaluate_checkpoint(directory: str, epochs: int, fine_tune: bool = False, he
     check_pretraining_checkpoint(hparams, repr(directory))
     hparams = evaluation_hparams(hparams, directory, epochs, fine_tune, head_lr, encoder_lr)
     data_section = dict(hparams.pop("data", None) or config.get("data") or {})
-    apply_sets(hparams, data_section, sets)
+    apply_overrides(hparams, data_section, sets)
     distributed = runner.distributed_context()
     settings = parse_settings(hparams, data_section, distributed.get_size() if distributed else 1)
     load_encoder(directory, settings.backbone)  # a wrong checkpoint fails here, before any work

@@ -23,8 +23,8 @@ from typing import Dict, Sequence
 import torch
 
 import data
-from evaluate_result import EvaluationError, apply_sets, checkpoint_config, load_encoder
-from utils import TrainingMode, parse_settings
+from evaluate_result import EvaluationError, checkpoint_config, load_encoder
+from utils import TrainingMode, apply_overrides, parse_settings
 
 FEATURE_FILE_FORMAT = "byol-features-v1"
 PIXEL_SIZE = 32  # the PCA-of-pixels baseline works on at most 32x32 images
@@ -40,7 +40,7 @@ def extract_feature_file(directory: str, out: str, sets: Sequence[str] = (), bat
 
     hparams, config = checkpoint_config(directory)
     data_section = dict(hparams.pop("data", None) or config.get("data") or {})
-    apply_sets(hparams, data_section, sets)
+    apply_overrides(hparams, data_section, sets)
     hparams["training_mode"] = TrainingMode.SELF_SUPERVISED.value  # features of any mode's encoder
     settings = parse_settings(hparams, data_section)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -24,7 +24,8 @@ from determined import core, pytorch
 import checkpoints
 import faults
 from faults import CheckpointWrites, RunFailed
-from utils import ConfigError, Length, Settings, TrainingMode, load_config, parse_settings, slots_of
+from utils import (ConfigError, Length, Settings, TrainingMode, apply_overrides, load_config, parse_settings,
+                   slots_of)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume-from", default=None, help="local checkpoint directory to continue from exactly")
     parser.add_argument("--metrics-out", default=None, help="write the final metrics as JSON to this file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a hyperparameter (yaml value), e.g. --set backbone=resnet18_cifar")
+                        help="override a hyperparameter or, with data., the data section (yaml value), e.g. "
+                             "--set backbone=resnet18_cifar --set data.root=/data/cifar10")
     args = parser.parse_args(argv)
     for value, name in ((args.epochs, "--epochs"), (args.batches, "--batches")):
         if value is not None and value < 0:
@@ -47,24 +49,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def apply_overrides(hparams: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any]:
-    import yaml
-
-    hparams = json.loads(json.dumps(hparams))  # deep copy
+def overridden(config: Dict[str, Any], args: argparse.Namespace) -> tuple[Dict[str, Any], Dict[str, Any]]:
+    """Copies of the config's hyperparameters and data section with the command line applied."""
+    hparams = json.loads(json.dumps(config["hyperparameters"]))  # deep copies
+    data_section = json.loads(json.dumps(config.get("data") or {}))
     if args.epochs is not None:
         hparams["train_length"] = {"epochs": args.epochs}
     if args.batches is not None:
         hparams["train_length"] = {"batches": args.batches}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        target = hparams
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[leaf] = yaml.safe_load(value)
-    return hparams
+    apply_overrides(hparams, data_section, args.set)
+    return hparams, data_section
 
 
 def distributed_context() -> Optional[core.DistributedContext]:
@@ -193,14 +187,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config)
-        hparams = apply_overrides(config["hyperparameters"], args)
+        hparams, data_section = overridden(config, args)
+        config = {**config, "hyperparameters": hparams, "data": data_section}
         distributed = distributed_context()
         slots = distributed.get_size() if distributed else 1
         if slots_of(config) != slots and slots > 1 and distributed.get_rank() == 0:
             print(f"[byol] note: the config asks for {slots_of(config)} slots; running {slots} local processes",
                   flush=True)
         # sync_batch_norm defaults to on for several processes (global-batch statistics, section 3.3).
-        settings = parse_settings({"sync_batch_norm": slots > 1, **hparams}, config.get("data"), slots)
+        settings = parse_settings({"sync_batch_norm": slots > 1, **hparams}, data_section, slots)
         if args.resume_from:  # only a completely written, unchanged checkpoint (checkpoints.py)
             checkpoints.verify_checkpoint(args.resume_from)
         checkpoint_dir = os.path.abspath(args.checkpoint_dir or default_checkpoint_dir(config)
@@ -214,17 +209,14 @@ def main(argv=None) -> int:
     writes = CheckpointWrites(latest, distributed.get_rank() if distributed else 0)
     try:
         with writes.explained():
-            return train_locally(args, config, hparams, settings, distributed, checkpoint_dir, latest, started, writes)
+            train_and_report(config, settings, distributed, checkpoint_dir, latest, started, args.metrics_out, writes)
+            return 0
     except RunFailed as failure:
         print(f"error: {failure}", file=sys.stderr)
         return failure.exit_code
-
-
-def train_locally(args, config, hparams, settings, distributed, checkpoint_dir, latest, started,
-                  writes: Optional[CheckpointWrites] = None) -> int:
-    exp_conf = {**config, "hyperparameters": hparams}
-    train_and_report(exp_conf, settings, distributed, checkpoint_dir, latest, started, args.metrics_out, writes)
-    return 0
+    except (ConfigError, FileNotFoundError) as error:  # e.g. dataset files missing: found before training
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 def train_and_report(exp_conf: Dict[str, Any], settings: Settings, distributed, checkpoint_dir: str,

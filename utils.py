@@ -309,3 +309,20 @@ def slots_of(config: dict) -> int:
 def load_settings(path: str, slots: Optional[int] = None) -> Settings:
     config = load_config(path)
     return parse_settings(config["hyperparameters"], config.get("data"), slots or slots_of(config))
+
+
+def apply_overrides(hparams: dict, data_section: dict, items) -> None:
+    """``--set a.b=value`` (a yaml value) into the hyperparameters, ``--set data.x=value`` into the
+    data section, in place."""
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. backbone=resnet18_cifar or data.root=/data")
+        target, parts = hparams, key.split(".")
+        if parts[0] == "data":
+            target, parts = data_section, parts[1:]
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a mapping")
+        target[parts[-1]] = yaml.safe_load(value)

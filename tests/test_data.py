@@ -146,7 +146,7 @@ def test_cifar10_missing_files_name_the_folder(tmp_path):
         data.build_dataset("cifar10", Split.TRAIN, root=str(tmp_path), transform=None, validation_size=5)
     message = str(error.value)
     assert os.path.join(str(tmp_path), "cifar-10-batches-py", "data_batch_1") in message
-    assert "test_batch" in message and "download=True" in message
+    assert "test_batch" in message and "data.download: true" in message
     _write_cifar(tmp_path)
     os.remove(os.path.join(tmp_path, "cifar-10-batches-py", "data_batch_4"))
     with pytest.raises(FileNotFoundError, match="data_batch_4") as error:

@@ -120,3 +120,13 @@ def test_bad_config_fails_before_work(tmp_path, image_folder, capsys):
     config = write_config(tmp_path, image_folder, backbone="resnet9000")
     assert runner.main(["--config", str(config)]) == 2
     assert "resnet9000" in capsys.readouterr().err
+
+
+def test_missing_dataset_files_fail_before_training(tmp_path, image_folder, capsys):
+    config = write_config(tmp_path, image_folder)
+    code = runner.main(["--config", str(config), "--checkpoint-dir", str(tmp_path / "ckpt"),
+                        "--set", "data.dataset=cifar10", "--set", f"data.root={tmp_path / 'empty'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "cifar-10-batches-py" in err and "data.download: true" in err
+    assert not any((tmp_path / "ckpt").iterdir()), "nothing should be trained or written"
