@@ -148,3 +148,15 @@ def straight_run(nproc: int) -> Tuple[str, str, str]:
 def metrics(path: str) -> dict:
     with open(path) as handle:
         return json.load(handle)
+
+
+def train_in_process(config_path, out_dir, name: str = "run") -> dict:
+    """Runs ``model_def.py``'s command line in this process (checkpoints under ``out_dir/<name>``)
+    and returns the metrics it wrote; fails the test on a non-zero exit."""
+    import runner
+
+    metrics_file = os.path.join(str(out_dir), f"{name}.json")
+    code = runner.main(["--config", str(config_path), "--checkpoint-dir", os.path.join(str(out_dir), name),
+                        "--metrics-out", metrics_file])
+    assert code == 0, f"model_def.py exited with {code}"
+    return metrics(metrics_file)

@@ -1,17 +1,17 @@
 """The trial streaming ImageNet-layout images from a real storage server (gcp-storage-emulator):
 pretraining batches with classifier validation through the real Determined harness."""
-import json
+import os
 
 import pytest
 import yaml
 
-import runner
+from run_helpers import train_in_process
 from gcs_fixtures import gcs_admin_client, gcs_emulator, gcs_env, imagenet_bucket  # noqa: F401 (fixtures)
 
 
 @pytest.mark.slow
 def test_trial_streams_from_cloud_storage(tmp_path, gcs_env, imagenet_bucket):  # noqa: F811
-    with open("config/distributed-imagenet.yaml") as handle:
+    with open(os.path.join(os.path.dirname(__file__), "..", "config", "distributed-imagenet.yaml")) as handle:
         config = yaml.safe_load(handle)
     config["resources"]["slots_per_trial"] = 1
     hp = config["hyperparameters"]
@@ -28,10 +28,7 @@ def test_trial_streams_from_cloud_storage(tmp_path, gcs_env, imagenet_bucket):  
     }
     path = tmp_path / "gcs.yaml"
     path.write_text(yaml.safe_dump(config))
-    metrics_file = tmp_path / "metrics.json"
-    assert runner.main(["--config", str(path), "--checkpoint-dir", str(tmp_path / "ckpt"),
-                        "--metrics-out", str(metrics_file)]) == 0
-    metrics = json.loads(metrics_file.read_text())
+    metrics = train_in_process(path, tmp_path)
     assert metrics["global_step"] == 2
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
     cached = [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.name.endswith(".part")]

@@ -12,6 +12,7 @@ from PIL import Image
 
 import checkpoints
 import runner
+from run_helpers import train_in_process
 
 CLASSES = ("circle", "square", "stripes")
 
@@ -69,10 +70,7 @@ def only_checkpoint(directory):
 @pytest.mark.slow
 def test_pretrain_then_classifier_only(tmp_path, image_folder):
     config = write_config(tmp_path, image_folder)
-    metrics_file = tmp_path / "pretrain.json"
-    assert runner.main(["--config", str(config), "--checkpoint-dir", str(tmp_path / "ckpt"),
-                        "--metrics-out", str(metrics_file)]) == 0
-    metrics = json.loads(metrics_file.read_text())
+    metrics = train_in_process(config, tmp_path, "ckpt")
     assert metrics["global_step"] == 4
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
     assert metrics["best_classifier_lr"] in (0.1, 0.05)
@@ -90,10 +88,7 @@ def test_pretrain_then_classifier_only(tmp_path, image_folder):
     classify = write_config(tmp_path, image_folder, training_mode="CLASSIFIER_ONLY",
                             pretrained_checkpoint=str(ckpt), train_length={"batches": 3},
                             validation_period={"batches": 3})
-    metrics_file = tmp_path / "classify.json"
-    assert runner.main(["--config", str(classify), "--checkpoint-dir", str(tmp_path / "ckpt2"),
-                        "--metrics-out", str(metrics_file)]) == 0
-    classified = json.loads(metrics_file.read_text())
+    classified = train_in_process(classify, tmp_path, "ckpt2")
     assert 0.0 <= classified["test_accuracy"] <= 1.0
     # The frozen encoder of the classifier checkpoint equals the pretrained online encoder.
     new_state = checkpoints.read_checkpoint(str(only_checkpoint(tmp_path / "ckpt2")))
