@@ -14,8 +14,17 @@ worker), decoding to RGB and converting to a uint8 tensor as the training transf
 mode runs in a fresh process; its worker's peak resident memory (``ru_maxrss``) is reported.
 The emulator and the proxy are separate processes (as the remote service would be).
 
+CPU pinning (``--pin``, the default): on a real cluster the storage service runs on other
+machines, so here the "server side" -- proxy, emulator, this script's main process and the
+benchmark's main (consuming) process -- is pinned with ``os.sched_setaffinity`` to the other
+CPUs, and the measured DataLoader worker process (all its threads) to one CPU of its own. The
+figure is then images/s of one worker owning one core, without the local stand-in for the remote
+service taking CPU time from it. ``--no-pin`` lets everything share all CPUs (on a 2-core machine
+the server then competes with the measured worker). Needs >= 2 CPUs; the choice is printed.
+
     python bench/bench_gcs.py                       # defaults: 20 ms, 64x64 JPEGs
     python bench/bench_gcs.py --image-size 160 --in-flight 32,64 --output bench_gcs.json
+    python bench/bench_gcs.py --no-pin              # everything shares all CPUs
 """
 from __future__ import annotations
 
@@ -39,6 +48,34 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def pin_cpus() -> tuple[set[int], set[int]]:
+    """(worker CPUs, server CPUs): the first CPU this process may use for the measured worker,
+    the rest for everything else (computed once, before pinning, and handed to the mode
+    processes in ``BENCH_GCS_CPUS``). Raises SystemExit with fewer than 2 CPUs."""
+    if "BENCH_GCS_CPUS" in os.environ:
+        worker, server = os.environ["BENCH_GCS_CPUS"].split(":")
+        return {int(worker)}, {int(c) for c in server.split(",")}
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least 2 CPUs; rerun with --no-pin")
+    os.environ["BENCH_GCS_CPUS"] = f"{cpus[0]}:{','.join(map(str, cpus[1:]))}"
+    return {cpus[0]}, set(cpus[1:])
+
+
+def set_process_affinity(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of process ``pid`` (sched_setaffinity acts on one thread at a time;
+    threads started later inherit their creator's mask)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:  # the thread just exited
+            pass
+
+
+def _pin_worker(worker_id: int) -> None:
+    set_process_affinity(os.getpid(), pin_cpus()[0])
+
+
 def run_mode(args: argparse.Namespace, in_flight: int, images: int) -> dict:
     """Measure one mode in this (fresh) process: one DataLoader worker, ``images`` images."""
     import torch
@@ -51,7 +88,10 @@ def run_mode(args: argparse.Namespace, in_flight: int, images: int) -> dict:
     ds = GCSImageFolder(BUCKET, f"gs://{BUCKET}/train.txt", transform=pil_to_tensor,
                         max_in_flight=in_flight)
     order = [i % len(ds) for i in range(images)]
-    loader = DataLoader(Subset(ds, order), batch_size=args.batch_size, num_workers=1)
+    if args.pin:  # this (consuming) process on the server CPUs, the worker on its own CPU
+        set_process_affinity(os.getpid(), pin_cpus()[1])
+    loader = DataLoader(Subset(ds, order), batch_size=args.batch_size, num_workers=1,
+                        worker_init_fn=_pin_worker if args.pin else None)
     it = iter(loader)
     first = next(it)  # worker start-up and the first batch are not timed
     start, seen, main_cpu = time.perf_counter(), 0, time.process_time()
@@ -79,6 +119,9 @@ def main() -> None:
     parser.add_argument("--in-flight", default="32,64", help="max_in_flight values for 'ours'")
     parser.add_argument("--naive-images", type=int, default=192)
     parser.add_argument("--ours-images", type=int, default=3200)
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                        help="pin the measured worker to one CPU and the proxy, emulator and "
+                             "main processes to the others (default: --pin)")
     parser.add_argument("--output", help="also write the results as JSON here")
     parser.add_argument("--mode", help=argparse.SUPPRESS)  # internal: run one mode
     args = parser.parse_args()
@@ -87,6 +130,8 @@ def main() -> None:
         print(json.dumps(run_mode(args, in_flight, images)))
         return
 
+    if args.pin:  # this process and its children (emulator, proxy) on the server CPUs
+        set_process_affinity(os.getpid(), pin_cpus()[1])
     from fault_proxy import main as _proxy_main  # noqa: F401  (fail early if tests/ is missing)
     from gcs_fixtures import Emulator, jpeg_bytes
 
@@ -121,7 +166,8 @@ def main() -> None:
             cpu0 = cpu_seconds(proxy.pid), cpu_seconds(emulator.proc.pid)
             out = subprocess.run([sys.executable, os.path.abspath(__file__),
                                   "--mode", f"{in_flight}:{images}",
-                                  "--batch-size", str(args.batch_size)],
+                                  "--batch-size", str(args.batch_size),
+                                  "--pin" if args.pin else "--no-pin"],
                                  env=env, capture_output=True, text=True)
             if out.returncode:
                 raise RuntimeError(f"benchmark mode {name} failed:\n{out.stderr[-3000:]}")
@@ -139,7 +185,8 @@ def main() -> None:
                   "load_average": os.getloadavg(),
                   "objects": args.num_images, "image_size": args.image_size,
                   "mean_object_bytes": round(sum(sizes) / len(sizes)),
-                  "batch_size": args.batch_size, "data_loader_workers": 1, "results": results}
+                  "batch_size": args.batch_size, "data_loader_workers": 1,
+                  "pinned": args.pin, "results": results}
     finally:
         if proxy is not None:
             proxy.stdin.close()
@@ -149,6 +196,12 @@ def main() -> None:
     print(f"{args.latency * 1e3:.0f} ms added per request, {report['mean_object_bytes']} B JPEGs "
           f"({args.image_size}px), batch {args.batch_size}, 1 data-loader worker, "
           f"{os.cpu_count()} CPUs")
+    if args.pin:
+        worker_cpus, server_cpus = pin_cpus()
+        print(f"pinned: measured worker on CPU {sorted(worker_cpus)}; proxy, emulator and main "
+              f"processes on CPU {sorted(server_cpus)} (--no-pin to share all CPUs)")
+    else:
+        print("not pinned: worker, proxy, emulator and main processes share all CPUs")
     print(f"{'mode':6} {'in flight':>9} {'images/s':>9} {'x naive':>8} {'peak RSS MB':>12} "
           f"{'CPU ms/image: worker':>21} {'proxy':>6} {'server':>6}")
     for r in results:
