@@ -288,7 +288,7 @@ def _digits(split: Split, transform: _PrepareImage, validation_size: int, seed: 
 def _gcs_imagenet(split: Split, source: Any, transform: Optional[Callable]):
     """ImageNet streamed from Cloud Storage; the val folder is labelled with the train classes."""
     gcs_module = importlib.import_module("gcs")  # lazy: needs google-cloud-storage
-    in_flight = getattr(source, "max_in_flight", 32)
+    in_flight = getattr(source, "max_in_flight", 64)
     train = gcs_module.GCSImageFolder(source.bucket, source.train_blob_list, transform=transform,
                                       cache_dir=source.cache_dir, max_in_flight=in_flight)
     if split is not Split.TEST:

@@ -60,7 +60,7 @@ class GCSSource:
     train_blob_list: str
     val_blob_list: str
     cache_dir: Optional[str] = None
-    max_in_flight: int = 32
+    max_in_flight: int = 64
 
     def __post_init__(self):
         if self.max_in_flight < 1:
@@ -112,7 +112,7 @@ class GCSImageFolder(torch.utils.data.Dataset):
     """
 
     def __init__(self, bucket: str, blob_list: str, transform: Optional[Callable] = None,
-                 cache_dir: Optional[str] = None, max_in_flight: int = 32,
+                 cache_dir: Optional[str] = None, max_in_flight: int = 64,
                  client: ClientArg = None, indices: Optional[Sequence[int]] = None, *,
                  classes: Optional[Sequence[str]] = None, retry_deadline: float = 300.0,
                  retry_initial_delay: float = 1.0, timeout: float = 60.0,

@@ -45,7 +45,7 @@ class GCSSettings:
     train_blob_list: str
     val_blob_list: str
     cache_dir: Optional[str] = None
-    max_in_flight: int = 32
+    max_in_flight: int = 64
 
 
 @dataclass(frozen=True)
