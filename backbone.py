@@ -93,20 +93,23 @@ def build_backbone(name: str, weights_path: Optional[str] = None) -> nn.Module:
         if not isinstance(state, dict):
             raise ValueError(f"backbone weights {weights_path!r} hold a {type(state).__name__}, not a state_dict")
         state = {key: value for key, value in state.items() if not key.startswith("fc.")}
-        own = net.state_dict()
-        shapes = {key: tuple(getattr(value, "shape", ())) for key, value in state.items() if key in own}
-        wrong_shapes = [f"{key} {shape} vs {tuple(own[key].shape)}" for key, shape in shapes.items()
-                        if shape != tuple(own[key].shape)]
-        if wrong_shapes:
-            raise ValueError(f"backbone weights {weights_path!r} do not fit {name!r}: shapes differ "
-                             f"(file vs model) for {', '.join(wrong_shapes[:5])}")
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"backbone weights {weights_path!r} do not fit {name!r}: missing keys {missing[:5]}, "
-                f"unexpected keys {unexpected[:5]}"
-            )
+        load_weights(net, name, state, f"backbone weights file {weights_path!r}")
     return net
+
+
+def load_weights(net: nn.Module, name: str, state: dict, source: str) -> None:
+    """Loads ``state`` into backbone ``net`` (registry name ``name``) strictly; anything missing,
+    unexpected or of another shape gets one ValueError naming ``source`` and the first offenders,
+    instead of torch's partial load or its multi-line shape report."""
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{key} {tuple(getattr(state[key], 'shape', ()))} (model {tuple(value.shape)})"
+             for key, value in own.items() if key in state and tuple(getattr(state[key], "shape", ())) != tuple(value.shape)]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{source} does not fit backbone {name!r}: missing keys {missing[:5]}, "
+                         f"unexpected keys {unexpected[:5]}, shapes differ for {wrong[:5]}")
+    net.load_state_dict(state, strict=True)
 
 
 def feature_size(name: str) -> int:

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from determined import pytorch
 
+import backbone as backbones
+
 STATE_FILE = "state_dict.pth"
 SHOWN_METRICS = ("test_accuracy", "validation_accuracy", "test_top5_accuracy", "best_classifier_lr",
                  "knn_accuracy", "validation_byol_loss")
@@ -307,8 +309,5 @@ def load_pretrained_encoder(encoder: torch.nn.Module, settings, context=None) ->
     if saved_backbone and saved_backbone != settings.backbone:
         raise ValueError(f"pretrained checkpoint {reference!r} has backbone={saved_backbone!r} but this run "
                          f"has backbone={settings.backbone!r}: set hyperparameters.backbone to {saved_backbone!r}")
-    state = encoder_state(checkpoint, reference)
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"pretrained checkpoint {reference!r} does not fit backbone {settings.backbone!r}: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    backbones.load_weights(encoder, settings.backbone, encoder_state(checkpoint, reference),
+                           f"the encoder of pretrained checkpoint {reference!r}")

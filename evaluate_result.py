@@ -103,16 +103,10 @@ def load_encoder(directory: str, backbone_name: str) -> torch.nn.Module:
     missing, unexpected and wrongly shaped tensors instead of loading partially."""
     net = backbones.build_backbone(backbone_name)
     state = checkpoints.encoder_state(checkpoints.read_checkpoint(directory), repr(directory))
-    expected = net.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{key} {tuple(state[key].shape)} (backbone: {tuple(value.shape)})"
-             for key, value in expected.items() if key in state and state[key].shape != value.shape]
-    if missing or unexpected or wrong:
-        raise EvaluationError(f"checkpoint {directory!r} does not fit backbone {backbone_name!r}: "
-                              f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {wrong[:3]}; "
-                              f"was it written with another hyperparameters.backbone?")
-    net.load_state_dict(state, strict=True)
+    try:
+        backbones.load_weights(net, backbone_name, state, f"the encoder of checkpoint {directory!r}")
+    except ValueError as error:
+        raise EvaluationError(f"{error}; was it written with another hyperparameters.backbone?") from None
     return net
 
 

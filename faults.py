@@ -95,7 +95,7 @@ class ReadGuard(Dataset):
         fetch = getattr(self.dataset, "__getitems__", None)
         try:
             return fetch(list(keys)) if fetch else [self.dataset[key] for key in keys]
-        except _READ_ERRORS as error:
+        except _READ_ERRORS:
             for key in keys:  # which sample was it?
                 try:
                     self.dataset[key]

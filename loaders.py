@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterator
 
-import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 import augment

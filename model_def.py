@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterator, Optional
 import torch
 from determined import pytorch
 
+import augment
 import backbone as backbones
 import classifier
 import data
@@ -149,7 +150,7 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
         view1, view2 = loaders.view_augmentations(s)
         self.augment1 = self._photometric(view1)
         self.augment2 = self._photometric(view2)
-        self.normalize = self._to_device(data_normalize(self.info))
+        self.normalize = augment.Normalize(self.info.mean, self.info.std).to(self.device)
         self.register_reducers()
 
     # ----------------------------------------------------------------- helpers
@@ -157,13 +158,8 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
     def synced_batch_norm(self) -> bool:
         return self.settings.sync_batch_norm and self.world_size > 1
 
-    def _to_device(self, module: torch.nn.Module) -> torch.nn.Module:
-        return module.to(self.device)
-
     def _photometric(self, view) -> torch.nn.Module:
-        import augment
-
-        return self._to_device(augment.PhotometricAugment(view, self.info.mean, self.info.std, self.settings.image_size))
+        return augment.PhotometricAugment(view, self.info.mean, self.info.std, self.settings.image_size).to(self.device)
 
     def _sampler(self, start_step: int) -> GlobalBatchSampler:
         s = self.settings
@@ -267,12 +263,6 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
                   f"(epoch {self.global_step / self.steps_per_epoch:.2f}) loss {loss.item():.4f} "
                   f"{rate:.0f} images/s", flush=True)
         return rate
-
-def data_normalize(info) -> torch.nn.Module:
-    import augment
-
-    return augment.Normalize(info.mean, info.std)
-
 
 def main(argv=None) -> int:
     import runner

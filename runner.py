@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -22,7 +21,6 @@ import torch
 from determined import core, pytorch
 
 import checkpoints
-import faults
 from faults import CheckpointWrites, RunFailed
 from utils import (ConfigError, Length, Settings, TrainingMode, apply_overrides, load_config, parse_settings,
                    slots_of)
@@ -182,7 +180,7 @@ def main(argv=None) -> int:
     started = time.time()
     if info is not None and info.task_type == "TRIAL":
         with pytorch.init() as context:
-            trial = run_trial(context, None, info.latest_checkpoint)
+            run_trial(context, None, info.latest_checkpoint)
         return 0
     args = parse_args(argv)
     try:

@@ -17,7 +17,6 @@ interrupted. Determined's own sampler restarts its position after a local resume
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -56,7 +55,7 @@ class GlobalBatchSampler(Sampler[List[Tuple[int, int]]]):
         self.seed = seed
         self.start_step = start_step
         self.infinite = infinite
-        self.steps_per_epoch = num_samples // global_batch_size  # the last partial batch is dropped
+        self.steps_per_epoch = steps_per_epoch(num_samples, global_batch_size)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -134,8 +133,5 @@ class SeededTransformDataset(Dataset):
 
 
 def steps_per_epoch(num_samples: int, global_batch_size: int) -> int:
+    """Whole global batches per epoch (the last partial batch is dropped); at least 1."""
     return max(num_samples // global_batch_size, 1)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return int(math.ceil(a / b))
