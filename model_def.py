@@ -8,7 +8,7 @@ Modes (``hyperparameters.training_mode``):
 
 Run it locally (Determined's Trainer in local mode) or on a cluster (the experiment's entrypoint):
     python model_def.py --config config/local-digits.yaml [--epochs N | --batches N]
-        [--checkpoint-dir DIR] [--resume-from DIR] [--metrics-out FILE]
+        [--checkpoint-dir DIR] [--resume-from DIR] [--metrics-out FILE] [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
