@@ -40,8 +40,9 @@ def mlp(in_features: int, hidden_size: int, out_features: int) -> nn.Sequential:
 
 def regression_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Eq. 2 per sample: ||q/||q|| - z'/||z'|| ||^2 = 2 - 2 cos(q, z'). The target gets no gradient."""
-    prediction = F.normalize(prediction, dim=-1)
-    target = F.normalize(target.detach(), dim=-1)
+    # float32 even under bf16 autocast: the loss is a difference of numbers close to 2.
+    prediction = F.normalize(prediction.float(), dim=-1)
+    target = F.normalize(target.detach().float(), dim=-1)
     return 2 - 2 * (prediction * target).sum(dim=-1)
 
 
@@ -58,8 +59,11 @@ def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
         if len(target_params) != len(online_params):
             raise ValueError("target and online networks have different parameter lists")
         torch._foreach_lerp_(target_params, online_params, 1.0 - tau)
-        for target_buffer, online_buffer in zip(target.buffers(), online.buffers()):
-            target_buffer.copy_(online_buffer)
+        target_buffers, online_buffers = list(target.buffers()), list(online.buffers())
+        if len(target_buffers) != len(online_buffers):
+            raise ValueError("target and online networks have different buffer lists")
+        if target_buffers:  # multi-tensor copy: a few launches, not one per buffer
+            torch._foreach_copy_(target_buffers, online_buffers)
 
 
 def cosine_ema_tau(step: int, total_steps: int, tau_base: float = 0.996) -> float:

@@ -43,32 +43,37 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update of every parameter with a gradient, a handful of multi-tensor
+        (``torch._foreach_*``) launches per group instead of several per tensor (a ResNet-50 has
+        161 parameter tensors). Same arithmetic, in the same order, as the per-tensor form in the
+        class docstring."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                grad = param.grad
-                if group["weight_decay"]:
-                    grad = grad.add(param, alpha=group["weight_decay"])
-                if group["lars_adaptation"]:
-                    param_norm = torch.linalg.vector_norm(param)
-                    grad_norm = torch.linalg.vector_norm(grad)
-                    trust = torch.where(
-                        (param_norm > 0) & (grad_norm > 0),
-                        group["eta"] * param_norm / grad_norm,
-                        torch.ones_like(param_norm),
-                    )
-                    grad = grad * trust
-                state = self.state[param]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.clone(grad).detach()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
-                param.add_(state["momentum_buffer"], alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            if group["lars_adaptation"]:
+                param_norms = torch.stack(torch._foreach_norm(params))
+                grad_norms = torch.stack(torch._foreach_norm(grads))
+                trust = torch.where((param_norms > 0) & (grad_norms > 0),
+                                    group["eta"] * param_norms / grad_norms, torch.ones_like(param_norms))
+                grads = torch._foreach_mul(grads, list(trust.unbind()))
+            fresh = [i for i, p in enumerate(params) if "momentum_buffer" not in self.state[p]]
+            for i in fresh:
+                self.state[params[i]]["momentum_buffer"] = torch.clone(grads[i]).detach()
+            fresh_set = set(fresh)
+            kept = [i for i in range(len(params)) if i not in fresh_set]
+            if kept:
+                buffers = [self.state[params[i]]["momentum_buffer"] for i in kept]
+                torch._foreach_mul_(buffers, group["momentum"])
+                torch._foreach_add_(buffers, [grads[i] for i in kept])
+            torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-group["lr"])
         return loss
 
 

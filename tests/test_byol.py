@@ -115,6 +115,22 @@ def test_ema_update_copies_batch_norm_statistics():
     torch.testing.assert_close(target.running_var, online.running_var)
 
 
+def test_multi_tensor_ema_equals_the_update_one_tensor_at_a_time():
+    torch.manual_seed(1)
+    online = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 3), nn.BatchNorm1d(3))
+    target = __import__("copy").deepcopy(online)
+    online(torch.randn(5, 3, 4, 4))  # moves running statistics and num_batches_tracked
+    with torch.no_grad():
+        for param in online.parameters():
+            param.add_(torch.randn_like(param))
+    expected_params = [0.97 * t + 0.03 * o for t, o in zip(target.parameters(), online.parameters())]
+    ema_update(target, online, tau=0.97)
+    for ours, reference in zip(target.parameters(), expected_params):
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7)
+    for ours, reference in zip(target.buffers(), online.buffers()):
+        assert ours.dtype == reference.dtype and torch.equal(ours, reference)
+
+
 def test_update_moving_average_default_decay_and_explicit_tau():
     learner = tiny_learner(moving_average_decay=0.75)
     with torch.no_grad():

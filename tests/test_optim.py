@@ -145,3 +145,52 @@ def test_scaled_learning_rate_and_set_learning_rate():
     optimizer = LARS(lars_param_groups(model.named_parameters(), 1e-6), lr=0.1)
     set_learning_rate(optimizer, 0.7)
     assert [group["lr"] for group in optimizer.param_groups] == [0.7, 0.7]
+
+
+def lars_step_one_tensor_at_a_time(optimizer: LARS) -> None:
+    """The per-tensor LARS update (the form in LARS's docstring, as optim.py computed it before
+    its multi-tensor rewrite): the reference the ``torch._foreach_*`` version must equal."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            grad = param.grad
+            if group["weight_decay"]:
+                grad = grad.add(param, alpha=group["weight_decay"])
+            if group["lars_adaptation"]:
+                param_norm, grad_norm = torch.linalg.vector_norm(param), torch.linalg.vector_norm(grad)
+                trust = torch.where((param_norm > 0) & (grad_norm > 0), group["eta"] * param_norm / grad_norm,
+                                    torch.ones_like(param_norm))
+                grad = grad * trust
+            state = optimizer.state[param]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.clone(grad).detach()
+            else:
+                state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
+            param.data.add_(state["momentum_buffer"], alpha=-group["lr"])
+
+
+def test_multi_tensor_lars_equals_the_per_tensor_update():
+    torch.manual_seed(3)
+    models = [small_model(), small_model()]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [LARS(lars_param_groups(m.named_parameters(), 1e-2), lr=0.7, momentum=0.9, weight_decay=1e-2,
+                       eta=1e-3) for m in models]
+    models[0][1].bias.requires_grad_(False)  # a parameter that never gets a gradient
+    models[1][1].bias.requires_grad_(False)
+    for step in range(4):
+        grads = [torch.randn_like(p) * (step + 1) for p in models[0].parameters()]
+        if step == 2:
+            grads[0].zero_()  # zero gradient norm: trust ratio 1
+        for model in models:
+            for param, grad in zip(model.parameters(), grads):
+                param.grad = grad.clone() if param.requires_grad else None
+        with torch.no_grad():
+            optimizers[0].step()
+            lars_step_one_tensor_at_a_time(optimizers[1])
+        for ours, reference in zip(models[0].parameters(), models[1].parameters()):
+            torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7)
+        for param, other in zip(models[0].parameters(), models[1].parameters()):
+            if param in optimizers[0].state:
+                torch.testing.assert_close(optimizers[0].state[param]["momentum_buffer"],
+                                           optimizers[1].state[other]["momentum_buffer"], rtol=1e-6, atol=1e-7)
