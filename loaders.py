@@ -7,7 +7,9 @@ section 3.3 and appendix B). Order and randomness come from ``sampling`` so that
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
 
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
@@ -67,21 +69,58 @@ class LazyTrainingLoader:
     """
 
     def __init__(self, dataset: Dataset, sampler_factory: Callable[[], GlobalBatchSampler],
-                 num_workers: int, pin_memory: bool):
+                 num_workers: int, device: Optional[torch.device] = None):
         self.dataset = dataset
         self.sampler_factory = sampler_factory
         self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        self.device = device if device is not None else torch.device("cpu")
         self._steps_per_epoch = len(sampler_factory())
 
     def __len__(self) -> int:
         return self._steps_per_epoch
 
     def __iter__(self) -> Iterator:
+        cuda = self.device.type == "cuda"
         loader = DataLoader(self.dataset, batch_sampler=self.sampler_factory(), num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, persistent_workers=False,
+                            pin_memory=cuda, persistent_workers=False,
                             prefetch_factor=4 if self.num_workers else None)
-        yield from loader
+        yield from (prefetch_to_device(loader, self.device) if cuda else loader)
+
+
+def prefetch_to_device(batches: Iterable, device: torch.device) -> Iterator:
+    """Yields each batch already on ``device``, copied one batch ahead on a side CUDA stream from
+    pinned memory, so the copy of batch k+1 overlaps the step on batch k. (Tensors nested in
+    tuples and lists; anything else passes unchanged.) Off CUDA it copies in order."""
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def copy(batch):
+        if isinstance(batch, torch.Tensor):
+            return batch.to(device, non_blocking=True)
+        if isinstance(batch, (tuple, list)):
+            return type(batch)(copy(item) for item in batch)
+        return batch
+
+    def mark_used(batch):  # the caching allocator must not reuse the memory before the step used it
+        if isinstance(batch, torch.Tensor) and batch.is_cuda:
+            batch.record_stream(torch.cuda.current_stream(device))
+        elif isinstance(batch, (tuple, list)):
+            for item in batch:
+                mark_used(item)
+
+    pending = None
+    for batch in batches:
+        if stream is None:
+            yield copy(batch)
+            continue
+        with torch.cuda.stream(stream):
+            ready = copy(batch)
+        if pending is not None:
+            yield pending
+        torch.cuda.current_stream(device).wait_stream(stream)
+        mark_used(ready)
+        pending = ready
+    if pending is not None:
+        yield pending
 
 
 def training_dataset(settings: Settings, image_size: int, pretraining: bool) -> Dataset:

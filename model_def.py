@@ -30,12 +30,15 @@ import optim
 import checkpoints
 import faults
 import knn
+import nonfinite
+import performance
 import plots
 import replicas
 import sync_batchnorm
 from byol import BYOL, cosine_ema_tau
 from sampling import GlobalBatchSampler, mix_seed
 from utils import Settings, TrainingMode, parse_settings
+from reducers import DeviceLossReducer
 from validation import ValidationMixin
 
 # Seed streams of the trial's randomness (mix_seed(seed, step, stream)); validation.py has its own.
@@ -101,7 +104,13 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
                                                    context.get_data_config(), self.world_size)
         s = self.settings
         context.experimental.disable_dataset_reproducibility_checks()  # our own resumable sampler
+        # Batches reach the device through our own non-blocking copies (loaders.prefetch_to_device
+        # and train_batch), not the harness's blocking one.
+        context.experimental.disable_auto_to_device()
         self.device = context.device
+        performance.configure_device(self.device)
+        self.channels_last = performance.use_channels_last(s.channels_last, self.device)
+        self.finite_watch = nonfinite.NonFiniteWatch(s.finite_check_period)
         self.info = data.dataset_info(s.data.dataset, s.data.root)
         self.pretraining = s.training_mode == TrainingMode.SELF_SUPERVISED
         # Datasets are built (and checked) here, before any training work starts.
@@ -128,8 +137,10 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
                            projection_hidden_size=s.projection_hidden_size, feature_size=feature_size)
             if self.synced_batch_norm:
                 # Global-batch statistics in encoder, projector and predictor (online and target):
-                # nn.SyncBatchNorm on CUDA; on CPU/gloo, where it refuses to run, an all_reduce one.
-                learner = sync_batchnorm.convert_sync_batchnorm(learner, self.device)
+                # one all_reduce per layer, on every device (sync_batchnorm.py).
+                learner = sync_batchnorm.convert_sync_batchnorm(learner)
+            if self.channels_last:
+                learner = performance.to_channels_last(learner)
             self.model = context.wrap_model(learner)
             self.heads.to(self.device)
             self.peak_lr = optim.scaled_learning_rate(s.base_lr, s.global_batch_size)
@@ -141,7 +152,9 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
             checkpoints.load_pretrained_encoder(encoder, s, context)
             fine_tune = s.training_mode == TrainingMode.FINE_TUNE
             if fine_tune and self.synced_batch_norm:  # a frozen encoder (CLASSIFIER_ONLY) keeps eval-mode BN
-                encoder = sync_batchnorm.convert_sync_batchnorm(encoder, self.device)
+                encoder = sync_batchnorm.convert_sync_batchnorm(encoder)
+            if self.channels_last:
+                encoder = performance.to_channels_last(encoder)
             self.model = context.wrap_model(EncoderWithHeads(encoder, self.heads, fine_tune))
             extra = ([{"params": list(encoder.parameters()), "lr": s.classifier.encoder_lr,
                        "initial_lr": s.classifier.encoder_lr}] if fine_tune else [])
@@ -151,7 +164,15 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
         self.augment1 = self._photometric(view1)
         self.augment2 = self._photometric(view2)
         self.normalize = augment.Normalize(self.info.mean, self.info.std).to(self.device)
+        # Optional torch.compile (``compile: true``) of the forward pass and the augmentations; the
+        # uncompiled modules stay what checkpoints hold.
+        self.forward = performance.maybe_compile(self.model, s.compile)
+        self._augment_calls = {module: performance.maybe_compile(module, s.compile)
+                               for module in (self.augment1, self.augment2)}
         self.register_reducers()
+        # The training loss stays on the device and is read once per reporting period (reducers.py).
+        self.loss_reducer = context.wrap_reducer(DeviceLossReducer(), name="loss", for_training=True,
+                                                 for_validation=False)
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -188,7 +209,12 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
         with self.seeded(stream):
             params = augment.sample_parameters(per_rank * self.world_size, self.device)
         rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-        return augment(images, augment.select(params, rows))
+        views = self._augment_calls.get(augment, augment)(images, augment.select(params, rows))
+        return performance.images_channels_last(views) if self.channels_last else views
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Non-blocking host-to-device copy (pinned batches; a no-op for batches already there)."""
+        return tensor.to(self.device, non_blocking=True)
 
     # ----------------------------------------------------------------- data
     def build_training_data_loader(self):
@@ -196,11 +222,12 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
         # 0 again after a resume, and would otherwise train on to the next one past max_length.
         return loaders.LazyTrainingLoader(self.train_dataset,
                                           lambda: BatchesUntil(self._sampler(self.global_step), self.total_steps),
-                                          self.settings.data.num_workers, self.device.type == "cuda")
+                                          self.settings.data.num_workers, self.device)
 
     def build_callbacks(self) -> Dict[str, pytorch.PyTorchCallback]:
         self.metrics_history = plots.MetricsHistory(self)  # drawn by the runner (plots.py)
-        return {"byol_state": checkpoints.TrialStateCallback(self), "metrics_history": self.metrics_history}
+        return {"finite_check": nonfinite.FiniteCheckCallback(self), "byol_state": checkpoints.TrialStateCallback(self),
+                "metrics_history": self.metrics_history}
 
     # ----------------------------------------------------------------- training
     def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> Dict[str, Any]:
@@ -212,30 +239,32 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
             lr = optim.warmup_cosine_lr(step, self.total_steps, round(s.warmup_epochs * self.steps_per_epoch),
                                         self.peak_lr)
             optim.set_learning_rate(self.optimizer, lr)
-            view1 = self.augment_global(self.augment1, view1.to(self.device, non_blocking=True), VIEW1_STREAM)
-            view2 = self.augment_global(self.augment2, view2.to(self.device, non_blocking=True), VIEW2_STREAM)
-            loss = self.model(view1, view2)
+            view1 = self.augment_global(self.augment1, self.to_device(view1), VIEW1_STREAM)
+            view2 = self.augment_global(self.augment2, self.to_device(view2), VIEW2_STREAM)
+            with performance.autocast(self.device, s.precision):
+                loss = self.forward(view1, view2)
         else:
             images, labels = batch
             classifier.set_cosine_lr(self.optimizer, step, self.total_steps)
             lr = self.optimizer.param_groups[0]["lr"]
-            images = images.to(self.device, non_blocking=True)
+            images = self.to_device(images)
             if s.classifier.augmentation == "variant":  # appendix C.1: the pretraining augmentations
                 images = self.augment_global(self.augment1, images, VARIANT_STREAM)
             else:
                 images = self.normalize(images)
-            loss = classifier.heads_loss(self.model(images), labels.to(self.device), s.classifier.logit_regularization)
-        bad_ranks = faults.non_finite_ranks(loss, self.rank, self.world_size)
-        if bad_ranks:  # every rank stops at the same step, before any weight changes
-            where = f" on rank(s) {bad_ranks}" if self.world_size > 1 else ""
-            raise NonFiniteLossError(
-                f"loss is not finite ({loss.item()} on this rank) at global step {step}{where}: training "
-                f"stopped; the last good checkpoint "
-                f"({self.last_checkpoint_path or self.last_checkpoint or 'none written yet'}) "
-                f"is intact. Lower the learning rate (base_lr) or check the input data.")
+                images = performance.images_channels_last(images) if self.channels_last else images
+            with performance.autocast(self.device, s.precision):
+                logits = self.forward(images)
+            loss = classifier.heads_loss(logits.float(), self.to_device(labels), s.classifier.logit_regularization)
+        # The loss is read on the host only every finite_check_period steps and at the end of each
+        # training workload (before any validation or checkpoint): nonfinite.py.
+        self.finite_watch.record(loss, step)
+        if self.finite_watch.due(step):  # before this step's update: every rank stops at the same step
+            self.check_finite_loss()
         self.context.backward(loss)
         self.context.step_optimizer(self.optimizer)
-        metrics = {"loss": loss.detach(), "lr": lr}
+        self.loss_reducer.update(loss)
+        metrics = {"lr": lr}
         if self.pretraining:
             tau = cosine_ema_tau(step, self.total_steps, s.tau_base)
             self.learner.update_moving_average(tau)
@@ -246,6 +275,24 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
         self.global_step += 1
         metrics["images_per_second"] = self._throughput(loss)
         return metrics
+
+    def check_finite_loss(self) -> None:
+        """Raises :class:`NonFiniteLossError` naming the first step whose loss was not finite, on every
+        rank at once (a collective with several processes)."""
+        bad = self.finite_watch.bad_ranks(self.rank, self.world_size)
+        if bad:
+            self._non_finite(min(first for _, first in bad), [rank for rank, _ in bad])
+
+    def check_finite_loss_local(self, first_bad_step: int) -> None:
+        """Chief only, as a checkpoint starts (no collective): its own record."""
+        self._non_finite(first_bad_step, [self.rank])
+
+    def _non_finite(self, step: int, ranks: list) -> None:
+        where = f" on rank(s) {ranks}" if self.world_size > 1 else ""
+        raise NonFiniteLossError(
+            f"loss is not finite at global step {step}{where}: training stopped; the last good checkpoint "
+            f"({self.last_checkpoint_path or self.last_checkpoint or 'none written yet'}) "
+            f"is intact. Lower the learning rate (base_lr) or check the input data.")
 
     def check_replicas(self, checkpoint: str) -> None:
         """After each checkpoint: every rank's networks and heads equal rank 0's (replicas.py)."""

@@ -37,6 +37,33 @@ class WeightedMeanReducer(pytorch.MetricReducer):
         return combine_means(per_slot_metrics)
 
 
+class DeviceLossReducer(pytorch.MetricReducer):
+    """The training loss of every step, kept on the device and read back once per reporting period
+    (one synchronisation per period instead of one per step). Reports the mean over steps and
+    processes; ``per_batch`` holds the per-step means over processes of the last period (for the
+    curves of ``plots.MetricsHistory``)."""
+
+    def __init__(self) -> None:
+        self.per_batch: List[float] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.values: List[Any] = []
+
+    def update(self, loss) -> None:
+        self.values.append(loss.detach().float().reshape(1))
+
+    def per_slot_reduce(self) -> List[float]:
+        import torch
+
+        return torch.cat(self.values).tolist() if self.values else []
+
+    def cross_slot_reduce(self, per_slot_metrics: Sequence[List[float]]) -> float:
+        slots = [slot for slot in per_slot_metrics if slot]
+        self.per_batch = [float(np.mean(column)) for column in zip(*slots)] if slots else []
+        return float(np.mean(self.per_batch)) if self.per_batch else float("nan")
+
+
 def combine_means(per_slot: Sequence[tuple[float, int]]) -> float:
     total = sum(t for t, _ in per_slot)
     count = sum(c for _, c in per_slot)

@@ -85,6 +85,24 @@ def distributed_context() -> Optional[core.DistributedContext]:
         pub_port=ports[0], pull_port=ports[1])
 
 
+def choose_threads(settings: Settings, distributed: Optional[core.DistributedContext]) -> Settings:
+    """Intra-op threads and data-loader workers that fit the cores (``performance.choose_threads``),
+    applied to this process and said on rank 0. The workers only change speed, never the data:
+    every sample's randomness is seeded by its index (sampling.py)."""
+    import dataclasses
+
+    import performance
+
+    processes = distributed.local_size if distributed else 1
+    choice = performance.choose_threads(settings.data.num_workers, processes)
+    torch.set_num_threads(choice.threads)
+    if distributed is None or distributed.get_rank() == 0:
+        print(choice.describe(), flush=True)
+    if choice.workers == settings.data.num_workers:
+        return settings
+    return dataclasses.replace(settings, data=dataclasses.replace(settings.data, num_workers=choice.workers))
+
+
 def free_ports(count: int) -> list:
     """``count`` distinct TCP ports that are free right now (all probed at once, so distinct)."""
     import socket
@@ -194,6 +212,7 @@ def main(argv=None) -> int:
                   flush=True)
         # sync_batch_norm defaults to on for several processes (global-batch statistics, section 3.3).
         settings = parse_settings({"sync_batch_norm": slots > 1, **hparams}, data_section, slots)
+        settings = choose_threads(settings, distributed)
         if args.resume_from:  # only a completely written, unchanged checkpoint (checkpoints.py)
             checkpoints.verify_checkpoint(args.resume_from)
         checkpoint_dir = os.path.abspath(args.checkpoint_dir or default_checkpoint_dir(config)

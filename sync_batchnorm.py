@@ -1,23 +1,30 @@
-"""Batch normalisation with statistics over the global batch, on any device.
+"""Batch normalisation with statistics over the global batch, on every device.
 
 BYOL normalises with statistics over the whole (global) batch: the paper trains with batch norm
 synchronised across its 512 TPU cores (section 3.3, appendix A; its batch size of 4096 is the global
-one). ``torch.nn.SyncBatchNorm`` does this on CUDA, but in torch 2.x it refuses CPU tensors
-("SyncBatchNorm expected input tensor to be on GPU ..."), so runs with the gloo backend (CPU,
-``torchrun`` on a laptop, the tests) need their own: :class:`AllReduceBatchNorm`.
+one). :class:`AllReduceBatchNorm` does this with ONE ``all_reduce`` per layer and pass: each rank
+sums ``[sum x, sum x^2, n]`` per channel over its own batch and the collective adds them up, so
+the forward pass needs no host synchronisation. It is used on CPU (gloo) and GPU (nccl) alike;
+``torch.nn.SyncBatchNorm`` is not used: it refuses CPU tensors ("SyncBatchNorm expected input
+tensor to be on GPU") and on CUDA reads the batch sizes of all ranks back to the host (masked
+indexing) in every layer, a device synchronisation per batch-norm layer per step.
 
-It computes the global mean and variance with two ``all_reduce`` sums (the mean first, then the
-squared deviations from it, which is numerically better than E[x^2] - E[x]^2) through a small
-autograd function whose backward pass all-reduces the gradient (``torch.distributed.nn``'s
-differentiable collectives are deprecated in torch 2.x). So
-autograd differentiates through the cross-rank statistics exactly like a single process on the
-concatenated batch; DDP then averages parameter gradients as usual. Running statistics are
-updated with the global mean and the unbiased global variance, as ``nn.BatchNorm`` would on the
-whole batch, so they are identical on every rank.
+The sums are taken about a per-channel shift ``K`` (the running mean, identical on every rank, or
+0 without running statistics): var = E[(x-K)^2] - E[x-K]^2 cancels badly only when |mean - K| is
+much larger than the standard deviation, which the running mean keeps from happening. Statistics
+are computed in float32 whatever the input dtype (bf16 autocast).
 
-:func:`convert_sync_batchnorm` picks ``torch.nn.SyncBatchNorm`` on CUDA and this module elsewhere.
+A small autograd function makes the collective differentiable (``torch.distributed.nn``'s
+differentiable collectives are deprecated in torch 2.x): its backward pass all-reduces the gradient
+of the three sums, one more collective per layer. So autograd differentiates through the
+cross-rank statistics exactly like a single process on the concatenated batch; DDP then averages
+parameter gradients as usual. Running statistics are updated with the global mean and the unbiased
+global variance, as ``nn.BatchNorm`` would on the whole batch, so they are identical on every rank.
+A rank may hold fewer images than the others, or none.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -73,15 +80,20 @@ class AllReduceBatchNorm(_BatchNorm):
         dims = [0] + list(range(2, input.dim()))
         shape = [1, channels] + [1] * (input.dim() - 2)
         x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
-        count = x.numel() // channels
-        total = all_reduce_sum(torch.cat([x.sum(dim=dims), x.new_tensor([float(count)])]))
+        local_count = x.numel() // channels   # a host number: shapes live on the host
+        shift = (self.running_mean.detach().to(x.dtype, copy=True) if self.running_mean is not None
+                 else x.new_zeros(channels)).view(shape)
+        shifted = x - shift
+        sums = torch.cat([shifted.sum(dim=dims), shifted.square().sum(dim=dims),
+                          x.new_full((1,), float(local_count))])
+        total = all_reduce_sum(sums)           # the one collective of this layer's forward pass
         n = total[-1]
-        if n.item() < 2:
+        if local_count < 2 and n.item() < 2:   # only a rank with (almost) no images reads n back
             raise ValueError(f"batch norm needs more than 1 value per channel over all ranks, got {int(n.item())}")
-        mean = total[:-1] / n
-        centred = x - mean.view(shape)
-        var = all_reduce_sum(centred.pow(2).sum(dim=dims)) / n
-        out = centred * torch.rsqrt(var + self.eps).view(shape)
+        shifted_mean = total[:channels] / n
+        var = (total[channels:2 * channels] / n - shifted_mean.square()).clamp_min(0.0)
+        mean = shifted_mean + shift.view(-1)
+        out = (shifted - shifted_mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
         if self.training and self.track_running_stats:
@@ -110,11 +122,10 @@ class AllReduceBatchNorm(_BatchNorm):
         self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
 
 
-def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Every ``BatchNorm*d`` of ``module`` made global-batch: ``nn.SyncBatchNorm`` on CUDA,
-    :class:`AllReduceBatchNorm` otherwise (weights, buffers and train/eval mode carried over)."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+def convert_sync_batchnorm(module: nn.Module, device: Optional[torch.device] = None) -> nn.Module:
+    """Every ``BatchNorm*d`` of ``module`` made global-batch (:class:`AllReduceBatchNorm`, on any
+    device; ``device`` is accepted for older callers and unused), with weights, buffers and
+    train/eval mode carried over."""
     return _convert(module)
 
 

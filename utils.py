@@ -39,6 +39,9 @@ class Length:
         return f"{self.batches} batches" if self.batches is not None else f"{self.epochs} epochs"
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class GCSSettings:
     bucket: str
@@ -92,6 +95,10 @@ class Settings:
     projection_size: int = 256
     projection_hidden_size: int = 4096
     sync_batch_norm: bool = False
+    precision: str = "fp32"                      # fp32 | bf16 (autocast of the forward passes)
+    channels_last: Optional[bool] = None         # null: on for CUDA, off on CPU
+    compile: bool = False                        # torch.compile the forward passes
+    finite_check_period: int = 50                # steps between non-finite loss checks (host reads)
     validation_period: Optional[Length] = None
     checkpoint_period: Optional[Length] = None
     classifier_validation: bool = True
@@ -253,7 +260,12 @@ def parse_settings(hyperparameters: dict, data_section: Optional[dict] = None, s
     values["tau_base"] = _number(values, "tau_base", prefix, minimum=0, maximum=1)
     values["projection_size"] = _number(values, "projection_size", prefix, int, minimum=1)
     values["projection_hidden_size"] = _number(values, "projection_hidden_size", prefix, int, minimum=1)
-    for key in ("sync_batch_norm", "classifier_validation", "compare_random_init"):
+    if values["precision"] not in PRECISIONS:
+        _fail(prefix + "precision", values["precision"], f"allowed: {', '.join(PRECISIONS)}")
+    if values["channels_last"] is not None and not isinstance(values["channels_last"], bool):
+        _fail(prefix + "channels_last", values["channels_last"], "expected true, false or null (on for CUDA)")
+    values["finite_check_period"] = _number(values, "finite_check_period", prefix, int, minimum=1)
+    for key in ("sync_batch_norm", "classifier_validation", "compare_random_init", "compile"):
         if not isinstance(values[key], bool):
             _fail(prefix + key, values[key], "expected true or false")
     augmentation = values["augmentation"] or {}

@@ -46,24 +46,41 @@ SYNC_BN_CHECK = textwrap.dedent("""
     from sync_batchnorm import convert_sync_batchnorm
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    collectives = []
+    all_reduce = dist.all_reduce
+    def counted(tensor, *args, **kwargs):
+        collectives.append(tensor.numel())
+        return all_reduce(tensor, *args, **kwargs)
+    dist.all_reduce = counted
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                               torch.nn.Flatten(), torch.nn.Linear(36, 5), torch.nn.BatchNorm1d(5)).double()
     whole = copy.deepcopy(net)
-    synced = convert_sync_batchnorm(net, torch.device("cpu"))
-    x = torch.randn(10, 3, 5, 5, dtype=torch.float64)       # the global batch; shards of 5
-    for step in range(2):
-        out = synced(x.chunk(world)[rank])
-        (out.pow(3).sum() / x.shape[0] * world).backward()  # per-rank mean loss; DDP averages grads
+    synced = convert_sync_batchnorm(net)
+    x = torch.randn(10, 3, 5, 5, dtype=torch.float64) + 3.0   # the global batch, away from zero mean
+    # Even shards, uneven shards, and a rank with no image at all.
+    for step, sizes in enumerate([(5, 5), (7, 3), (10, 0), (5, 5)]):
+        shard = x.split(sizes)[rank]
+        collectives.clear()
+        out = synced(shard)
+        assert collectives == [2 * 4 + 1, 2 * 5 + 1], f"one [sum x, sum x^2, n] collective per layer: {{collectives}}"
+        (out.pow(3).sum() / x.shape[0]).backward()  # this rank's part of the global mean loss
         for p in synced.parameters():
-            dist.all_reduce(p.grad); p.grad /= world
+            dist.all_reduce(p.grad)
         full = whole(x)
         full.pow(3).sum().div(x.shape[0]).backward()
-        assert torch.allclose(out, full.chunk(world)[rank], atol=1e-12), "outputs"
+        assert torch.allclose(out, full.split(sizes)[rank], atol=1e-10), f"outputs {{sizes}}"
         for a, b in zip(synced.parameters(), whole.parameters()):
-            assert torch.allclose(a.grad, b.grad, atol=1e-10), "gradients"
+            assert torch.allclose(a.grad, b.grad, atol=1e-9), f"gradients {{sizes}}"
+            a.grad = b.grad = None
         for a, b in zip(synced.buffers(), whole.buffers()):
-            assert torch.allclose(a.double(), b.double(), atol=1e-12), "running statistics"
+            assert torch.allclose(a.double(), b.double(), atol=1e-10), f"running statistics {{sizes}}"
+    # float32 with bf16 autocast: statistics in float32, finite and close to the full batch
+    synced32, whole32 = copy.deepcopy(synced).float(), copy.deepcopy(whole).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = synced32(x.float().chunk(world)[rank])
+        full = whole32(x.float())
+    assert torch.isfinite(out).all() and torch.allclose(out.float(), full.float().chunk(world)[rank], atol=0.1)
     try:
         torch.nn.SyncBatchNorm(4)(torch.randn(4, 4, 2, 2))
         verdict = "torch's SyncBatchNorm runs on CPU"

@@ -1,0 +1,78 @@
+"""The non-finite loss check without a host synchronisation per step.
+
+A diverged BYOL run (too large a learning rate for LARS, section 3.3; bad data) must stop, name the
+step, and never checkpoint non-finite weights. Reading the loss on the host every step (``.item()``)
+would stall a GPU once per step, so :class:`NonFiniteWatch` records, on the device, the first step
+whose loss was not finite, and the trial reads that record every ``finite_check_period`` steps and at
+the end of every training workload, i.e. before every validation and every checkpoint the harness
+takes (``TrialStateCallback.on_training_workload_end``). Checkpoint writing additionally checks the
+weights themselves (``checkpoints.check_finite``), whatever the period.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from determined import pytorch
+
+
+class NonFiniteWatch:
+    """Device-side record of the first global step whose loss was NaN or infinite."""
+
+    def __init__(self, period: int):
+        if period < 1:
+            raise ValueError(f"finite_check_period must be >= 1, got {period}")
+        self.period = period
+        self.first_bad: Optional[torch.Tensor] = None   # int64 scalar on the loss's device; -1: none
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        """Notes ``step`` if ``loss`` is not finite (no host synchronisation)."""
+        if self.first_bad is None or self.first_bad.device != loss.device:
+            self.first_bad = torch.full((), -1, dtype=torch.int64, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()).all()
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+
+    def due(self, step: int) -> bool:
+        """Whether the step with index ``step`` ends a check period."""
+        return (step + 1) % self.period == 0
+
+    def local_first_bad(self) -> Optional[int]:
+        """This process's record, read back (one synchronisation)."""
+        if self.first_bad is None:
+            return None
+        value = int(self.first_bad.item())
+        return value if value >= 0 else None
+
+    def bad_ranks(self, rank: int, world_size: int) -> List[Tuple[int, int]]:
+        """``(rank, first bad step)`` of every process with a non-finite loss, known to every process
+        (one all_reduce): all of them stop together at the same step. A collective when
+        ``world_size > 1``: every rank must call it at the same step."""
+        if world_size == 1:
+            first = self.local_first_bad()
+            return [] if first is None else [(0, first)]
+        device = self.first_bad.device if self.first_bad is not None else torch.device("cpu")
+        if dist.get_backend() == "nccl" and device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        flags = torch.zeros(world_size, dtype=torch.int64, device=device)
+        if self.first_bad is not None:
+            flags[rank] = self.first_bad.to(device) + 1   # 0: no bad step on that rank
+        dist.all_reduce(flags)
+        return [(index, int(value) - 1) for index, value in enumerate(flags.tolist()) if value > 0]
+
+
+class FiniteCheckCallback(pytorch.PyTorchCallback):
+    """Reads the record at the end of every training workload (every rank, before the harness
+    validates or checkpoints) and, on the chief, once more as a checkpoint starts (a preemption
+    checkpoint included)."""
+
+    def __init__(self, trial) -> None:
+        self.trial = trial
+
+    def on_training_workload_end(self, avg_metrics, batch_metrics) -> None:
+        self.trial.check_finite_loss()
+
+    def on_checkpoint_save_start(self, checkpoint) -> None:
+        first = self.trial.finite_watch.local_first_bad()
+        if first is not None:
+            self.trial.check_finite_loss_local(first)
