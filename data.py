@@ -103,11 +103,15 @@ class _PrepareImage:
     """Converts a source image to RGB (transposing EMNIST's column-major images first), then applies
     the user's transform. A class rather than a closure so data-loader workers can pickle it."""
 
-    def __init__(self, transform: Optional[Callable[[Image.Image], Any]], transpose: bool = False):
+    def __init__(self, transform: Optional[Callable[[Image.Image], Any]], transpose: bool = False,
+                 lazy: bool = False):
         self.transform = transform
         self.transpose = transpose
+        self.lazy = lazy  # images opened undecoded (jpeg_decode.py): the transform decodes them
 
     def __call__(self, image: Image.Image) -> Any:
+        if self.lazy:
+            return image if self.transform is None else self.transform(image)
         if self.transpose:
             image = image.transpose(Image.Transpose.TRANSPOSE)
         if image.mode != "RGB":
@@ -235,7 +239,7 @@ class _FolderWithClasses(torchvision.datasets.ImageFolder):
         return classes, {c: self._train_class_to_idx[c] for c in classes}
 
 
-def _image_folders(root: str, name: str, train: bool, transform: _PrepareImage, download: bool):
+def _image_folders(root: str, name: str, train: bool, transform: _PrepareImage, download: bool, lazy: bool = False):
     train_dir = os.path.join(root, "train")
     if name == "imagenet":
         test_dirs, layout = [os.path.join(root, "val")], f"{root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG"
@@ -245,6 +249,10 @@ def _image_folders(root: str, name: str, train: bool, transform: _PrepareImage, 
     how = f"Place the images as {layout}."
     _ensure_files(root, name, [train_dir], download, None, how)
     if train:
+        if lazy:  # bytes read, decoding left to the transform (jpeg_decode.py)
+            import jpeg_decode
+
+            return torchvision.datasets.ImageFolder(train_dir, transform=transform, loader=jpeg_decode.read_lazy)
         return torchvision.datasets.ImageFolder(train_dir, transform=transform)
     existing = [d for d in test_dirs if os.path.isdir(d)]
     if not existing:
@@ -285,12 +293,13 @@ def _digits(split: Split, transform: _PrepareImage, validation_size: int, seed: 
     return torch.utils.data.Subset(full, [train[i] for i in chosen])
 
 
-def _gcs_imagenet(split: Split, source: Any, transform: Optional[Callable]):
+def _gcs_imagenet(split: Split, source: Any, transform: Optional[Callable], lazy: bool = False):
     """ImageNet streamed from Cloud Storage; the val folder is labelled with the train classes."""
     gcs_module = importlib.import_module("gcs")  # lazy: needs google-cloud-storage
     in_flight = getattr(source, "max_in_flight", 64)
     train = gcs_module.GCSImageFolder(source.bucket, source.train_blob_list, transform=transform,
                                       cache_dir=source.cache_dir, max_in_flight=in_flight)
+    train.lazy = lazy and split is Split.TRAIN
     if split is not Split.TEST:
         return train
     return gcs_module.GCSImageFolder(source.bucket, source.val_blob_list, transform=transform,
@@ -300,13 +309,14 @@ def _gcs_imagenet(split: Split, source: Any, transform: Optional[Callable]):
 
 def build_dataset(name: str, split: Split, *, root: str, transform: Optional[Callable[[Image.Image], Any]],
                   validation_size: int, seed: int = 0, download: bool = False,
-                  gcs: Optional[Any] = None) -> torch.utils.data.Dataset:
+                  gcs: Optional[Any] = None, lazy: bool = False) -> torch.utils.data.Dataset:
     """The ``split`` of dataset ``name`` (see the module docstring for what each split holds).
 
     Items are ``(transform(rgb_pil_image), int label)`` (``transform=None``: the PIL image itself;
     stl10's unlabeled images have label -1). ``CLS_TRAIN``/``CLS_VALIDATION`` are
     ``torch.utils.data.Subset`` objects of the labelled training set, split by ``seed`` only.
     ``gcs`` (a ``gcs.GCSSource``) streams imagenet from Cloud Storage instead of ``root``.
+    ``lazy`` (TRAIN of imagenet/custom): images come undecoded (``jpeg_decode.open_lazy``).
     Missing files raise FileNotFoundError naming them and where to put them."""
     _check_name(name)
     try:
@@ -324,12 +334,13 @@ def build_dataset(name: str, split: Split, *, root: str, transform: Optional[Cal
     if gcs is not None and name != "imagenet":
         raise ValueError(f"a Cloud Storage source is only supported for imagenet, not {name!r}")
 
-    prepare = _PrepareImage(transform, transpose=name.startswith("emnist_"))
+    lazy = lazy and split is Split.TRAIN and name in ("imagenet", "custom")
+    prepare = _PrepareImage(transform, transpose=name.startswith("emnist_"), lazy=lazy)
     if name == "digits":
         return _digits(split, prepare, validation_size, seed)
     train = split is not Split.TEST
     if gcs is not None:
-        dataset = _gcs_imagenet(split, gcs, transform)
+        dataset = _gcs_imagenet(split, gcs, transform, lazy)
     elif name == "cifar10":
         dataset = _cifar10(root, train, prepare, download)
     elif name == "stl10":
@@ -338,7 +349,7 @@ def build_dataset(name: str, split: Split, *, root: str, transform: Optional[Cal
     elif name.startswith("emnist_"):
         dataset = _emnist(root, name[len("emnist_"):], train, prepare, download)
     else:  # imagenet, custom
-        dataset = _image_folders(root, name, train, prepare, download)
+        dataset = _image_folders(root, name, train, prepare, download, lazy)
     if split in (Split.TRAIN, Split.TEST):
         return dataset
     cls_train, cls_validation = split_labelled(len(dataset), validation_size, seed)

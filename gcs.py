@@ -74,6 +74,18 @@ class GCSSource:
                                  f"path of a blob list (see generate_blob_list.py)")
 
 
+def _open_lazy(data: bytes, url: str) -> Image.Image:
+    """The image's header parsed, pixels left to the transform (jpeg_decode.py), or
+    CorruptImageError naming ``url``."""
+    import jpeg_decode
+
+    try:
+        return jpeg_decode.open_lazy(data)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise CorruptImageError(f"{url} is not a readable image ({type(e).__name__}: {e}); "
+                                f"re-upload it or drop it from the blob list") from e
+
+
 def _decode(data: bytes, url: str) -> Image.Image:
     """Decode image bytes into an RGB PIL image, or raise CorruptImageError naming ``url``."""
     try:
@@ -282,23 +294,26 @@ class GCSImageFolder(torch.utils.data.Dataset):
         except Exception as e:  # non-transient HTTP error, data corruption, ...
             raise GCSError(f"failed to download {url}: {type(e).__name__}: {e}") from e
 
+    lazy = False  # True: images come undecoded (jpeg_decode.open_lazy); their header is checked
+
     def load_image(self, i: int) -> Image.Image:
         """Item ``i`` as an RGB PIL image. Only decodable images enter the cache; an undecodable
         cached file is replaced by a fresh download."""
         name = self.object_name(i)
         url = f"gs://{self.bucket}/{name}"
+        decode = _open_lazy if self.lazy else _decode
         if self.cache_dir is None:
-            return _decode(self._download(name), url)
+            return decode(self._download(name), url)
         path = self._cache_path(name)
         if os.path.exists(path):
             with open(path, "rb") as f:
                 data = f.read()
             try:
-                return _decode(data, url)
+                return decode(data, url)
             except CorruptImageError:
                 log.warning("cached copy of %s is unreadable; downloading it again", url)
         data = self._download(name)
-        image = _decode(data, url)
+        image = decode(data, url)
         write_atomically(path, data)
         return image
 

@@ -32,8 +32,8 @@ def view_augmentations(settings: Settings) -> tuple[augment.ViewAugmentation, au
     return views[0], views[1]
 
 
-def base_dataset(settings: Settings, split: data.Split) -> Dataset:
-    """The raw split: ``(PIL image, label)`` items."""
+def base_dataset(settings: Settings, split: data.Split, lazy: bool = False) -> Dataset:
+    """The raw split: ``(PIL image, label)`` items (``lazy``: opened, not decoded)."""
     cfg = settings.data
     gcs = None
     if cfg.gcs is not None:
@@ -43,7 +43,7 @@ def base_dataset(settings: Settings, split: data.Split) -> Dataset:
                                    cfg.gcs.cache_dir, cfg.gcs.max_in_flight)
     return data.build_dataset(cfg.dataset, split, root=cfg.root, transform=None,
                               validation_size=cfg.validation_size, seed=settings.seed,
-                              download=cfg.download, gcs=gcs)
+                              download=cfg.download, gcs=gcs, lazy=lazy)
 
 
 class Tagged(Dataset):
@@ -69,8 +69,9 @@ class LazyTrainingLoader:
     """
 
     def __init__(self, dataset: Dataset, sampler_factory: Callable[[], GlobalBatchSampler],
-                 num_workers: int, device: Optional[torch.device] = None):
+                 num_workers: int, device: Optional[torch.device] = None, collate_fn: Optional[Callable] = None):
         self.dataset = dataset
+        self.collate_fn = collate_fn
         self.sampler_factory = sampler_factory
         self.num_workers = num_workers
         self.device = device if device is not None else torch.device("cpu")
@@ -82,7 +83,7 @@ class LazyTrainingLoader:
     def __iter__(self) -> Iterator:
         cuda = self.device.type == "cuda"
         loader = DataLoader(self.dataset, batch_sampler=self.sampler_factory(), num_workers=self.num_workers,
-                            pin_memory=cuda, persistent_workers=False,
+                            pin_memory=cuda, persistent_workers=False, collate_fn=self.collate_fn,
                             prefetch_factor=4 if self.num_workers else None)
         yield from (prefetch_to_device(loader, self.device) if cuda else loader)
 
@@ -127,8 +128,15 @@ def training_dataset(settings: Settings, image_size: int, pretraining: bool) -> 
     """TRAIN with two geometric views (pretraining), or CLS_TRAIN with the classifier transform."""
     if pretraining:
         view1, view2 = view_augmentations(settings)
-        transform = augment.TwoViewTransform(image_size, view1, view2)
-        return SeededTransformDataset(base_dataset(settings, data.Split.TRAIN), transform)
+        decode = settings.data.decode
+        if decode == "pil":
+            transform = augment.TwoViewTransform(image_size, view1, view2)
+        else:  # jpeg_decode.py: decode only what the crops need, or on the training device
+            import jpeg_decode
+
+            kind = jpeg_decode.DraftTwoViewTransform if decode == "draft" else jpeg_decode.EncodedTwoViewTransform
+            transform = kind(image_size, view1, view2)
+        return SeededTransformDataset(base_dataset(settings, data.Split.TRAIN, lazy=decode != "pil"), transform)
     mode = settings.classifier.augmentation
     if mode == "crop_flip":
         transform = augment.crop_flip_transform(image_size)

@@ -29,6 +29,7 @@ import loaders
 import optim
 import checkpoints
 import faults
+import jpeg_decode
 import knn
 import nonfinite
 import performance
@@ -220,9 +221,11 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
     def build_training_data_loader(self):
         # The data ends at the last step: in local mode the harness counts its period boundaries from
         # 0 again after a resume, and would otherwise train on to the next one past max_length.
+        encoded = self.pretraining and self.settings.data.decode == "device"  # workers deliver JPEG bytes
         return loaders.LazyTrainingLoader(self.train_dataset,
                                           lambda: BatchesUntil(self._sampler(self.global_step), self.total_steps),
-                                          self.settings.data.num_workers, self.device)
+                                          self.settings.data.num_workers, self.device,
+                                          jpeg_decode.collate_encoded if encoded else None)
 
     def build_callbacks(self) -> Dict[str, pytorch.PyTorchCallback]:
         self.metrics_history = plots.MetricsHistory(self)  # drawn by the runner (plots.py)
@@ -235,7 +238,10 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
         s = self.settings
         step = self.global_step
         if self.pretraining:
-            (view1, view2), _labels = batch
+            views, _labels = batch
+            if isinstance(views, jpeg_decode.EncodedBatch):  # data.decode: device (jpeg_decode.py)
+                views = views.decode(s.image_size, self.device)
+            view1, view2 = views
             lr = optim.warmup_cosine_lr(step, self.total_steps, round(s.warmup_epochs * self.steps_per_epoch),
                                         self.peak_lr)
             optim.set_learning_rate(self.optimizer, lr)

@@ -59,6 +59,7 @@ class DataSettings:
     validation_size: int = 200        # held out of the labelled training set (CLS_VALIDATION)
     num_workers: int = 2
     gcs: Optional[GCSSettings] = None
+    decode: str = "pil"               # pil | draft | device: how training JPEGs are decoded (jpeg_decode.py)
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,11 @@ def _parse_data(section: dict) -> DataSettings:
         _fail(prefix + "root", values["root"], "expected a directory path")
     values["validation_size"] = _number(values, "validation_size", prefix, int, minimum=1)
     values["num_workers"] = _number(values, "num_workers", prefix, int, minimum=0)
+    if values["decode"] not in ("pil", "draft", "device"):
+        _fail(prefix + "decode", values["decode"], "allowed: pil, draft, device")
+    if values["decode"] != "pil" and values["dataset"] not in ("imagenet", "custom"):
+        _fail(prefix + "decode", values["decode"], f"draft and device decode JPEG files: dataset imagenet or custom, "
+              f"not {values['dataset']} (use pil)")
     if not isinstance(values["download"], bool):
         _fail(prefix + "download", values["download"], "expected true or false")
     gcs = values.get("gcs")

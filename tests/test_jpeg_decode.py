@@ -1,0 +1,97 @@
+"""The ImageNet decode paths of jpeg_decode.py on real JPEGs made here: PIL draft mode decodes only
+what the crops need, and the bytes-only worker path with one batched decode gives the crops of
+the plain PIL path (augment.TwoViewTransform)."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import augment
+import jpeg_decode
+from run_helpers import load, train, write_config  # noqa: F401  (sys.path)
+
+SIZES = [(400, 300), (640, 480), (90, 120), (500, 375), (1024, 768)]
+
+
+def jpeg_bytes(width: int, height: int, seed: int = 0, mode: str = "RGB") -> bytes:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([128 + 100 * np.sin(x / 17.0 + c) * np.cos(y / 23.0 - c) for c in range(3)], -1)
+    pixels = np.clip(pixels + rng.normal(0, 8, pixels.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def pil_views(data: bytes, seed: int, size: int = 32):
+    torch.manual_seed(seed)
+    return augment.TwoViewTransform(size, *augment.paper_view_augmentations())(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_draft_path_gives_the_pil_crops_and_decodes_less():
+    views = augment.paper_view_augmentations()
+    draft = jpeg_decode.DraftTwoViewTransform(32, *views)
+    for seed, (width, height) in enumerate(SIZES):
+        data = jpeg_bytes(width, height, seed)
+        torch.manual_seed(seed)
+        ours = draft(jpeg_decode.open_lazy(data))
+        for expected, got in zip(pil_views(data, seed), ours):
+            assert got.shape == expected.shape == (3, 32, 32) and got.dtype == torch.uint8
+            difference = (got.int() - expected.int()).abs().float()
+            assert difference.mean() < 1.5 and difference.max() <= 12, (width, height, difference.mean(), difference.max())
+    # A 1024x768 image whose crops are all >= 8 x 32 pixels decodes at 1/8 scale.
+    assert jpeg_decode.draft_scale(32, [(0, 0, 300, 400, False), (5, 5, 256, 700, True)]) == 8
+    assert jpeg_decode.draft_scale(32, [(0, 0, 40, 400, False)]) == 1
+    image = jpeg_decode.open_lazy(jpeg_bytes(1024, 768))
+    image.draft("RGB", (128, 96))
+    assert image.convert("RGB").size == (128, 96)  # libjpeg's DCT scaling: a smaller decode
+
+
+def test_bytes_only_workers_and_one_batched_decode_give_the_pil_crops():
+    views = augment.paper_view_augmentations()
+    worker = jpeg_decode.EncodedTwoViewTransform(32, *views)
+    items, expected = [], []
+    for seed, (width, height) in enumerate(SIZES):
+        data = jpeg_bytes(width, height, seed)
+        torch.manual_seed(seed)
+        items.append((worker(jpeg_decode.open_lazy(data)), seed))
+        expected.append(pil_views(data, seed))
+    # a CMYK JPEG (ImageNet has a few) is re-encoded by the worker and decodes the same way
+    cmyk = jpeg_bytes(200, 150, 9, mode="CMYK")
+    torch.manual_seed(9)
+    items.append((worker(jpeg_decode.open_lazy(cmyk)), 9))
+    batch, labels = jpeg_decode.collate_encoded(items)
+    assert isinstance(batch, jpeg_decode.EncodedBatch) and labels.tolist() == [0, 1, 2, 3, 4, 9]
+    assert all(d.dtype == torch.uint8 and d.dim() == 1 for d in batch.data) and batch.crops.shape == (6, 2, 5)
+    view1, view2 = batch.decode(32, torch.device("cpu"))
+    assert view1.shape == view2.shape == (6, 3, 32, 32) and view1.dtype == torch.uint8
+    for index, (first, second) in enumerate(expected):
+        for got, want in ((view1[index], first), (view2[index], second)):
+            difference = (got.int() - want.int()).abs()
+            assert difference.float().mean() < 0.5 and difference.max() <= 2, index
+    torch.manual_seed(9)
+    reference = augment.TwoViewTransform(32, *views)(Image.open(io.BytesIO(cmyk)).convert("RGB"))
+    assert (view1[5].int() - reference[0].int()).abs().float().mean() < 3
+
+
+def _jpeg_folder(root):
+    for split, count in (("train", 6), ("val", 2)):
+        for label in ("a", "b"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for index in range(count):
+                (folder / f"{index}.jpg").write_bytes(jpeg_bytes(80 + 8 * index, 60, index))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decode", ["draft", "device"])
+def test_trial_trains_with_each_decode_path(tmp_path, decode):
+    _jpeg_folder(tmp_path / "images")
+    data = {"dataset": "custom", "root": str(tmp_path / "images"), "validation_size": 2, "num_workers": 1,
+            "decode": decode}
+    config = write_config(str(tmp_path), data=data, image_size=16, global_batch_size=4,
+                          train_length={"batches": 2}, checkpoint_period=None)
+    result = train(["--config", config, "--checkpoint-dir", str(tmp_path / "ck")])
+    assert "[byol] finished 2 steps" in result.stdout, result.stdout[-2000:]
