@@ -1,0 +1,415 @@
+"""Benchmark: BYOL images/s, ours beside byol-pytorch and lightly, in one run on the same data.
+
+BYOL's step (Grill et al. 2020, arXiv 2006.07733, section 3.1) is two views forward and backward
+through the online network and forward through the target; its views come from table 6's
+augmentations. Rows (images per second; one image = one source image, i.e. two views):
+
+* ``ours library``: ``byol.BYOL`` as a library (README "Using the method as a library"):
+  ``learner(images)`` augments both views itself (``byol.default_augmentation``: batched crop and
+  photometric ops on the device), SGD with momentum, EMA update; "no aug" passes prepared views.
+* ``ours trial step``: ``model_def.BYOLTrial.train_batch`` (photometric views of the global batch,
+  LARS, EMA, the non-finite watch): what a Determined run executes per step; the crops are made
+  per image in data-loader workers and timed in the augmentation rows. "no aug" skips the
+  photometric ops (normalisation only).
+* ``byol-pytorch``: ``byol_pytorch.BYOL`` with its defaults (its batch-level augmentation, which
+  draws one set of parameters per batch, and its simplicial embedding), same backbone, projector
+  sizes and optimiser; "no aug" gives it an identity augmentation.
+* ``lightly``: lightly's BYOL blocks (``BYOLProjectionHead``, ``BYOLPredictionHead``,
+  ``NegativeCosineSimilarity``, ``update_momentum``); "aug" runs ``BYOLTransform`` per image
+  (PIL, as its data-loader workers would) inside the timed step.
+* augmentation alone (two views): ours batched (library), ours trial pipeline (per-image crops as in
+  the workers + batched photometric ops), lightly's per-image ``BYOLTransform``, byol-pytorch's
+  batch-level default.
+* decode alone (two views of a ``--decode-size`` JPEG, crops included): PIL (decode whole,
+  ``augment.TwoViewTransform``), PIL draft (``jpeg_decode.DraftTwoViewTransform``), torchvision
+  on the CPU and on the GPU (``jpeg_decode.EncodedBatch.decode``).
+
+All rows run in one process with ``--threads`` intra-op threads, interleaved: each of ``--repeats``
+rounds times every row once (``--steps`` steps after ``--warmup``), in a rotated order, and the
+table reports each row's median over rounds. The CPU of a shared machine is noisy: compare rows of
+one run, not runs. Peers come from requirements-bench.txt; a missing peer's rows say so.
+
+    python bench/throughput.py                                   # CPU: resnet18_cifar, 32 px, batch 64
+    python bench/throughput.py --only augment,decode --image-size 224 --batch-size 32
+    python bench/throughput.py --device cuda --backbone resnet50 --image-size 224 --batch-size 128 --precision bf16
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import augment  # noqa: E402
+import backbone as backbones  # noqa: E402
+import jpeg_decode  # noqa: E402
+import performance  # noqa: E402
+from byol import BYOL, IMAGENET_MEAN, IMAGENET_STD, default_augmentation  # noqa: E402
+
+GROUPS = ("model", "augment", "decode")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--backbone", default="resnet18_cifar", help=f"one of {', '.join(backbones.BACKBONES)}")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="autocast of every row's forward")
+    parser.add_argument("--projection-size", type=int, default=256)
+    parser.add_argument("--projection-hidden-size", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads for every row")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds; each row's median is reported")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per row and round")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per row before its first round")
+    parser.add_argument("--decode-size", type=int, default=500, help="side of the JPEGs of the decode rows")
+    parser.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated groups of rows: {', '.join(GROUPS)}")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    only = set(args.only.split(","))
+    if not only <= set(GROUPS):
+        parser.error(f"--only {args.only!r}: groups are {', '.join(GROUPS)}")
+    args.only = only
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is visible")
+    for key in ("image_size", "batch_size", "repeats", "steps", "threads"):
+        if getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    return args
+
+
+# ----------------------------------------------------------------------------- data, once
+def source_images(args) -> torch.Tensor:
+    """The same uint8 batch [B, 3, S, S] for every row (smooth random colours, not noise)."""
+    generator = torch.Generator().manual_seed(0)
+    low = torch.rand(args.batch_size, 3, 4, 4, generator=generator)
+    images = nn.functional.interpolate(low, size=args.image_size, mode="bilinear", align_corners=False)
+    return (images * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def jpeg_files(count: int, size: int) -> List[bytes]:
+    rng = np.random.default_rng(0)
+    files = []
+    for index in range(count):
+        y, x = np.mgrid[0:size, 0:size * 4 // 3]
+        pixels = np.stack([128 + 100 * np.sin(x / (11.0 + index) + c) * np.cos(y / 23.0 - c) for c in range(3)], -1)
+        pixels = np.clip(pixels + rng.normal(0, 6, pixels.shape), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        files.append(buffer.getvalue())
+    return files
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- rows
+class Row:
+    """A named step over ``images_per_step`` images; ``run()`` does one step."""
+
+    def __init__(self, group: str, name: str, images_per_step: int, run: Callable[[], None]):
+        self.group, self.name, self.images_per_step, self.run = group, name, images_per_step, run
+        self.rates: List[float] = []
+
+
+def sgd(parameters) -> torch.optim.Optimizer:
+    return torch.optim.SGD(parameters, lr=0.01, momentum=0.9)
+
+
+def encoder(args) -> nn.Module:
+    torch.manual_seed(0)
+    return backbones.build_backbone(args.backbone)
+
+
+def ours_library_rows(args, device, images, autocast) -> List[Row]:
+    learner = BYOL(encoder(args), args.image_size, hidden_layer=None, projection_size=args.projection_size,
+                   projection_hidden_size=args.projection_hidden_size,
+                   feature_size=backbones.feature_size(args.backbone)).to(device)
+    if performance.use_channels_last(None, device):
+        learner = performance.to_channels_last(learner)
+    optimizer = sgd([p for p in learner.parameters() if p.requires_grad])
+    on_device = images.to(device)
+    normalize = augment.Normalize(IMAGENET_MEAN, IMAGENET_STD).to(device)
+    views = (normalize(on_device), normalize(on_device.flip(-1)))
+
+    def step(*inputs):
+        with autocast():
+            loss = learner(*inputs)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        learner.update_moving_average()
+
+    return [Row("model", "ours library, with augmentation", len(images), lambda: step(on_device)),
+            Row("model", "ours library, no augmentation", len(images), lambda: step(*views))]
+
+
+def ours_trial_rows(args, device, images, directory) -> List[Row]:
+    """The real trial (Determined's local-mode context), fed the same uint8 batch as both views."""
+    import runner
+    from model_def import BYOLTrial
+    from utils import parse_settings
+
+    hparams = {"backbone": args.backbone, "image_size": args.image_size, "global_batch_size": args.batch_size,
+               "projection_size": args.projection_size, "projection_hidden_size": args.projection_hidden_size,
+               "train_length": {"batches": 10 ** 6}, "precision": args.precision, "classifier_validation": False}
+    data = {"dataset": "digits", "root": os.path.join(directory, "data"), "num_workers": 0}
+    settings = parse_settings(hparams, data)
+    stack = runner.local_trial_context(hparams, {"hyperparameters": hparams, "data": data}, None,
+                                       os.path.join(directory, "checkpoints"))
+    context = stack.__enter__()
+    trial = BYOLTrial(context, settings)
+    trial.model.train()
+    batch = ((images, images.flip(-1)), torch.zeros(len(images), dtype=torch.int64))
+    with_augmentation = dict(trial._augment_calls)
+    normalize_only = {module: (lambda views, _params: trial.normalize(views)) for module in with_augmentation}
+
+    def step(calls):
+        trial._augment_calls = calls
+        context._current_batch_idx = trial.global_step  # what the harness's loop sets before a step
+        trial.train_batch(batch, 0, trial.global_step)
+
+    rows = [Row("model", "ours trial step, with photometric augmentation", len(images), lambda: step(with_augmentation)),
+            Row("model", "ours trial step, no augmentation", len(images), lambda: step(normalize_only))]
+    rows[0].context = stack  # kept open for the whole run
+    return rows
+
+
+def byol_pytorch_rows(args, device, images, autocast) -> List[Row]:
+    try:
+        import byol_pytorch
+    except ImportError:
+        return [Row("model", "byol-pytorch (not installed: pip install -r requirements-bench.txt)", 0, None)]
+    net = encoder(args).to(device)
+    learners = {}
+    for name, augment_fn in (("with augmentation", None), ("no augmentation", nn.Identity())):
+        learners[name] = byol_pytorch.BYOL(copy.deepcopy(net), image_size=args.image_size, hidden_layer=-1,
+                                           projection_size=args.projection_size,
+                                           projection_hidden_size=args.projection_hidden_size,
+                                           augment_fn=augment_fn).to(device)
+    floats = images.to(device).float() / 255
+
+    def make(learner):
+        optimizer = sgd([p for p in learner.parameters() if p.requires_grad])
+
+        def step():
+            with autocast():
+                loss = learner(floats)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            learner.update_moving_average()
+        return step
+
+    return [Row("model", f"byol-pytorch, {name}", len(images), make(learner)) for name, learner in learners.items()]
+
+
+def lightly_rows(args, device, images, autocast) -> List[Row]:
+    try:
+        from lightly.loss import NegativeCosineSimilarity
+        from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+        from lightly.models.utils import update_momentum
+        from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+    except ImportError:
+        return [Row("model", "lightly (not installed: pip install -r requirements-bench.txt)", 0, None)]
+    features = backbones.feature_size(args.backbone)
+    online = nn.ModuleDict({"backbone": encoder(args),
+                            "projector": BYOLProjectionHead(features, args.projection_hidden_size, args.projection_size),
+                            "predictor": BYOLPredictionHead(args.projection_size, args.projection_hidden_size,
+                                                            args.projection_size)}).to(device)
+    target = copy.deepcopy(online)
+    for parameter in target.parameters():
+        parameter.requires_grad_(False)
+    criterion = NegativeCosineSimilarity()
+    optimizer = sgd(online.parameters())
+    transform = BYOLTransform(BYOLView1Transform(input_size=args.image_size),
+                              BYOLView2Transform(input_size=args.image_size))
+    pil_images = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]
+    normalize = augment.Normalize(IMAGENET_MEAN, IMAGENET_STD).to(device)
+    prepared = (normalize(images.to(device)), normalize(images.flip(-1).to(device)))
+
+    def step(augmented: bool):
+        if augmented:
+            pairs = [transform(image) for image in pil_images]
+            x0 = torch.stack([pair[0] for pair in pairs]).to(device)
+            x1 = torch.stack([pair[1] for pair in pairs]).to(device)
+        else:
+            x0, x1 = prepared
+        update_momentum(online, target, m=0.99)
+        with autocast():
+            both = torch.cat([x0, x1])
+            prediction = online["predictor"](online["projector"](online["backbone"](both).flatten(1)))
+            with torch.no_grad():
+                projection = target["projector"](target["backbone"](both).flatten(1))
+            p0, p1 = prediction.float().chunk(2)
+            z0, z1 = projection.float().chunk(2)
+            loss = 0.5 * (criterion(p0, z1) + criterion(p1, z0))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return [Row("model", "lightly, with augmentation (per-image BYOLTransform)", len(images), lambda: step(True)),
+            Row("model", "lightly, no augmentation", len(images), lambda: step(False))]
+
+
+def augmentation_rows(args, device, images) -> List[Row]:
+    rows = []
+    on_device = images.to(device)
+    view1, view2 = (default_augmentation(args.image_size, view).to(device) for view in (1, 2))
+    rows.append(Row("augment", "ours batched two views (library: crop + photometric on the device)", len(images),
+                    lambda: (view1(on_device), view2(on_device))))
+    views = augment.paper_view_augmentations()
+    geometric = augment.TwoViewTransform(args.image_size, *views)
+    photometric = [augment.PhotometricAugment(v, IMAGENET_MEAN, IMAGENET_STD, args.image_size).to(device)
+                   for v in views]
+    pil_images = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]
+
+    def trial_pipeline():
+        pairs = [geometric(image) for image in pil_images]   # what the data-loader workers do
+        first = torch.stack([pair[0] for pair in pairs]).to(device)
+        second = torch.stack([pair[1] for pair in pairs]).to(device)
+        photometric[0](first), photometric[1](second)
+
+    rows.append(Row("augment", "ours trial pipeline (per-image crops as in workers + batched photometric)",
+                    len(images), trial_pipeline))
+    try:
+        from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+
+        transform = BYOLTransform(BYOLView1Transform(input_size=args.image_size),
+                                  BYOLView2Transform(input_size=args.image_size))
+        rows.append(Row("augment", "lightly BYOLTransform (per image, PIL)", len(images),
+                        lambda: [transform(image) for image in pil_images]))
+    except ImportError:
+        rows.append(Row("augment", "lightly (not installed)", 0, None))
+    try:
+        import byol_pytorch
+
+        probe = byol_pytorch.BYOL(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+                                  image_size=args.image_size, hidden_layer=-1, projection_size=4,
+                                  projection_hidden_size=8)
+        default = probe.augment1.to(device)
+        floats = on_device.float() / 255
+        rows.append(Row("augment", "byol-pytorch default (batch-level parameters)", len(images),
+                        lambda: (default(floats), default(floats))))
+    except ImportError:
+        rows.append(Row("augment", "byol-pytorch (not installed)", 0, None))
+    return rows
+
+
+def decode_rows(args, device) -> List[Row]:
+    files = jpeg_files(16, args.decode_size)
+    views = augment.paper_view_augmentations()
+    size = args.image_size
+    plain = augment.TwoViewTransform(size, *views)
+    draft = jpeg_decode.DraftTwoViewTransform(size, *views)
+    encode = jpeg_decode.EncodedTwoViewTransform(size, *views)
+    encoded, _ = jpeg_decode.collate_encoded([(encode(jpeg_decode.open_lazy(data)), 0) for data in files])
+    rows = [
+        Row("decode", f"PIL, whole image ({args.decode_size} px JPEG, two crops)", len(files),
+            lambda: [plain(Image.open(io.BytesIO(data)).convert("RGB")) for data in files]),
+        Row("decode", "PIL draft mode (only what the crops need)", len(files),
+            lambda: [draft(jpeg_decode.open_lazy(data)) for data in files]),
+        Row("decode", "torchvision decode_jpeg on the CPU, batched (+ crops)", len(files),
+            lambda: encoded.decode(size, torch.device("cpu"))),
+    ]
+    if device.type == "cuda":
+        rows.append(Row("decode", "torchvision decode_jpeg on the GPU (nvJPEG), batched (+ crops)", len(files),
+                        lambda: encoded.decode(size, device)))
+    else:
+        rows.append(Row("decode", "torchvision decode_jpeg on the GPU: not measured (no CUDA device)", 0, None))
+    return rows
+
+
+# ----------------------------------------------------------------------------- the run
+def measure(rows: List[Row], args, device) -> None:
+    live = [row for row in rows if row.run is not None]
+    for row in live:
+        for _ in range(args.warmup):
+            row.run()
+    synchronise(device)
+    for round_index in range(args.repeats):
+        shift = round_index % max(len(live), 1)
+        for row in live[shift:] + live[:shift]:   # rotated: no row always runs first or last
+            synchronise(device)
+            started = time.perf_counter()
+            for _ in range(args.steps):
+                row.run()
+            synchronise(device)
+            row.rates.append(row.images_per_step * args.steps / (time.perf_counter() - started))
+        print(f"[bench] round {round_index + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    performance.configure_device(device)
+    precision = args.precision
+
+    def autocast():
+        return performance.autocast(device, precision)
+
+    images = source_images(args)
+    rows: List[Row] = []
+    with tempfile.TemporaryDirectory() as directory:
+        if "model" in args.only:
+            rows += ours_library_rows(args, device, images, autocast)
+            rows += ours_trial_rows(args, device, images, directory)
+            rows += byol_pytorch_rows(args, device, images, autocast)
+            rows += lightly_rows(args, device, images, autocast)
+        if "augment" in args.only:
+            rows += augmentation_rows(args, device, images)
+        if "decode" in args.only:
+            rows += decode_rows(args, device)
+        measure(rows, args, device)
+        for row in rows:
+            stack = getattr(row, "context", None)
+            if stack is not None:
+                stack.__exit__(None, None, None)
+    report(rows, args, device, argv)
+    return 0
+
+
+def report(rows: List[Row], args, device, argv) -> None:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible)"
+    command = "python bench/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {name}; torch {torch.__version__}; "
+          f"{args.threads} thread(s); {args.backbone}, {args.image_size} px, batch {args.batch_size}, {args.precision}; "
+          f"median of {args.repeats} interleaved rounds of {args.steps} steps\n`{command.strip()}`\n")
+    print("| group | row | images/s (median) | min-max |")
+    print("| --- | --- | --- | --- |")
+    results: Dict[str, Optional[float]] = {}
+    for row in rows:
+        if not row.rates:
+            print(f"| {row.group} | {row.name} | not measured | |")
+            results[row.name] = None
+            continue
+        median = statistics.median(row.rates)
+        results[row.name] = median
+        print(f"| {row.group} | {row.name} | {median:.1f} | {min(row.rates):.1f}-{max(row.rates):.1f} |")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()},
+                       "device": name, "results": results}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
