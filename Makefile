@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= outputs/local-digits
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast bench throughput clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ test-fast: install
 
 bench: install
 	for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+# Ours beside byol-pytorch and lightly (bench/RESULTS.md); the peers never enter the product's
+# requirements, and the constraint keeps the pinned torch/torchvision.
+throughput: install
+	$(PY) -m pip install -r requirements-bench.txt -c requirements.txt
+	$(PY) bench/throughput.py
+	$(PY) bench/throughput.py --only augment,decode --image-size 224 --batch-size 32
 
 clean:
 	rm -rf outputs .pytest_cache

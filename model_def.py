@@ -167,7 +167,7 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
         self.normalize = augment.Normalize(self.info.mean, self.info.std).to(self.device)
         # Optional torch.compile (``compile: true``) of the forward pass and the augmentations; the
         # uncompiled modules stay what checkpoints hold.
-        self.forward = performance.maybe_compile(self.model, s.compile)
+        self.model_call = performance.maybe_compile(self.model, s.compile)
         self._augment_calls = {module: performance.maybe_compile(module, s.compile)
                                for module in (self.augment1, self.augment2)}
         self.register_reducers()
@@ -248,7 +248,7 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
             view1 = self.augment_global(self.augment1, self.to_device(view1), VIEW1_STREAM)
             view2 = self.augment_global(self.augment2, self.to_device(view2), VIEW2_STREAM)
             with performance.autocast(self.device, s.precision):
-                loss = self.forward(view1, view2)
+                loss = self.model_call(view1, view2)
         else:
             images, labels = batch
             classifier.set_cosine_lr(self.optimizer, step, self.total_steps)
@@ -260,7 +260,7 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
                 images = self.normalize(images)
                 images = performance.images_channels_last(images) if self.channels_last else images
             with performance.autocast(self.device, s.precision):
-                logits = self.forward(images)
+                logits = self.model_call(images)
             loss = classifier.heads_loss(logits.float(), self.to_device(labels), s.classifier.logit_regularization)
         # The loss is read on the host only every finite_check_period steps and at the end of each
         # training workload (before any validation or checkpoint): nonfinite.py.

@@ -57,13 +57,10 @@ def maybe_compile(function, enabled: bool, backend: str = "inductor"):
 
 
 def configure_device(device: torch.device) -> None:
-    """cuDNN autotuning for the fixed shapes of training; TF32 for the float32 matrix products
-    that remain (same exponent range, 10-bit mantissa: as bf16 autocast, a precision choice the
-    paper's TPU runs also made)."""
+    """cuDNN autotuning for the fixed shapes of training (the algorithm search runs once per
+    shape). TF32 is left as torch sets it: ``precision: fp32`` means float32."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
 
 @dataclass(frozen=True)
