@@ -6,7 +6,6 @@ module names them:
 * :class:`UnreadableImageError`: an image file that cannot be decoded (truncated download, not an
   image at all). :class:`ReadGuard` wraps a dataset; on a failed read it finds the sample and names
   its file, through the wrappers the trial stacks on top of the image folders.
-* :func:`non_finite_ranks`: which processes saw a NaN/inf loss, agreed by all of them.
 * :func:`describe`: the one-line message the command line prints for a fault, including errors
   that a data-loader worker process re-raised with its whole traceback in the message.
 * :class:`CheckpointWrites`: removes a checkpoint whose writing failed and turns the faults that end
@@ -102,18 +101,6 @@ class ReadGuard(Dataset):
                 except _READ_ERRORS as single:
                     raise self._error(key, single) from single
             raise
-
-
-def non_finite_ranks(loss: torch.Tensor, rank: int, world_size: int) -> List[int]:
-    """The ranks whose loss is NaN or infinite, known to every rank (one flag per rank, all-reduced),
-    so that all processes stop together at the same step."""
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-    if world_size == 1:
-        return [0] if bad.item() else []
-    flags = torch.zeros(world_size, device=bad.device)
-    flags[rank] = bad[0]
-    torch.distributed.all_reduce(flags)
-    return [index for index, flag in enumerate(flags.tolist()) if flag]
 
 
 def describe(error: BaseException) -> str:

@@ -81,6 +81,12 @@ SYNC_BN_CHECK = textwrap.dedent("""
         out = synced32(x.float().chunk(world)[rank])
         full = whole32(x.float())
     assert torch.isfinite(out).all() and torch.allclose(out.float(), full.float().chunk(world)[rank], atol=0.1)
+    # the deferred non-finite check: rank 1's NaN at step 3 is known to both ranks
+    from nonfinite import NonFiniteWatch
+    watch = NonFiniteWatch(period=2)
+    for step in range(5):
+        watch.record(torch.tensor(float("nan") if rank == 1 and step >= 3 else 1.0), step)
+    assert watch.bad_ranks(rank, world) == [(1, 3)], watch.bad_ranks(rank, world)
     try:
         torch.nn.SyncBatchNorm(4)(torch.randn(4, 4, 2, 2))
         verdict = "torch's SyncBatchNorm runs on CPU"

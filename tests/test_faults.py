@@ -185,6 +185,9 @@ def test_full_disk_while_checkpointing(tmp_path):
 
 
 def test_non_finite_loss_is_found_on_any_rank():
-    assert faults.non_finite_ranks(torch.tensor(1.5), 0, 1) == []
-    assert faults.non_finite_ranks(torch.tensor(float("nan")), 0, 1) == [0]
-    assert faults.non_finite_ranks(torch.tensor(float("-inf")), 0, 1) == [0]
+    import nonfinite
+
+    for value, expected in ((1.5, []), (float("nan"), [(0, 7)]), (float("-inf"), [(0, 7)])):
+        watch = nonfinite.NonFiniteWatch(period=5)
+        watch.record(torch.tensor(value), 7)
+        assert watch.bad_ranks(0, 1) == expected
