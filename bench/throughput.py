@@ -29,7 +29,7 @@ rounds times every row once (``--steps`` steps after ``--warmup``), in a rotated
 table reports each row's median over rounds. The CPU of a shared machine is noisy: compare rows of
 one run, not runs. Peers come from requirements-bench.txt; a missing peer's rows say so.
 
-    python bench/throughput.py                                   # CPU: resnet18_cifar, 32 px, batch 64
+    python bench/throughput.py                                   # CPU: resnet18_cifar, 32 px, batch 32
     python bench/throughput.py --only augment,decode --image-size 224 --batch-size 32
     python bench/throughput.py --device cuda --backbone resnet50 --image-size 224 --batch-size 128 --precision bf16
 """
@@ -70,13 +70,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--backbone", default="resnet18_cifar", help=f"one of {', '.join(backbones.BACKBONES)}")
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="autocast of every row's forward")
     parser.add_argument("--projection-size", type=int, default=256)
     parser.add_argument("--projection-hidden-size", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for every row")
-    parser.add_argument("--repeats", type=int, default=5, help="rounds; each row's median is reported")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per row and round")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; each row's median is reported")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per row and round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per row before its first round")
     parser.add_argument("--decode-size", type=int, default=500, help="side of the JPEGs of the decode rows")
     parser.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated groups of rows: {', '.join(GROUPS)}")

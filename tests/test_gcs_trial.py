@@ -22,6 +22,7 @@ def test_trial_streams_from_cloud_storage(tmp_path, gcs_env, imagenet_bucket):  
     hp["classifier"].update({"train_epochs": 1, "batch_size": 8, "augmentation": "none"})
     config["data"] = {
         "dataset": "imagenet", "root": str(tmp_path / "unused"), "validation_size": 6, "num_workers": 2,
+        "decode": "device",  # the config's: workers fetch bytes, the batch decodes in the trial
         "gcs": {"bucket": imagenet_bucket.name, "train_blob_list": imagenet_bucket.train_list,
                 "val_blob_list": imagenet_bucket.val_list, "cache_dir": str(tmp_path / "cache"),
                 "max_in_flight": 8},
