@@ -67,7 +67,7 @@ class _AllowlistUnpickler(pickle.Unpickler):
     as ``weights_only=True`` refuses it on newer torch."""
 
     def find_class(self, module: str, name: str):
-        if module == "collections" and name == "OrderedDict":
+        if (module, name) in (("collections", "OrderedDict"), ("_codecs", "encode")):  # encode: bytes in protocol 2
             return super().find_class(module, name)
         if module == "torch._utils" and name.startswith("_rebuild_"):
             return super().find_class(module, name)

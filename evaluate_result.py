@@ -232,7 +232,7 @@ def experiment_checkpoint(client, experiment_id: int, checkpoint_uuid: Optional[
             found = experiment.list_checkpoints(sort_by=sdk.CheckpointSortBy.BATCH_NUMBER,
                                                 order_by=sdk.OrderBy.DESCENDING, max_results=1)
         if not found:
-            state = getattr(getattr(experiment, "state", None), "value", None) or "unknown"
+            state = (getattr(getattr(experiment, "state", None), "value", None) or "unknown").replace("STATE_", "")
             raise EvaluationError(f"experiment {experiment_id} (state {state}) has no completed checkpoint"
                                   + (" with a validation" if best else "") + " yet: wait for its first checkpoint")
         checkpoint = found[0]

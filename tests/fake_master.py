@@ -400,6 +400,19 @@ class StandInMaster:
     def checkpoint_dir(self, uuid: str) -> str:
         return os.path.join(self.storage_root, uuid)
 
+    def record_checkpoint(self, trial_id: int, uuid: str, steps: int, validation: Optional[Dict[str, Any]] = None):
+        """Records a checkpoint (and its validation) with the bodies the harness would POST, for
+        tests of the SDK side that need no trial run."""
+        allocation = f"{trial_id}.{max(self.trials[trial_id].run_id, 1)}"
+        if validation is not None:
+            self._report_metrics(bindings.v1ReportTrialMetricsRequest(group="validation", metrics=bindings.v1TrialMetrics(
+                metrics=bindings.v1Metrics(avgMetrics=validation), trialId=trial_id, trialRunId=1,
+                stepsCompleted=steps)).to_json(), "", str(trial_id))
+        self._report_checkpoint(bindings.v1Checkpoint(
+            allocationId=allocation, metadata={"steps_completed": steps}, resources={}, taskId=f"task-{trial_id}",
+            training=bindings.v1CheckpointTrainingMetadata(), uuid=uuid, reportTime=NOW,
+            state=bindings.checkpointv1State.COMPLETED).to_json(), "")
+
     def new_trial(self, experiment_id: int) -> int:
         exp = self.experiments[experiment_id]
         with self.lock:
@@ -456,10 +469,17 @@ class StandInMaster:
         done = subprocess.CompletedProcess(command, process.returncode, output)
         trial.exit_codes.append(done.returncode)
         trial.logs.append(done.stdout)
-        if log_path:
-            with open(log_path, "a") as handle:
-                handle.write(f"===== allocation {allocation} (exit {done.returncode}) =====\n{done.stdout}")
         preempted = allocation in self.preempt_allocations
+        if log_path:
+            reported = [(c["uuid"], c["metadata"]["steps_completed"]) for c in self.checkpoints.values()
+                        if c.get("allocationId") == allocation]
+            with open(log_path, "a") as handle:
+                handle.write(f"===== stand-in: allocation {allocation} of trial {trial_id} ({slots} slots), "
+                             f"DET_LATEST_CHECKPOINT={latest_checkpoint}, DET_STEPS_COMPLETED={steps_completed or 0}\n"
+                             f"{done.stdout}"
+                             f"===== stand-in: allocation {allocation} exit {done.returncode}; checkpoints reported "
+                             f"{reported}; preemption signalled: {preempted}, acknowledged: "
+                             f"{allocation in self.acknowledged}\n")
         trial.state = "COMPLETED" if done.returncode == 0 and not preempted else "ACTIVE"
         return done
 

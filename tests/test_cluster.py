@@ -9,7 +9,6 @@ import copy
 import io
 import json
 import os
-import sys
 import tarfile
 
 import pytest
@@ -68,7 +67,7 @@ def sdk(master, tmp_path_factory):
     from determined.experimental import client
 
     saved = {key: os.environ.get(key) for key in ("DET_USER", "DET_PASS", "XDG_CONFIG_HOME", "DET_MASTER")}
-    os.environ.update(DET_USER="determined", DET_PASS="stand-in", DET_MASTER=master.url,
+    os.environ.update(DET_USER="determined", DET_PASS="StandIn-Pass1", DET_MASTER=master.url,
                       XDG_CONFIG_HOME=str(tmp_path_factory.mktemp("det-config")))
     yield client.Determined(master=master.url)
     for key, value in saved.items():
