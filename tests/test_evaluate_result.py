@@ -84,7 +84,9 @@ def cluster(tmp_path, monkeypatch):
 
 
 def _run(argv, master, capsys):
-    code = evaluate_result.main(argv + ["--master", master.url, "--model-dir", ROOT])
+    """evaluate_result.main; with a stand-in ``master``, pointed at it."""
+    extra = ["--master", master.url, "--model-dir", ROOT] if master is not None else []
+    code = evaluate_result.main(argv + extra)
     out, err = capsys.readouterr()
     return code, out, err
 
