@@ -61,12 +61,9 @@ ROUTES = [
      "core/_train.py TrainContext.set_status"),
     ("GET", r"/api/v1/trials/(?P<trial>\d+)", "get_trial",
      "core/_train.py TrainContext._get_last_validation (pytorch/_pytorch_trial.py at start)"),
-    ("PATCH", r"/api/v1/trials/(?P<trial>\d+)", "patch_trial",
-     "core/_heartbeat.py (bindings.patch_PatchTrial: trial state / heartbeat)"),
     ("POST", r"/api/v1/trials/(?P<trial>\d+)/metrics", "report_metrics",
      "core/_metrics.py _MetricsContext (bindings.post_ReportTrialMetrics: training and validation)"),
     ("POST", r"/api/v1/trials/(?P<trial>\d+)/progress", "progress", "core/_train.py TrainContext.report_progress"),
-    ("POST", r"/api/v1/trials/(?P<trial>\d+)/early_exit", "early_exit", "core/_train.py report_early_exit"),
     ("POST", r"/api/v1/checkpoints", "report_checkpoint",
      "core/_checkpoint.py _report_checkpoint (bindings.post_ReportCheckpoint)"),
     ("GET", r"/api/v1/checkpoints/(?P<uuid>[^/]+)", "get_checkpoint",
@@ -215,9 +212,6 @@ class StandInMaster:
             def do_POST(self):
                 self._dispatch("POST")
 
-            def do_PATCH(self):
-                self._dispatch("PATCH")
-
         return Handler
 
     # ------------------------------------------------------------------ experiments, as the SDK/CLI submit them
@@ -348,9 +342,6 @@ class StandInMaster:
     def _get_trial(self, body, query, trial):
         return 200, bindings.v1GetTrialResponse(trial=self._trial_json(self.trials[int(trial)])).to_json()
 
-    def _patch_trial(self, body, query, trial):
-        return 200, bindings.v1PatchTrialResponse(trial=self._trial_json(self.trials[int(trial)])).to_json()
-
     def _report_metrics(self, body, query, trial):
         request = bindings.v1ReportTrialMetricsRequest.from_json(body)
         group = request.group
@@ -361,9 +352,6 @@ class StandInMaster:
 
     def _progress(self, body, query, trial):
         self.progress.append(float(body["progress"]))
-        return 200, {}
-
-    def _early_exit(self, body, query, trial):
         return 200, {}
 
     def _best_validation(self, body, query, exp):
@@ -387,6 +375,15 @@ class StandInMaster:
     def _ack_preemption(self, body, query, alloc):
         self.acknowledged.append(alloc)
         return 200, {}
+
+    def answered_routes(self) -> List[str]:
+        """Each route of :data:`ROUTES` that was called, with how often and the code that calls it."""
+        lines = []
+        for method, pattern, _, caller in ROUTES:
+            count = sum(1 for m, p in self.requests if m == method and re.fullmatch(pattern, p))
+            if count:
+                lines.append(f"{method} {pattern} x{count}: {caller}")
+        return lines
 
     # ------------------------------------------------------------------ the agent's side
     def training_metrics(self, trial_id: int, group: str = "training") -> List[Dict[str, Any]]:
@@ -463,7 +460,14 @@ class StandInMaster:
         try:
             output, _ = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:  # e.g. ranks waiting on each other: end the whole container
-            os.killpg(process.pid, 9)
+            import psutil  # a dependency of determined
+
+            # Every process of the container, listed before any dies: torchrun's workers leave the
+            # process group, and would otherwise keep the output pipe open.
+            tree = psutil.Process(process.pid).children(recursive=True)
+            for member in [psutil.Process(process.pid)] + tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    member.kill()
             output, _ = process.communicate()
             output += f"\n[stand-in] allocation {allocation} killed after {timeout} s\n"
         done = subprocess.CompletedProcess(command, process.returncode, output)

@@ -58,6 +58,9 @@ def with_overrides(path: str, overrides: dict) -> dict:
 def master(tmp_path_factory):
     with fake_master.stand_in_master(str(tmp_path_factory.mktemp("shared_fs"))) as stand_in:
         yield stand_in
+        if os.environ.get("BYOL_STAND_IN_ROUTES"):  # for the record: the calls this module's runs made
+            with open(os.environ["BYOL_STAND_IN_ROUTES"], "w") as handle:
+                handle.write("\n".join(stand_in.answered_routes()) + "\n")
         assert stand_in.unanswered == [] and stand_in.errors == []
 
 
@@ -113,6 +116,10 @@ def test_one_slot_trains_validates_checkpoints_and_exits(one_slot, master):
     load_data = json.load(open(os.path.join(master.checkpoint_dir(checkpoints[-1].uuid), "load_data.json")))
     assert load_data["hparams"] == master.trials[trial_id].hparams  # pytorch.init(hparams=...)
     assert load_data["experiment_config"]["searcher"]["metric"] == "validation_accuracy"
+    import evaluate_result  # a downloaded cluster checkpoint evaluates locally (`det checkpoint download`)
+
+    hparams, config = evaluate_result.checkpoint_config(master.checkpoint_dir(checkpoints[-1].uuid))
+    assert hparams["train_length"] == {"batches": 6} and config["data"]["dataset"] == "digits"
     assert ("GET", f"/api/v1/allocations/{trial_id}.1/signals/preemption") in master.requests
 
 
