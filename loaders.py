@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import Subset, ConcatDataset, DataLoader, Dataset
 
 import augment
 import data
@@ -136,7 +136,7 @@ def training_dataset(settings: Settings, image_size: int, pretraining: bool) -> 
 
             kind = jpeg_decode.DraftTwoViewTransform if decode == "draft" else jpeg_decode.EncodedTwoViewTransform
             transform = kind(image_size, view1, view2)
-        return SeededTransformDataset(base_dataset(settings, data.Split.TRAIN, lazy=decode != "pil"), transform)
+        return SeededTransformDataset(pretraining_images(settings, lazy=decode != "pil"), transform)
     mode = settings.classifier.augmentation
     if mode == "crop_flip":
         transform = augment.crop_flip_transform(image_size)
@@ -145,6 +145,20 @@ def training_dataset(settings: Settings, image_size: int, pretraining: bool) -> 
     else:
         transform = evaluation_transform(settings, image_size)
     return SeededTransformDataset(base_dataset(settings, data.Split.CLS_TRAIN), transform)
+
+
+def pretraining_images(settings: Settings, lazy: bool = False) -> Dataset:
+    """TRAIN; without ``classifier_validation`` minus the CLS_VALIDATION images, on which validation
+    then measures the BYOL loss (the searcher metric): images the encoder never trained on, and
+    never TEST. Every dataset's labelled training set is the start of its TRAIN split (stl10's
+    'train+unlabeled' begins with 'train'), so CLS_VALIDATION's positions in it are positions in TRAIN.
+    ``lazy``: images opened undecoded (``data.decode: draft | device``, jpeg_decode.py)."""
+    train = base_dataset(settings, data.Split.TRAIN, lazy=lazy)
+    if settings.classifier_validation:
+        return train  # pretraining on the whole training set, as the paper does
+    held_out_of = len(base_dataset(settings, data.Split.CLS_TRAIN)) + settings.data.validation_size
+    held_out = set(data.split_labelled(held_out_of, settings.data.validation_size, settings.seed)[1])
+    return Subset(train, [index for index in range(len(train)) if index not in held_out])
 
 
 def evaluation_transform(settings: Settings, image_size: int):
