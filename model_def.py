@@ -143,10 +143,12 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
             if fine_tune and self.synced_batch_norm:  # a frozen encoder (CLASSIFIER_ONLY) keeps eval-mode BN
                 encoder = sync_batchnorm.convert_sync_batchnorm(encoder, self.device)
             self.model = context.wrap_model(EncoderWithHeads(encoder, self.heads, fine_tune))
-            extra = ([{"params": list(encoder.parameters()), "lr": s.classifier.encoder_lr,
-                       "initial_lr": s.classifier.encoder_lr}] if fine_tune else [])
+            encoder_lr = optim.scaled_learning_rate(s.classifier.encoder_lr, s.classifier.batch_size)
+            extra = ([{"params": list(encoder.parameters()), "lr": encoder_lr, "initial_lr": encoder_lr}]
+                     if fine_tune else [])
             self.optimizer = context.wrap_optimizer(classifier.heads_optimizer(
-                self.heads, s.classifier.learning_rates, s.classifier.momentum, s.classifier.weight_decay, extra))
+                self.heads, s.classifier.learning_rates, s.classifier.batch_size, s.classifier.momentum,
+                s.classifier.weight_decay, extra))
         view1, view2 = loaders.view_augmentations(s)
         self.augment1 = self._photometric(view1)
         self.augment2 = self._photometric(view2)
@@ -186,7 +188,7 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
         rows r*B..(r+1)*B-1 of each global batch)."""
         per_rank = images.shape[0]
         with self.seeded(stream):
-            params = augment.sample_parameters(per_rank * self.world_size, self.device)
+            params = augment.sample_parameters(per_rank * self.world_size)  # on the CPU (augment.py)
         rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
         return augment(images, augment.select(params, rows))
 

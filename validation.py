@@ -53,11 +53,10 @@ class ValidationMixin:
         validation BYOL loss is the same for any number of processes."""
         if self._view_parameters[0] != self.global_step:
             with self.seeded(EVALUATION_VIEWS_STREAM):
-                drawn = [augment.sample_parameters(len(self.eval_dataset), self.device)
+                drawn = [augment.sample_parameters(len(self.eval_dataset))
                          for augment in (self.augment1, self.augment2)]
             self._view_parameters = (self.global_step, drawn)
-        index = positions.to(self.device)
-        view1, view2 = (augment(images, augment.select(drawn, index))
+        view1, view2 = (augment(images, augment.select(drawn, positions.cpu()))
                         for augment, drawn in zip((self.augment1, self.augment2), self._view_parameters[1]))
         return view1, view2
 
