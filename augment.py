@@ -399,7 +399,7 @@ class PhotometricAugment(nn.Module):
             steps.append(("solarize", torch.nonzero(params["solarize"].cpu()).flatten(), None))
         return [step for step in steps if len(step[1])]
 
-    def _apply(self, name, images: torch.Tensor, values: Optional[torch.Tensor]) -> torch.Tensor:
+    def _run_step(self, name, images: torch.Tensor, values: Optional[torch.Tensor]) -> torch.Tensor:
         if name == "grayscale":
             return rgb_to_grayscale(images)
         if name == "blur":
@@ -432,7 +432,7 @@ class PhotometricAugment(nn.Module):
                 if cpu_values is not None:
                     step_values = values[value_start:value_start + count]
                     value_start += count
-                x = x.index_copy(0, index, self._apply(name, x.index_select(0, index), step_values))
+                x = x.index_copy(0, index, self._run_step(name, x.index_select(0, index), step_values))
         return self.normalize.normalize_float(x)
 
 
