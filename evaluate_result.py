@@ -4,7 +4,13 @@ Linear evaluation (Grill et al. 2020, arXiv 2006.07733, section 4.1 and appendix
 heads, one per learning rate, are trained on the frozen encoder of a BYOL checkpoint (SGD with
 Nesterov momentum 0.9, cosine schedule, optional logit clipping / regularisation, the
 ``classifier.augmentation`` of choice); the head best on CLS_VALIDATION is reported on TEST,
-top-1 and top-5. Fine-tuning (appendix C.2) trains the encoder with a single head.
+top-1 and top-5. Fine-tuning follows the paper's semi-supervised protocol (appendix C.2 of arXiv
+v3, after SimCLR): encoder and one head trained together on a labelled subset of CLS_TRAIN
+(``--set classifier.label_list=FILE``, a file naming the images as SimCLR's 1% / 10% lists, or
+``--set classifier.label_fraction=0.01``, a seeded fraction of each class), 30 epochs for 1% and 50
+otherwise unless ``--classifier-train-epochs`` says, one run per learning rate of the paper's grid
+(0.01, 0.02, 0.05, 0.1, 0.005, the same rate for encoder and head) unless ``--head-lr`` /
+``--encoder-lr`` fix one; the run best on CLS_VALIDATION is reported on TEST.
 
     python evaluate_result.py --experiment-id N [--classifier-train-epochs 80] [--fine-tune]
         On a Determined cluster: the experiment's best checkpoint by its searcher metric, evaluated
@@ -38,6 +44,15 @@ from utils import ConfigError, Settings, TrainingMode, apply_overrides, parse_se
 from faults import RunFailed
 
 PROBE_COMMANDS = ("features", "probe")
+FINE_TUNE_LEARNING_RATES = (0.01, 0.02, 0.05, 0.1, 0.005)  # the paper's semi-supervised grid
+LINEAR_EPOCHS = 80
+
+
+def default_epochs(fine_tune: bool, label_fraction: Optional[float]) -> int:
+    """Linear protocol: 80 epochs; semi-supervised fine-tuning: 30 on 1% of the labels, else 50."""
+    if not fine_tune:
+        return LINEAR_EPOCHS
+    return 30 if label_fraction is not None and label_fraction <= 0.01 else 50
 TORCHVISION_BACKBONES = ("resnet18", "resnet50")  # the names torchvision.models has, fc replaced
 
 
@@ -141,15 +156,45 @@ def export_encoder(directory: str, out: str, backbone_name: Optional[str] = None
 
 
 # ------------------------------------------------------------------ the protocol, locally
-def evaluate_checkpoint(directory: str, epochs: int, fine_tune: bool = False, head_lr: Optional[float] = None,
-                        encoder_lr: Optional[float] = None, sets: Sequence[str] = (),
+def evaluate_checkpoint(directory: str, epochs: Optional[int] = None, fine_tune: bool = False,
+                        head_lr: Optional[float] = None, encoder_lr: Optional[float] = None, sets: Sequence[str] = (),
                         checkpoint_dir: Optional[str] = None, metrics_out: Optional[str] = None) -> Dict[str, Any]:
-    """Runs the linear protocol (or fine-tuning) on a local checkpoint; returns the final metrics."""
-    import runner
-
+    """Runs the linear protocol (or fine-tuning) on a local checkpoint; returns the final metrics.
+    Fine-tuning without a given learning rate runs the paper's grid and keeps the run best on
+    CLS_VALIDATION."""
     directory = os.path.abspath(directory)
     hparams, config = checkpoint_config(directory)
     check_pretraining_checkpoint(hparams, repr(directory))
+    if epochs is None:
+        overridden = copy.deepcopy(hparams)
+        apply_overrides(overridden, {}, sets)
+        epochs = default_epochs(fine_tune, (overridden.get("classifier") or {}).get("label_fraction"))
+    if not fine_tune or head_lr is not None or encoder_lr is not None:
+        return _evaluate_once(directory, hparams, config, epochs, fine_tune, head_lr, encoder_lr, sets,
+                              checkpoint_dir, metrics_out)
+    results = []
+    for lr in FINE_TUNE_LEARNING_RATES:
+        metrics = _evaluate_once(directory, hparams, config, epochs, True, lr, lr, sets, checkpoint_dir, None)
+        results.append((metrics.get("validation_accuracy", float("-inf")), lr, metrics))
+    _, lr, best = max(results, key=lambda item: item[0])  # ties: the first of the grid
+    best = {**best, "fine_tune_lr": lr}
+    print(f"[eval] fine-tuning grid {', '.join(f'{r:g}' for r in FINE_TUNE_LEARNING_RATES)}: lr {lr:g} chosen on "
+          f"CLS_VALIDATION {best.get('validation_accuracy', float('nan')):.4f}: TEST top-1 "
+          f"{best.get('test_accuracy', float('nan')):.4f}", flush=True)
+    if metrics_out:
+        import json
+
+        os.makedirs(os.path.dirname(os.path.abspath(metrics_out)), exist_ok=True)
+        with open(metrics_out, "w") as handle:
+            json.dump(best, handle, indent=2, sort_keys=True)
+    return best
+
+
+def _evaluate_once(directory: str, hparams: Dict[str, Any], config: Dict[str, Any], epochs: int, fine_tune: bool,
+                   head_lr: Optional[float], encoder_lr: Optional[float], sets: Sequence[str],
+                   checkpoint_dir: Optional[str], metrics_out: Optional[str]) -> Dict[str, Any]:
+    import runner
+
     hparams = evaluation_hparams(hparams, directory, epochs, fine_tune, head_lr, encoder_lr)
     data_section = dict(hparams.pop("data", None) or config.get("data") or {})
     apply_overrides(hparams, data_section, sets)
@@ -246,11 +291,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--experiment-id", type=int, help="a Determined experiment (cluster path)")
     source.add_argument("--checkpoint", help="a local checkpoint directory (local path)")
-    parser.add_argument("--classifier-train-epochs", type=int, default=80, help="epochs of head training (default 80)")
+    parser.add_argument("--classifier-train-epochs", type=int,
+                        help="training epochs (default: 80 for the linear protocol; fine-tuning 30 with "
+                             "classifier.label_fraction <= 0.01, else 50)")
     parser.add_argument("--fine-tune", action="store_true", help="FINE_TUNE: train the encoder with one head")
-    parser.add_argument("--head-lr", type=float, help="fine-tuning head learning rate (default: smallest configured)")
+    parser.add_argument("--head-lr", type=float,
+                        help="fine-tuning head (base) learning rate (default: a run per rate of the paper's grid "
+                             "0.01, 0.02, 0.05, 0.1, 0.005, chosen on CLS_VALIDATION)")
     parser.add_argument("--encoder-lr", type=float,
-                        help="fine-tuning encoder learning rate (default: classifier.encoder_lr, else the head's)")
+                        help="fine-tuning encoder (base) learning rate (default: classifier.encoder_lr, else the head's)")
     parser.add_argument("--export-encoder", metavar="OUT.pt", help="write the encoder's state_dict and stop")
     parser.add_argument("--checkpoint-dir", help="local checkpoint storage (default: next to --checkpoint)")
     parser.add_argument("--metrics-out", help="write the final metrics as JSON (and curves as PNG) here")
@@ -274,7 +323,8 @@ def main(argv: Optional[Sequence[str]] = None, make_client: Callable = default_c
             return probes.main(argv)
         args = parse_args(argv)
         if args.experiment_id is not None:
-            new_id = evaluate_experiment(make_client(args.master), args.experiment_id, args.classifier_train_epochs,
+            epochs = args.classifier_train_epochs or default_epochs(args.fine_tune, None)
+            new_id = evaluate_experiment(make_client(args.master), args.experiment_id, epochs,
                                          args.fine_tune, args.head_lr, args.encoder_lr, args.model_dir)
             print(new_id, flush=True)
         elif args.export_encoder:

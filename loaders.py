@@ -85,7 +85,8 @@ class LazyTrainingLoader:
 
 
 def training_dataset(settings: Settings, image_size: int, pretraining: bool) -> Dataset:
-    """TRAIN with two geometric views (pretraining), or CLS_TRAIN with the classifier transform."""
+    """TRAIN with two geometric views (pretraining), or CLS_TRAIN (its labelled subset with
+    ``classifier.label_fraction`` / ``label_list``) with the classifier transform."""
     if pretraining:
         view1, view2 = view_augmentations(settings)
         transform = augment.TwoViewTransform(image_size, view1, view2)
@@ -97,7 +98,9 @@ def training_dataset(settings: Settings, image_size: int, pretraining: bool) -> 
         transform = augment.geometric_transform(image_size, view_augmentations(settings)[0])
     else:
         transform = evaluation_transform(settings, image_size)
-    return SeededTransformDataset(base_dataset(settings, data.Split.CLS_TRAIN), transform)
+    labelled = data.labelled_subset(base_dataset(settings, data.Split.CLS_TRAIN), settings.classifier.label_fraction,
+                                    settings.classifier.label_list, settings.seed)
+    return SeededTransformDataset(labelled, transform)
 
 
 def evaluation_transform(settings: Settings, image_size: int):

@@ -124,8 +124,10 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
         self.heads = classifier.LinearHeads(feature_size, self.info.num_classes,
                                             len(s.classifier.learning_rates), s.classifier.logit_clip)
         if self.pretraining:
+            # The reference's online classifier on sg(y): a training metric at every step (byol.py).
             learner = BYOL(encoder, s.image_size, hidden_layer=None, projection_size=s.projection_size,
-                           projection_hidden_size=s.projection_hidden_size, feature_size=feature_size)
+                           projection_hidden_size=s.projection_hidden_size, feature_size=feature_size,
+                           num_classes=self.info.num_classes)
             if self.synced_batch_norm:
                 # Global-batch statistics in encoder, projector and predictor (online and target):
                 # nn.SyncBatchNorm on CUDA; on CPU/gloo, where it refuses to run, an all_reduce one.
@@ -210,13 +212,13 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
         s = self.settings
         step = self.global_step
         if self.pretraining:
-            (view1, view2), _labels = batch
+            (view1, view2), labels = batch
             lr = optim.warmup_cosine_lr(step, self.total_steps, round(s.warmup_epochs * self.steps_per_epoch),
                                         self.peak_lr)
             optim.set_learning_rate(self.optimizer, lr)
             view1 = self.augment_global(self.augment1, view1.to(self.device, non_blocking=True), VIEW1_STREAM)
             view2 = self.augment_global(self.augment2, view2.to(self.device, non_blocking=True), VIEW2_STREAM)
-            loss = self.model(view1, view2)
+            loss, classifier_loss, classifier_accuracy = self.model(view1, view2, labels=labels.to(self.device))
         else:
             images, labels = batch
             classifier.set_cosine_lr(self.optimizer, step, self.total_steps)
@@ -235,10 +237,14 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
                 f"stopped; the last good checkpoint "
                 f"({self.last_checkpoint_path or self.last_checkpoint or 'none written yet'}) "
                 f"is intact. Lower the learning rate (base_lr) or check the input data.")
-        self.context.backward(loss)
+        # The online classifier's loss trains only the classifier (its input is sg(y)).
+        self.context.backward(loss + classifier_loss if self.pretraining else loss)
         self.context.step_optimizer(self.optimizer)
         metrics = {"loss": loss.detach(), "lr": lr}
         if self.pretraining:
+            # Accuracy on this training batch's labelled images (STL-10's unlabeled ones are skipped).
+            metrics["online_classifier_accuracy"] = classifier_accuracy.detach()
+            metrics["online_classifier_loss"] = classifier_loss.detach()
             tau = cosine_ema_tau(step, self.total_steps, s.tau_base)
             self.learner.update_moving_average(tau)
             if self.world_size > 1 and not self.synced_batch_norm:

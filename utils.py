@@ -70,7 +70,9 @@ class ClassifierSettings:
     logit_clip: Optional[float] = None      # logits -> c * tanh(logits / c)
     logit_regularization: float = 0.0       # + lambda * mean squared logit
     augmentation: str = "none"              # none | crop_flip | variant
-    encoder_lr: float = 0.0                 # FINE_TUNE only: learning rate of the encoder
+    encoder_lr: float = 0.0                 # FINE_TUNE only: (base) learning rate of the encoder
+    label_fraction: Optional[float] = None  # CLASSIFIER_ONLY / FINE_TUNE: seeded fraction of each class
+    label_list: Optional[str] = None        # ... or a file listing the labelled images (SimCLR's lists)
     knn_k: int = 0                          # >0: report a weighted cosine kNN accuracy at validation
 
 
@@ -200,6 +202,13 @@ def _parse_classifier(section: dict) -> ClassifierSettings:
     values["logit_regularization"] = _number(values, "logit_regularization", prefix, minimum=0)
     values["encoder_lr"] = _number(values, "encoder_lr", prefix, minimum=0)
     values["knn_k"] = _number(values, "knn_k", prefix, int, minimum=0)
+    values["label_fraction"] = _number(values, "label_fraction", prefix, minimum=0, exclusive_min=True, maximum=1,
+                                       optional=True)
+    if values["label_list"] is not None:
+        if not isinstance(values["label_list"], str) or not os.path.isfile(values["label_list"]):
+            _fail(prefix + "label_list", values["label_list"], "expected an existing file listing the labelled images")
+        if values["label_fraction"] is not None:
+            _fail(prefix + "label_fraction", values["label_fraction"], "give label_list or label_fraction, not both")
     if values["augmentation"] not in ("none", "crop_flip", "variant"):
         _fail(prefix + "augmentation", values["augmentation"], "allowed: none, crop_flip, variant")
     return ClassifierSettings(**values)
