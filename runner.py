@@ -165,10 +165,10 @@ def run_trial(context: pytorch.PyTorchTrialContext, settings: Optional[Settings]
 
 def summary(trial, seconds: float) -> Dict[str, Any]:
     metrics = {key: value for key, value in trial.last_validation.items() if isinstance(value, (int, float))}
-    if trial.pretraining and trial.settings.compare_random_init and trial.settings.classifier_validation:
-        random_init = trial.random_encoder_probe()
-        if "test_accuracy" in random_init:
-            metrics["random_init_test_accuracy"] = random_init["test_accuracy"]
+    if trial.pretraining and trial.settings.compare_random_init:
+        comparison = trial.compare_representations()  # BYOL vs random init vs pixels, one fair probe
+        if comparison:
+            metrics["representation_probe"] = comparison
     metrics.update({"global_step": trial.global_step, "wall_seconds": round(seconds, 1),
                     "last_checkpoint": trial.last_checkpoint})
     return metrics
@@ -291,9 +291,10 @@ def print_summary(trial, metrics: Dict[str, Any]) -> None:
     if "knn_accuracy" in metrics:
         lines.append(f"[byol] weighted {trial.settings.classifier.knn_k}-NN on frozen features: test accuracy "
                      f"{metrics['knn_accuracy']:.4f}")
-    if "random_init_test_accuracy" in metrics:
-        lines.append(f"[byol] same probe on a randomly initialised encoder: "
-                     f"{metrics['random_init_test_accuracy']:.4f}")
+    if "representation_probe" in metrics:
+        import probes
+
+        lines.append(probes.format_comparison(metrics["representation_probe"]))
     if metrics.get("last_checkpoint"):
         lines.append(f"[byol] last checkpoint: {metrics['last_checkpoint']}")
     print("\n".join(lines), flush=True)
