@@ -283,7 +283,8 @@ def gaussian_blur(images: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -
     half = kernel_size // 2
     offsets = torch.arange(-half, half + 1, device=images.device, dtype=images.dtype)
     kernel = torch.exp(-offsets.square() / (2.0 * sigma.to(images.device, images.dtype).view(-1, 1).square()))
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)  # [B*C, k]
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).unsqueeze(1).expand(batch, channels, kernel_size)
+    kernel = kernel.reshape(batch * channels, kernel_size)  # one kernel per (sample, channel)
     flat = images.reshape(1, batch * channels, height, width)
     flat = F.conv2d(flat, kernel.view(-1, 1, 1, kernel_size), padding=(0, half), groups=batch * channels)
     flat = F.conv2d(flat, kernel.view(-1, 1, kernel_size, 1), padding=(half, 0), groups=batch * channels)
@@ -432,7 +433,7 @@ class PhotometricAugment(nn.Module):
                 if cpu_values is not None:
                     step_values = values[value_start:value_start + count]
                     value_start += count
-                x = x.index_copy(0, index, self._run_step(name, x.index_select(0, index), step_values))
+                x.index_copy_(0, index, self._run_step(name, x.index_select(0, index), step_values))
         return self.normalize.normalize_float(x)
 
 

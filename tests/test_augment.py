@@ -345,3 +345,21 @@ def test_photometric_rejects_bad_batches():
         module(torch.zeros(2, 1, 16, 16, dtype=torch.uint8))
     with pytest.raises(ValueError, match="std"):
         augment.Normalize(MEAN, (0.2, 0.0, 0.1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the host-sync check is CUDA's)")
+def test_photometric_augment_never_synchronises_the_device():
+    """Parameters and the plan live on the CPU; indices and values travel by non-blocking copies:
+    torch's sync debug mode raises on any synchronising call inside the forward pass."""
+    module = PhotometricAugment(augment.paper_view_augmentations()[1], MEAN, STD, 96).cuda()
+    images = _images(batch=64, size=96).cuda()
+    torch.manual_seed(0)
+    params = module.sample_parameters(64)
+    expected = module(images.cpu(), params)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = module(images, params)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.allclose(out.cpu(), expected, atol=1e-5)
