@@ -334,7 +334,7 @@ def check_resume(directory: str, settings, total_steps: int, pretraining: bool =
     if changed:
         described = ", ".join(f"{key}={current.get(key)!r} (checkpoint: {saved.get(key)!r})" for key in changed[:4])
         raise IncompatibleCheckpointError(
-            f"resuming {directory!r} with changed settings: {described}. Exact resume needs the settings the "
+            f"checkpoint {directory!r} was written with other settings than this run's: {described}. Exact resume needs the settings the "
             f"checkpoint was written with; drop the --set/config changes or start a new run")
     saved_total = marker.get("total_steps")
     if saved_total is not None and total_steps != saved_total:

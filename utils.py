@@ -356,7 +356,9 @@ def check_sections(config: dict, where: str) -> None:
     """Refuses top-level sections that a Determined experiment config does not have."""
     for key in config:
         if key not in EXPERIMENT_SECTIONS:
-            near = [name for name in EXPERIMENT_SECTIONS if name.rstrip("s") == str(key).rstrip("s")]
+            import difflib
+
+            near = difflib.get_close_matches(str(key), EXPERIMENT_SECTIONS, n=1, cutoff=0.6)
             raise ConfigError(f"config file {where!r} has unknown top-level section {key!r}"
                               + (f" (did you mean {near[0]!r}?)" if near else "")
                               + f"; known sections: {', '.join(EXPERIMENT_SECTIONS)}")
