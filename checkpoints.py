@@ -319,13 +319,25 @@ def check_resume(directory: str, settings, total_steps: int, pretraining: bool =
     marker = verify_checkpoint(directory)
     saved = marker.get("settings")
     step = int(marker.get("global_step", 0))
+    if saved is not None:
+        _check_same_settings(directory, settings, saved, pretraining)
     if total_steps <= step:
         raise IncompatibleCheckpointError(
             f"checkpoint {directory!r} is at global step {step} but this run ends at step {total_steps} "
-            f"({settings.train_length}): nothing to train. Give a longer length (e.g. --batches {step + max(step, 1)}) "
-            f"or use the checkpoint as it is (evaluate_result.py --checkpoint {directory})")
-    if saved is None:  # written before fingerprints held all settings: shapes are still checked on load
-        return None
+            f"({settings.train_length}): nothing to train. Give a longer length (e.g. --batches "
+            f"{step + max(step, 1)}) or use the checkpoint as it is (evaluate_result.py --checkpoint {directory})")
+    saved_total = marker.get("total_steps")
+    if saved_total is not None and total_steps != saved_total:
+        return (f"note: this run is longer than the one that wrote the checkpoint ({total_steps} steps, was "
+                f"{saved_total}): the learning-rate and EMA schedules now follow the new length, so the result "
+                f"differs from an uninterrupted {saved_total}-step run")
+    return None
+
+
+def _check_same_settings(directory: str, settings, saved: Dict[str, Any], pretraining: bool) -> None:
+    """Raises :class:`IncompatibleCheckpointError` naming the settings that differ (beyond
+    :data:`RESUME_FREE_KEYS`). Checkpoints written before their marker held the settings are
+    compared on shapes only, when loaded (:func:`check_compatible`)."""
     current = _flatten(settings.as_hparams())
     saved = _flatten(saved)
     free = tuple(key for key in RESUME_FREE_KEYS if key != "classifier" or pretraining)
@@ -334,14 +346,8 @@ def check_resume(directory: str, settings, total_steps: int, pretraining: bool =
     if changed:
         described = ", ".join(f"{key}={current.get(key)!r} (checkpoint: {saved.get(key)!r})" for key in changed[:4])
         raise IncompatibleCheckpointError(
-            f"checkpoint {directory!r} was written with other settings than this run's: {described}. Exact resume needs the settings the "
-            f"checkpoint was written with; drop the --set/config changes or start a new run")
-    saved_total = marker.get("total_steps")
-    if saved_total is not None and total_steps != saved_total:
-        return (f"note: this run is longer than the one that wrote the checkpoint ({total_steps} steps, was "
-                f"{saved_total}): the learning-rate and EMA schedules now follow the new length, so the result "
-                f"differs from an uninterrupted {saved_total}-step run")
-    return None
+            f"checkpoint {directory!r} was written with other settings than this run's: {described}. Exact "
+            f"resume needs the checkpoint's settings; drop the --set/config changes or start a new run")
 
 
 def resolve_checkpoint_dir(reference: str, context=None):

@@ -61,6 +61,8 @@ class RetryProgress:
     def __call__(self, error: Exception) -> None:
         self.tries += 1
         code = getattr(error, "code", None)
+        if not isinstance(code, int):  # google-resumable-media's InvalidResponse carries the HTTP response
+            code = getattr(getattr(error, "response", None), "status_code", None)
         reason = f"{int(code)} {type(error).__name__}" if isinstance(code, int) else type(error).__name__
         suffix = {1: "st", 2: "nd", 3: "rd"}.get(self.tries if self.tries < 20 else self.tries % 10, "th")
         log.warning("retrying %s (%d%s try, %s; giving up after %g s)", self.url, self.tries, suffix, reason,
