@@ -22,6 +22,7 @@ import shutil
 from typing import Any, Iterator, List, Optional, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 import checkpoints
@@ -34,8 +35,9 @@ class UnreadableImageError(RuntimeError):
 
 
 # What PIL raises for undecodable files: OSError ("image file is truncated", UnidentifiedImageError),
-# SyntaxError ("broken PNG file"), EOFError; missing or unreadable files are OSErrors too.
-_READ_ERRORS = (OSError, SyntaxError, EOFError)
+# SyntaxError ("broken PNG file"), EOFError, DecompressionBombError (an image too large to be safe);
+# missing or unreadable files are OSErrors too.
+_READ_ERRORS = (OSError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 def _source_of(dataset: Any, index: int) -> Optional[str]:

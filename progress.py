@@ -45,4 +45,4 @@ def progress(iterable: Optional[Iterable] = None, desc: str = "", total: Optiona
     terminal = hasattr(stream, "isatty") and stream.isatty()
     return tqdm(iterable, desc=desc, total=total, unit=unit, disable=not enabled, dynamic_ncols=terminal,
                 file=stream if terminal else _Lines(stream), mininterval=0.5 if terminal else LOG_INTERVAL_S,
-                ascii=not terminal, leave=terminal)
+                ascii=not terminal, leave=True)

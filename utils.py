@@ -436,29 +436,32 @@ def run_command(body, argv=None) -> int:
 
 # ----------------------------------------------------------------------------- output paths
 def check_output_file(path: Optional[str], option: str) -> None:
-    """Before any work: ``path`` can be written as a file (its folder exists or can be made, is a
-    folder and is writable; ``path`` is not a folder). The folder is created."""
+    """Before any work: ``path`` can be written as a file (its folder exists or can be made, and is
+    writable; ``path`` is not a folder). The folder is created."""
     if not path:
         return
     path = os.path.abspath(path)
     if os.path.isdir(path):
         raise InputError(f"{option} {path!r} is a directory: give a file path, e.g. {os.path.join(path, 'out')}")
-    check_output_dir(os.path.dirname(path), f"the folder of {option} {path!r}")
+    _make_writable_folder(os.path.dirname(path), option, path)
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise InputError(f"{option} {path!r} exists and is not writable: choose another file")
 
 
 def check_output_dir(path: Optional[str], option: str) -> None:
-    """Before any work: ``path`` is (or can be made) a writable folder."""
-    if not path:
-        return
-    path = os.path.abspath(path)
-    existing = path
+    """Before any work: ``path`` is (or can be made) a writable folder; it is created."""
+    if path:
+        _make_writable_folder(os.path.abspath(path), option, os.path.abspath(path))
+
+
+def _make_writable_folder(folder: str, option: str, path: str) -> None:
+    existing = folder
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise InputError(f"{option} {path!r} cannot be a folder: {existing!r} is a file; choose a path whose "
-                         f"parents are folders")
+        raise InputError(f"{option} {path!r} cannot be written: {existing!r} is a file, not a folder; "
+                         f"choose another path")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{option} {path!r} is not writable ({existing!r} denies writing): choose another path")
-    os.makedirs(path, exist_ok=True)
+        raise InputError(f"{option} {path!r} cannot be written: the folder {existing!r} is not writable; "
+                         f"choose another path")
+    os.makedirs(folder, exist_ok=True)
