@@ -99,7 +99,8 @@ class TrialStateCallback(pytorch.PyTorchCallback):
     def on_checkpoint_write_end(self, checkpoint_dir: str) -> None:
         # Chief only, after the harness wrote every file: from here on the checkpoint counts.
         write_complete_marker(checkpoint_dir, self.trial.global_step,
-                              {"settings": self.trial.settings.as_hparams(), "total_steps": self.trial.total_steps})
+                              {"settings": self.trial.settings.as_hparams(), "total_steps": self.trial.total_steps,
+                               "processes": self.trial.world_size})
         self.trial.last_checkpoint_path = checkpoint_dir
 
     def on_checkpoint_upload_end(self, uuid: str) -> None:
@@ -311,21 +312,26 @@ def _flatten(values: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return flat
 
 
-def check_resume(directory: str, settings, total_steps: int, pretraining: bool = True) -> Optional[str]:
+def check_resume(directory: str, settings, total_steps: int, pretraining: bool = True,
+                 processes: int = 1) -> Optional[str]:
     """Before the first step of a resumed run: its settings equal those the checkpoint was written
     with (seed, batch, data, schedule, ...), so the resumed steps are those of the original run, and
-    its length leaves work to do. A longer length is allowed (and said: the schedules then follow the
-    new length). Returns a note to print, or None; raises :class:`IncompatibleCheckpointError`."""
+    its length is not shorter. A longer length is allowed and said (the schedules then follow the
+    new length); the same length only validates, and says so. Returns a note to print, or None;
+    raises :class:`IncompatibleCheckpointError`."""
     marker = verify_checkpoint(directory)
     saved = marker.get("settings")
     step = int(marker.get("global_step", 0))
     if saved is not None:
-        _check_same_settings(directory, settings, saved, pretraining)
-    if total_steps <= step:
+        _check_same_settings(directory, settings, processes, saved, int(marker.get("processes", 1)), pretraining)
+    if total_steps < step:
         raise IncompatibleCheckpointError(
             f"checkpoint {directory!r} is at global step {step} but this run ends at step {total_steps} "
-            f"({settings.train_length}): nothing to train. Give a longer length (e.g. --batches "
+            f"({settings.train_length}): it is past the end. Give a longer length (e.g. --batches "
             f"{step + max(step, 1)}) or use the checkpoint as it is (evaluate_result.py --checkpoint {directory})")
+    if total_steps == step:
+        return (f"note: checkpoint {directory!r} is at step {step}, the end of this run: nothing to train, "
+                f"validating only")
     saved_total = marker.get("total_steps")
     if saved_total is not None and total_steps != saved_total:
         return (f"note: this run is longer than the one that wrote the checkpoint ({total_steps} steps, was "
@@ -334,12 +340,17 @@ def check_resume(directory: str, settings, total_steps: int, pretraining: bool =
     return None
 
 
-def _check_same_settings(directory: str, settings, saved: Dict[str, Any], pretraining: bool) -> None:
+def _check_same_settings(directory: str, settings, processes: int, saved: Dict[str, Any], saved_processes: int,
+                         pretraining: bool) -> None:
     """Raises :class:`IncompatibleCheckpointError` naming the settings that differ (beyond
     :data:`RESUME_FREE_KEYS`). Checkpoints written before their marker held the settings are
     compared on shapes only, when loaded (:func:`check_compatible`)."""
     current = _flatten(settings.as_hparams())
     saved = _flatten(saved)
+    # Batch norm over the global batch is the same computation in one process as synchronised over
+    # several: compare what is computed, not the switch.
+    current["sync_batch_norm"] = bool(current.get("sync_batch_norm")) or processes == 1
+    saved["sync_batch_norm"] = bool(saved.get("sync_batch_norm")) or saved_processes == 1
     free = tuple(key for key in RESUME_FREE_KEYS if key != "classifier" or pretraining)
     changed = [key for key in sorted(set(current) | set(saved))
                if not any(key == f or key.startswith(f + ".") for f in free) and current.get(key) != saved.get(key)]

@@ -163,7 +163,8 @@ def run_trial(context: pytorch.PyTorchTrialContext, settings: Optional[Settings]
                   f"{'synchronised across' if trial.synced_batch_norm else 'per process (not synchronised) in'} "
                   f"{context.distributed.size} processes", flush=True)
     if latest_checkpoint and os.path.isdir(latest_checkpoint):  # local resume: same settings, work left
-        note = checkpoints.check_resume(latest_checkpoint, s, trial.total_steps, trial.pretraining)
+        note = checkpoints.check_resume(latest_checkpoint, s, trial.total_steps, trial.pretraining,
+                                        context.distributed.size)
         if note and context.distributed.rank == 0:
             print(f"[byol] {note}", flush=True)
     trainer = pytorch.Trainer(trial, context)
@@ -271,8 +272,10 @@ def stopped(trial, checkpoint_dir: str) -> RunFailed:
         where = f"checkpoint {path}; continue with: {again}"
     else:
         where = f"checkpoint {path}"
-    return RunFailed(f"stopped by {stops.REQUEST.name} after global step {trial.global_step} of "
-                     f"{trial.total_steps}: {where}", exit_code=128 + int(stops.REQUEST.signal))
+    failure = RunFailed(f"stopped by {stops.REQUEST.name} after global step {trial.global_step} of "
+                        f"{trial.total_steps}: {where}", exit_code=128 + int(stops.REQUEST.signal))
+    failure.quiet = trial.rank != 0  # rank 0 speaks for all
+    return failure
 
 
 def local_storage_default() -> str:

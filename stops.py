@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -44,7 +45,9 @@ class StopRequest:
         return signal.Signals(self.signal).name if self.signal else ""
 
     def install(self) -> None:
-        """Handles SIGTERM and SIGINT in this (main) thread from now on."""
+        """Handles SIGTERM and SIGINT from now on (only the main thread may; elsewhere a no-op)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
         for signum in SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
 
@@ -56,8 +59,9 @@ class StopRequest:
     def _handle(self, signum: int, frame) -> None:
         if self.signal is None:
             self.signal, self.at = signum, time.monotonic()
-            print(f"[byol] {signal.Signals(signum).name} received: finishing the current step, then writing a "
-                  f"checkpoint (send it again to stop at once, without one)", file=sys.stderr, flush=True)
+            if os.environ.get("RANK", "0") == "0":  # rank 0 speaks for all processes
+                    print(f"[byol] {signal.Signals(signum).name} received: finishing the current step, then writing a "
+                      f"checkpoint (send it again to stop at once, without one)", file=sys.stderr, flush=True)
             return
         if time.monotonic() - self.at < REPEAT_WINDOW_S:
             return  # the same request, forwarded once more (torchrun)

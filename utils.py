@@ -23,6 +23,7 @@ class CommandError(Exception):
     (:func:`run_command`)."""
 
     exit_code = 1
+    quiet = False  # already said (e.g. by rank 0 of several processes): exit without printing
 
 
 class InputError(CommandError, ValueError):
@@ -430,7 +431,8 @@ def run_command(body, argv=None) -> int:
     except expected as error:
         if debug:
             raise
-        print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+        if not getattr(error, "quiet", False):
+            print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         return getattr(error, "exit_code", 2)
 
 
