@@ -48,6 +48,7 @@ class StopRequest:
         """Handles SIGTERM and SIGINT from now on (only the main thread may; elsewhere a no-op)."""
         if threading.current_thread() is not threading.main_thread():
             return
+        self.signal = None  # a new run (in-process callers may run several)
         for signum in SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
 
