@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -46,8 +47,6 @@ def assert_one_line_error(code, err, *needles, exit_code=2):
 # ----------------------------------------------------------------------------- bad config
 def test_unknown_top_level_section_is_refused(tmp_path, capsys):
     path = write_config(str(tmp_path))
-    import re
-
     text = re.sub(r"^data:", "datasets:", open(path).read(), flags=re.M)
     assert "datasets:" in text
     open(path, "w").write(text)
@@ -317,7 +316,8 @@ def test_signal_finishes_the_step_checkpoints_and_exits(tmp_path, nproc, signum)
     assert process.returncode != 0, err
     assert f"stopped by {signal.Signals(signum).name} after global step" in err, err
     assert err.count("error: stopped by") == 1, err  # rank 0 speaks for all processes
-    assert f'File "{ROOT}' not in err and "KeyboardInterrupt" not in err, err  # no traceback of ours
+    # no traceback through this project's code (torchrun, torch's launcher, prints its own on a signal)
+    assert not re.search(rf'File "{re.escape(ROOT)}/(?!\.venv/)', err) and "KeyboardInterrupt" not in err, err
     found = checkpoints.complete_checkpoints(str(ckpt))
     assert len(found) == 1 and 0 < found[0][0] < 2000
     checkpoints.verify_checkpoint(found[0][1])
