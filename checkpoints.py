@@ -40,11 +40,65 @@ FINGERPRINT_KEYS = ("backbone", "projection_size", "projection_hidden_size", "nu
                     "classifier_heads", "training_mode")
 
 
-def allow_harness_checkpoints() -> None:
-    """Allowlists numpy's array types for ``weights_only`` loading of the harness's RNG state."""
+def _numpy_state_types() -> list:
+    """The numpy objects in the harness's pickled RNG state (``np.random.get_state()``)."""
     safe = [np.ndarray, np.dtype, np.core.multiarray._reconstruct]
-    safe += [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.uint8)]
-    torch.serialization.add_safe_globals(safe)
+    return safe + [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.uint8)]
+
+
+def has_safe_globals() -> bool:
+    """torch >= 2.4 has ``torch.serialization.add_safe_globals``; the default cluster image
+    (``determinedai/pytorch-ngc:0.38.1``, torch 2.3) does not."""
+    return hasattr(torch.serialization, "add_safe_globals")
+
+
+def allow_harness_checkpoints() -> None:
+    """Allowlists numpy's array types for ``weights_only`` loading of the harness's RNG state.
+
+    Without ``add_safe_globals`` (torch < 2.4) there is nothing to register: the harness's own
+    ``torch.load`` there defaults to ``weights_only=False``, and this project's readers go through
+    :func:`load_state`, which enforces the same allowlist with its own unpickler."""
+    if has_safe_globals():
+        torch.serialization.add_safe_globals(_numpy_state_types())
+
+
+class _AllowlistUnpickler(pickle.Unpickler):
+    """Resolves only what a checkpoint of this project holds: torch's tensor rebuild functions,
+    dtypes and sizes, ordered dicts and numpy's RNG-state arrays. Anything else (code) is refused,
+    as ``weights_only=True`` refuses it on newer torch."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in (("collections", "OrderedDict"), ("_codecs", "encode")):  # encode: bytes in protocol 2
+            return super().find_class(module, name)
+        if module == "torch._utils" and name.startswith("_rebuild_"):
+            return super().find_class(module, name)
+        if module == "torch":
+            found = getattr(torch, name, None)
+            if isinstance(found, torch.dtype) or found is torch.Size:
+                return found
+        if module.startswith("numpy"):
+            found = super().find_class(module, name)
+            if found in _numpy_state_types():
+                return found
+        raise pickle.UnpicklingError(f"weights-only load refused {module}.{name}")
+
+
+class _AllowlistPickle:
+    """A ``pickle_module`` for ``torch.load`` whose unpickler is :class:`_AllowlistUnpickler`."""
+
+    Unpickler = _AllowlistUnpickler
+    load = staticmethod(lambda handle, **kwargs: _AllowlistUnpickler(handle, **kwargs).load())
+    __name__ = "byol_allowlist_pickle"
+
+
+def load_state(path: str, force_fallback: bool = False) -> Any:
+    """``torch.load`` of a checkpoint file that never runs code: ``weights_only=True`` with the numpy
+    allowlist on torch >= 2.4, or the same allowlist through :class:`_AllowlistUnpickler` on older
+    torch (``force_fallback`` tests that path on any torch)."""
+    if has_safe_globals() and not force_fallback:
+        allow_harness_checkpoints()
+        return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_AllowlistPickle)
 
 
 def fingerprint(trial) -> Dict[str, Any]:
@@ -89,8 +143,19 @@ class TrialStateCallback(pytorch.PyTorchCallback):
         check_compatible(saved.get("fingerprint", {}), fingerprint(self.trial), self.checkpoint_where)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.trial.global_step = int(state["global_step"])
         self.trial.heads.load_state_dict(state["heads"])
+        saved_step = int(state["global_step"])
+        if saved_step > 0 and is_warm_start():
+            # Another trial's checkpoint (searcher.source_checkpoint_uuid / source_trial_id): its
+            # weights are the starting point, but this trial trains its own full length from step 0,
+            # as the master counts it (resuming at saved_step would end the data at once while the
+            # harness keeps asking for batches up to its max_length).
+            self.trial.global_step = 0
+            if self.trial.rank == 0:
+                print(f"[byol] warm start from checkpoint {self.checkpoint_where} (trained {saved_step} steps): "
+                      f"its weights, this trial's schedule from step 0", flush=True)
+        else:
+            self.trial.global_step = saved_step
 
     def on_checkpoint_save_start(self, checkpoint: Dict[str, Any]) -> None:
         # Chief only, before anything is written: a diverged run must not replace good checkpoints.
@@ -118,6 +183,16 @@ class TrialStateCallback(pytorch.PyTorchCallback):
             print(f"[validate] step {self.trial.global_step}: "
                   + ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())), flush=True)
         self.trial.knn_bank = None  # frees the CLS_TRAIN features until the next validation
+
+
+def is_warm_start() -> bool:
+    """Whether the checkpoint being loaded starts a new trial rather than continuing this one: on a
+    cluster the master hands a trial's own latest checkpoint with the steps it completed, and another
+    trial's checkpoint (warm start) with ``steps_completed = 0``. Local runs only ever resume."""
+    import determined as det
+
+    info = det.get_cluster_info()
+    return info is not None and info.task_type == "TRIAL" and int(info.trial._steps_completed) == 0
 
 
 class NonFiniteWeightsError(FloatingPointError):
@@ -271,8 +346,7 @@ def read_checkpoint(directory: str) -> Dict[str, Any]:
     verify_checkpoint(directory)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory!r} is not a checkpoint of this project: it has no {STATE_FILE}")
-    allow_harness_checkpoints()
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_state(path)
 
 
 def read_load_data(directory: str) -> Dict[str, Any]:

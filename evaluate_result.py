@@ -6,10 +6,12 @@ Nesterov momentum 0.9, cosine schedule, optional logit clipping / regularisation
 ``classifier.augmentation`` of choice); the head best on CLS_VALIDATION is reported on TEST,
 top-1 and top-5. Fine-tuning (appendix C.2) trains the encoder with a single head.
 
-    python evaluate_result.py --experiment-id N [--classifier-train-epochs 80] [--fine-tune]
-        On a Determined cluster: the experiment's best checkpoint by its searcher metric, evaluated
-        by a new experiment (same configuration, CLASSIFIER_ONLY or FINE_TUNE, validation every
-        epoch). Prints the new experiment's id.
+    python evaluate_result.py --experiment-id N [--checkpoint-uuid UUID | --best]
+            [--classifier-train-epochs 80] [--fine-tune]
+        On a Determined cluster (Determined SDK; DET_MASTER or --master, `det user login` or
+        DET_USER/DET_PASS): the experiment's final checkpoint (or the given one, or with --best the
+        best by its searcher metric), evaluated by a new experiment (the submitted configuration,
+        CLASSIFIER_ONLY or FINE_TUNE, validation every epoch). Prints the new experiment's id.
     python evaluate_result.py --checkpoint DIR [--classifier-train-epochs 80] [--fine-tune
             [--encoder-lr X] [--head-lr Y]] [--checkpoint-dir OUT] [--metrics-out FILE] [--set K=V]
         The same locally from a checkpoint directory (a local run's, or one fetched with
@@ -24,6 +26,7 @@ top-1 and top-5. Fine-tuning (appendix C.2) trains the encoder with a single hea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import sys
@@ -202,44 +205,85 @@ def default_client(master: Optional[str] = None):
                               f"pass --master URL or run `det user login`") from None
 
 
-def best_checkpoint(client, experiment_id: int):
-    """``(experiment, checkpoint)``: the experiment's best checkpoint by its searcher metric."""
+def experiment_checkpoint(client, experiment_id: int, checkpoint_uuid: Optional[str] = None, best: bool = False):
+    """``(experiment, checkpoint)``: by default the experiment's final checkpoint (most batches
+    trained); ``best``: the best by the experiment's searcher metric (which, in this project's
+    configs, is measured on held-out training images, never TEST); ``checkpoint_uuid``: that one,
+    which must belong to the experiment."""
     from determined.common.api import errors
+    from determined.experimental import client as sdk
 
     try:
         experiment = client.get_experiment(experiment_id)
     except errors.NotFoundException:
         raise EvaluationError(f"experiment {experiment_id} was not found on the Determined master "
                               f"(check the id with `det experiment list`)") from None
-    found = experiment.list_checkpoints(max_results=1)  # sorted by the searcher metric, best first
-    if not found:
-        state = getattr(getattr(experiment, "state", None), "value", None) or "unknown"
-        raise EvaluationError(f"experiment {experiment_id} (state {state}) has no completed checkpoint with a "
-                              f"validation yet: wait for its first validation and checkpoint")
-    checkpoint = found[0]
+    if checkpoint_uuid:
+        try:
+            checkpoint = client.get_checkpoint(checkpoint_uuid)
+        except errors.NotFoundException:
+            raise EvaluationError(f"checkpoint {checkpoint_uuid} was not found on the Determined master "
+                                  f"(list them with `det experiment list-checkpoints {experiment_id}`)") from None
+        owner = getattr(checkpoint.training, "experiment_id", None) if checkpoint.training else None
+        if owner != experiment_id:
+            raise EvaluationError(f"checkpoint {checkpoint_uuid} belongs to experiment {owner}, not {experiment_id}: "
+                                  f"pass --experiment-id {owner}")
+    else:
+        if best:  # sorted by the searcher metric, best first (the SDK's default order)
+            found = experiment.list_checkpoints(max_results=1)
+        else:
+            found = experiment.list_checkpoints(sort_by=sdk.CheckpointSortBy.BATCH_NUMBER,
+                                                order_by=sdk.OrderBy.DESCENDING, max_results=1)
+        if not found:
+            state = (getattr(getattr(experiment, "state", None), "value", None) or "unknown").replace("STATE_", "")
+            raise EvaluationError(f"experiment {experiment_id} (state {state}) has no completed checkpoint"
+                                  + (" with a validation" if best else "") + " yet: wait for its first checkpoint")
+        checkpoint = found[0]
     if checkpoint.training is None:
         raise EvaluationError(f"checkpoint {checkpoint.uuid} of experiment {experiment_id} has no training "
                               f"metadata (hparams): it was not written by a trial")
     return experiment, checkpoint
 
 
+def submitted_config(client, experiment) -> Dict[str, Any]:
+    """The experiment's config as it was submitted (``originalConfig``). The SDK's
+    ``experiment.config`` is the master's expanded config, which carries fields Determined 0.38
+    deprecates (``searcher.max_length``, ``min_validation_period``, ``optimizations``...) and every
+    default; resubmitting the submitted one keeps the new experiment's config what a user would
+    write. The SDK has no accessor for it, so it is read from the same GetExperiment answer."""
+    import yaml
+    from determined.common.api import bindings
+
+    response = bindings.get_GetExperiment(client._session, experimentId=experiment.id)
+    original = yaml.safe_load(response.experiment.originalConfig or "") or {}
+    if not isinstance(original, dict):
+        raise EvaluationError(f"experiment {experiment.id}'s submitted config is not a mapping")
+    return original
+
+
 def evaluate_experiment(client, experiment_id: int, epochs: int, fine_tune: bool = False,
                         head_lr: Optional[float] = None, encoder_lr: Optional[float] = None,
-                        model_dir: Optional[str] = None) -> int:
-    """Creates the evaluation experiment of ``experiment_id``'s best checkpoint; returns its id."""
-    experiment, checkpoint = best_checkpoint(client, experiment_id)
+                        model_dir: Optional[str] = None, checkpoint_uuid: Optional[str] = None,
+                        best: bool = False) -> int:
+    """Creates the evaluation experiment of one of ``experiment_id``'s checkpoints (see
+    :func:`experiment_checkpoint`); returns its id."""
+    experiment, checkpoint = experiment_checkpoint(client, experiment_id, checkpoint_uuid, best)
     hparams = copy.deepcopy(checkpoint.training.hparams)
     check_pretraining_checkpoint(hparams, f"{checkpoint.uuid} (experiment {experiment_id})")
     hparams = evaluation_hparams(hparams, checkpoint.uuid, epochs, fine_tune, head_lr, encoder_lr)
-    config = copy.deepcopy(experiment.config or checkpoint.training.experiment_config)
+    config = submitted_config(client, experiment)
     data_section = hparams.get("data") or config.get("data")
     parse_settings(hparams, None if "data" in hparams else data_section,
                    int((config.get("resources") or {}).get("slots_per_trial", 1)))  # fail here, not on the cluster
     name = "fine-tune" if fine_tune else "linear-eval"
     config.update(name=f"{config.get('name', 'byol')}-{name}-{checkpoint.uuid[:8]}", hyperparameters=hparams,
                   searcher=evaluation_searcher())
-    created = client.create_experiment(config, model_dir or os.path.dirname(os.path.abspath(__file__)),
-                                       project_id=getattr(experiment, "project_id", None))
+    with contextlib.redirect_stdout(sys.stderr):  # the SDK's upload progress; stdout is the new id only
+        created = client.create_experiment(config, model_dir or os.path.dirname(os.path.abspath(__file__)),
+                                           project_id=getattr(experiment, "project_id", None))
+    print(f"[eval] experiment {created.id} evaluates checkpoint {checkpoint.uuid} of experiment {experiment_id} "
+          f"({'chosen by --checkpoint-uuid' if checkpoint_uuid else 'best by its searcher metric' if best else 'its final checkpoint'})",
+          file=sys.stderr, flush=True)
     return created.id
 
 
@@ -259,10 +303,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--metrics-out", help="write the final metrics as JSON (and curves as PNG) here")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a hyperparameter, or data.KEY, of the checkpoint's configuration")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint-uuid", help="with --experiment-id: evaluate this checkpoint of the experiment")
+    which.add_argument("--best", action="store_true",
+                       help="with --experiment-id: the best checkpoint by the searcher metric (default: the final one)")
     parser.add_argument("--master", help="Determined master URL (default: DET_MASTER)")
     parser.add_argument("--model-dir", help="model definition to upload (default: this directory)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or BYOL_DEBUG=1)")
     args = parser.parse_args(argv)
+    if args.experiment_id is None and (args.checkpoint_uuid or args.best):
+        parser.error("--checkpoint-uuid and --best choose a checkpoint of --experiment-id")
     if args.experiment_id is not None and (args.export_encoder or args.set or args.checkpoint_dir or args.metrics_out):
         parser.error("--export-encoder, --set, --checkpoint-dir and --metrics-out need --checkpoint "
                      "(fetch the checkpoint with `det checkpoint download`)")
@@ -282,7 +332,8 @@ def _main(argv: Sequence[str], make_client: Callable) -> int:
     args = parse_args(argv)
     if args.experiment_id is not None:
         new_id = evaluate_experiment(make_client(args.master), args.experiment_id, args.classifier_train_epochs,
-                                     args.fine_tune, args.head_lr, args.encoder_lr, args.model_dir)
+                                     args.fine_tune, args.head_lr, args.encoder_lr, args.model_dir,
+                                     args.checkpoint_uuid, args.best)
         print(new_id, flush=True)
     elif args.export_encoder:
         state = export_encoder(args.checkpoint, args.export_encoder)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterator
 
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import Subset, ConcatDataset, DataLoader, Dataset
 
 import augment
 import data
@@ -97,7 +97,7 @@ def training_dataset(settings: Settings, image_size: int, pretraining: bool) -> 
     if pretraining:
         view1, view2 = view_augmentations(settings)
         transform = augment.TwoViewTransform(image_size, view1, view2)
-        return SeededTransformDataset(base_dataset(settings, data.Split.TRAIN), transform)
+        return SeededTransformDataset(pretraining_images(settings), transform)
     mode = settings.classifier.augmentation
     if mode == "crop_flip":
         transform = augment.crop_flip_transform(image_size)
@@ -106,6 +106,19 @@ def training_dataset(settings: Settings, image_size: int, pretraining: bool) -> 
     else:
         transform = evaluation_transform(settings, image_size)
     return SeededTransformDataset(base_dataset(settings, data.Split.CLS_TRAIN), transform)
+
+
+def pretraining_images(settings: Settings) -> Dataset:
+    """TRAIN; without ``classifier_validation`` minus the CLS_VALIDATION images, on which validation
+    then measures the BYOL loss (the searcher metric): images the encoder never trained on, and
+    never TEST. Every dataset's labelled training set is the start of its TRAIN split (stl10's
+    'train+unlabeled' begins with 'train'), so CLS_VALIDATION's positions in it are positions in TRAIN."""
+    train = base_dataset(settings, data.Split.TRAIN)
+    if settings.classifier_validation:
+        return train  # pretraining on the whole training set, as the paper does
+    held_out_of = len(base_dataset(settings, data.Split.CLS_TRAIN)) + settings.data.validation_size
+    held_out = set(data.split_labelled(held_out_of, settings.data.validation_size, settings.seed)[1])
+    return Subset(train, [index for index in range(len(train)) if index not in held_out])
 
 
 def evaluation_transform(settings: Settings, image_size: int):

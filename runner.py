@@ -2,8 +2,9 @@
 
 Off a cluster it reads the ``hyperparameters`` and ``data`` sections of the given yaml and runs the
 Trainer in local mode (one process, or several under ``torchrun`` with ``USE_TORCH_DISTRIBUTED=1``).
-On a cluster (launched by the experiment's entrypoint) it takes the hyperparameters and the latest
-checkpoint from the cluster.
+On a cluster (launched by the experiment's entrypoint) it takes the hyperparameters, the experiment
+config and the latest checkpoint from the master, and refuses local-only flags (``--set``,
+``--epochs``...) with a pointer to ``det experiment create --config hyperparameters.KEY=VALUE``.
 """
 from __future__ import annotations
 
@@ -188,18 +189,20 @@ def summary(trial, seconds: float) -> Dict[str, Any]:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run_command(_main, argv)  # one error path: 'error: ...', exit 2 for bad input (utils.py)
+
+
+def _main(argv) -> int:
     info = det.get_cluster_info()
-    if info is not None and info.task_type == "TRIAL":
-        with pytorch.init() as context:
-            run_trial(context, None, info.latest_checkpoint)
-        return 0
-    return run_command(local_main, argv)  # one error path: 'error: ...', exit 2 for bad input (utils.py)
-
-
-def local_main(argv) -> int:
-    """The local run: every input checked (config, outputs, resume checkpoint) before any work."""
     started = time.time()
     args = parse_args(argv)
+    if info is not None and info.task_type == "TRIAL":
+        return run_on_cluster(info, args)
+    return local_main(args, started)
+
+
+def local_main(args: argparse.Namespace, started: float) -> int:
+    """The local run: every input checked (config, outputs, resume checkpoint) before any work."""
     config = load_config(args.config)
     hparams, data_section = overridden(config, args)
     config = {**config, "hyperparameters": hparams, "data": data_section}
@@ -221,6 +224,38 @@ def local_main(argv) -> int:
     writes = CheckpointWrites(latest, distributed.get_rank() if distributed else 0)
     with writes.explained():
         train_and_report(config, settings, distributed, checkpoint_dir, latest, started, args.metrics_out, writes)
+    return 0
+
+
+# Flags that change the run locally; on a cluster only the master's experiment config counts.
+LOCAL_ONLY_FLAGS = (("epochs", "--epochs"), ("batches", "--batches"), ("set", "--set"),
+                    ("checkpoint_dir", "--checkpoint-dir"), ("resume_from", "--resume-from"),
+                    ("metrics_out", "--metrics-out"))
+
+
+def cluster_flag_error(args: argparse.Namespace) -> Optional[str]:
+    """The one-line refusal of local-only flags in a cluster entrypoint, or None."""
+    given = [flag for name, flag in LOCAL_ONLY_FLAGS if getattr(args, name)]
+    if not given:
+        return None
+    return (f"{', '.join(given)} in the entrypoint would be ignored on a cluster, where the master's experiment "
+            f"config decides the run: remove them and use `det experiment create --config "
+            f"hyperparameters.KEY=VALUE config/X.yaml .` (training length: hyperparameters.train_length; "
+            f"resuming: the master's latest checkpoint)")
+
+
+def run_on_cluster(info: "det.ClusterInfo", args: argparse.Namespace) -> int:
+    """The trial as the master configured it: its hyperparameters (``pytorch.init(hparams=...)``,
+    as Determined's own launch does; without them the trial cannot read its settings and every
+    checkpoint's load_data.json would record ``"hparams": null``), the expanded experiment config
+    (``exp_conf`` and the ``data`` section come from the cluster info), and the latest checkpoint
+    of pause/resume or preemption, or another trial's for a warm start."""
+    problem = cluster_flag_error(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    with pytorch.init(hparams=info.trial.hparams) as context:
+        run_trial(context, None, info.latest_checkpoint)
     return 0
 
 

@@ -4,7 +4,8 @@ During pretraining, before each validation, fresh linear heads (one per learning
 on frozen CLS_TRAIN features; the validation loop then scores every head on CLS_VALIDATION and TEST,
 and ``reducers.ValidatedAccuracyReducer`` reports ``test_accuracy`` for the head best on
 CLS_VALIDATION. The same features can serve as a kNN bank (``classifier.knn_k``). Without
-classifier validation, validation reports the BYOL loss (eq. 4) on TEST. In CLASSIFIER_ONLY and
+classifier validation, validation reports the BYOL loss (eq. 4) on CLS_VALIDATION images, which are
+then held out of pretraining (``loaders.training_dataset``): model selection never looks at TEST. In CLASSIFIER_ONLY and
 FINE_TUNE the heads trained by the harness are scored the same way.
 
 Every figure is exact across processes: evaluation data is sharded without padding, reducers carry
@@ -154,11 +155,15 @@ class ValidationMixin:
             correct = self.knn_bank.correct(queries, labels[test], self.settings.classifier.knn_k)
             self._knn_reducer.update(correct, int(test.sum()))
         if not self.probes_accuracy:
-            if test.any():  # the BYOL loss (eq. 4) on TEST, photometric views only
-                positions = self._evaluation_positions(batch_idx, images_uint8.shape[0])[test.cpu()]
-                view1, view2 = self._evaluation_views(images_uint8[test], positions)
-                count = int(test.sum())
-                self._loss_reducer.update(self.model(view1, view2).item() * count, count)
+            held_out = tags == loaders.VALIDATION_TAG
+            if held_out.any():  # the BYOL loss (eq. 4) on CLS_VALIDATION, photometric views only
+                positions = self._evaluation_positions(batch_idx, images_uint8.shape[0])[held_out.cpu()]
+                view1, view2 = self._evaluation_views(images_uint8[held_out], positions)
+                count = int(held_out.sum())
+                # The unwrapped learner: a rank whose shard holds no CLS_VALIDATION image never calls
+                # the model, so DDP's forward (which broadcasts buffers, a collective) must not run
+                # here or the other ranks would wait for it forever. Evaluation needs no collective.
+                self._loss_reducer.update(self.learner(view1, view2).item() * count, count)
             return {}
         images = self.normalize(images_uint8)
         if self.pretraining:

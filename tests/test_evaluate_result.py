@@ -1,12 +1,10 @@
 """evaluate_result.py: the linear protocol and fine-tuning from a checkpoint (locally for real, on a
-cluster through a stand-in SDK client), the kNN read-out during pretraining (1 and 2 processes),
+cluster through the real SDK against the stand-in master of fake_master.py), the kNN read-out during pretraining (1 and 2 processes),
 the features / probe commands on a real checkpoint, and encoder export."""
-import copy
 import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -63,73 +61,57 @@ def test_fine_tune_needs_one_learning_rate_and_an_encoder_lr():
     assert settings.classifier.encoder_lr == 0.01
 
 
-# ------------------------------------------------------------------ the cluster path (stand-in client)
-class _Experiment:
-    def __init__(self, config, checkpoints_found, project_id=5):
-        self.config, self.project_id = config, project_id
-        self.state = SimpleNamespace(value="ACTIVE")
-        self._found = checkpoints_found
-        self.calls = []
+# ------------------------------------------------------------------ the cluster path (real SDK, stand-in master)
+@pytest.fixture
+def cluster(tmp_path, monkeypatch):
+    """The stand-in master (tests/fake_master.py) holding experiment 1 (local-digits.yaml as
+    submitted) with one trial and checkpoints at steps 10 (validation 0.9), 20 (0.95, best) and 30
+    (0.93, final); the real SDK logs in with DET_USER/DET_PASS and a private token store."""
+    import fake_master
 
-    def list_checkpoints(self, sort_by=None, order_by=None, max_results=None):
-        self.calls.append({"sort_by": sort_by, "order_by": order_by, "max_results": max_results})
-        return self._found[:max_results]
-
-
-class _Client:
-    """Stands in for determined.experimental.client.Determined (the calls evaluate_result makes)."""
-
-    def __init__(self, experiments):
-        self.experiments = experiments
-        self.created = []
-
-    def get_experiment(self, experiment_id):
-        from determined.common.api import errors
-
-        if experiment_id not in self.experiments:
-            raise errors.NotFoundException(f"experiment {experiment_id} not found")
-        return self.experiments[experiment_id]
-
-    def create_experiment(self, config, model_dir=None, includes=None, project_id=None, template=None):
-        self.created.append({"config": copy.deepcopy(config), "model_dir": model_dir, "project_id": project_id})
-        return SimpleNamespace(id=100 + len(self.created))
+    monkeypatch.setenv("DET_USER", "determined")
+    monkeypatch.setenv("DET_PASS", "StandIn-Pass1")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "det-config"))
+    with fake_master.stand_in_master(str(tmp_path / "shared_fs")) as master:
+        with open(DEFAULT_CONFIG) as handle:
+            submitted = handle.read()
+        experiment_id = master.add_experiment(yaml.safe_load(submitted), [], submitted)
+        trial_id = master.new_trial(experiment_id)
+        for steps, accuracy in ((10, 0.9), (20, 0.95), (30, 0.93)):
+            master.record_checkpoint(trial_id, f"ckpt-{steps}-uuid", steps, {"validation_accuracy": accuracy})
+        yield master
+        assert master.unanswered == [] and master.errors == []
 
 
-def _checkpoint(uuid, hparams, config):
-    return SimpleNamespace(uuid=uuid, training=SimpleNamespace(hparams=hparams, experiment_config=config))
-
-
-def _cluster(mode="SELF_SUPERVISED", found=True):
-    config = _pretraining_hparams()
-    hparams = copy.deepcopy(config["hyperparameters"])
-    hparams["training_mode"] = mode
-    if mode != "SELF_SUPERVISED":
-        hparams["pretrained_checkpoint"] = "0123-source"
-    best = [_checkpoint("best-uuid-1234", hparams, config), _checkpoint("worse-uuid", hparams, config)]
-    return _Client({7: _Experiment(config, best if found else [])})
-
-
-def _run(argv, client=None, capsys=None):
-    code = evaluate_result.main(argv, make_client=lambda master: client)
+def _run(argv, master, capsys):
+    """evaluate_result.main; with a stand-in ``master``, pointed at it."""
+    extra = ["--master", master.url, "--model-dir", ROOT] if master is not None else []
+    code = evaluate_result.main(argv + extra)
     out, err = capsys.readouterr()
     return code, out, err
 
 
-def test_cluster_path_creates_the_classifier_experiment(capsys):
-    client = _cluster()
-    code, out, err = _run(["--experiment-id", "7", "--classifier-train-epochs", "80"], client, capsys)
+def _created(master, experiment_id):
+    return yaml.safe_load(master.experiments[experiment_id]["original"])
+
+
+def test_cluster_path_creates_the_classifier_experiment_of_the_final_checkpoint(cluster, capsys):
+    code, out, err = _run(["--experiment-id", "1", "--classifier-train-epochs", "80"], cluster, capsys)
     assert code == 0, err
-    assert out.strip() == "101"
-    (created,) = client.created
-    assert client.experiments[7].calls == [{"sort_by": None, "order_by": None, "max_results": 1}]  # searcher metric
-    config = created["config"]
+    assert out.strip() == "2" and "its final checkpoint" in err
+    config = _created(cluster, 2)
     hp = config["hyperparameters"]
-    assert hp["training_mode"] == "CLASSIFIER_ONLY" and hp["pretrained_checkpoint"] == "best-uuid-1234"
+    assert hp["training_mode"] == "CLASSIFIER_ONLY" and hp["pretrained_checkpoint"] == "ckpt-30-uuid"
     assert hp["train_length"] == {"epochs": 80} and hp["validation_period"] == {"epochs": 1}
     assert config["searcher"] == {"name": "single", "metric": "validation_accuracy", "smaller_is_better": False}
-    assert config["name"] == "byol-local-digits-linear-eval-best-uui"
+    assert config["name"] == "byol-local-digits-linear-eval-ckpt-30-"
     assert config["data"] == _pretraining_hparams()["data"] and config["entrypoint"].startswith("python3 model_def.py")
-    assert created["model_dir"] == ROOT and created["project_id"] == 5
+    # The submitted config, not the master's expansion (no checkpoint_storage or other defaults).
+    assert set(config) == set(_pretraining_hparams())
+    import tarfile, io
+
+    names = tarfile.open(fileobj=io.BytesIO(cluster.experiments[2]["tgz"])).getnames()
+    assert "model_def.py" in names and not [n for n in names if n.startswith(".venv")]
     import determined_schema as schema
 
     assert schema.project_rule_errors(config) == []
@@ -139,37 +121,63 @@ def test_cluster_path_creates_the_classifier_experiment(capsys):
         assert schema.completeness_errors(config, schema_dir) == []
 
 
-def test_cluster_path_fine_tune(capsys):
-    client = _cluster()
-    code, out, err = _run(["--experiment-id", "7", "--fine-tune", "--encoder-lr", "0.01",
-                           "--classifier-train-epochs", "5"], client, capsys)
+def test_cluster_path_best_and_chosen_checkpoint(cluster, capsys):
+    code, out, err = _run(["--experiment-id", "1", "--best"], cluster, capsys)
     assert code == 0, err
-    hp = client.created[0]["config"]["hyperparameters"]
+    assert _created(cluster, 2)["hyperparameters"]["pretrained_checkpoint"] == "ckpt-20-uuid"
+    code, out, err = _run(["--experiment-id", "1", "--checkpoint-uuid", "ckpt-10-uuid"], cluster, capsys)
+    assert code == 0, err
+    assert _created(cluster, 3)["hyperparameters"]["pretrained_checkpoint"] == "ckpt-10-uuid"
+
+
+def test_cluster_path_fine_tune(cluster, capsys):
+    code, out, err = _run(["--experiment-id", "1", "--fine-tune", "--encoder-lr", "0.01",
+                           "--classifier-train-epochs", "5"], cluster, capsys)
+    assert code == 0, err
+    config = _created(cluster, 2)
+    hp = config["hyperparameters"]
     assert hp["training_mode"] == "FINE_TUNE" and hp["classifier"]["encoder_lr"] == 0.01
     assert hp["classifier"]["learning_rates"] == [0.05]
-    assert client.created[0]["config"]["name"].endswith("fine-tune-best-uui")
+    assert config["name"].endswith("fine-tune-ckpt-30-")
 
 
-@pytest.mark.parametrize("argv, client, message", [
-    (["--experiment-id", "8"], _cluster(), "experiment 8 was not found"),
-    (["--experiment-id", "7"], _cluster(found=False), r"experiment 7 \(state ACTIVE\) has no completed checkpoint"),
-    (["--experiment-id", "7"], _cluster(mode="CLASSIFIER_ONLY"),
-     "written in CLASSIFIER_ONLY mode.*SELF_SUPERVISED.*0123-source"),
+@pytest.mark.parametrize("argv, message", [
+    (["--experiment-id", "8"], "experiment 8 was not found"),
+    (["--experiment-id", "1", "--checkpoint-uuid", "nope"], "checkpoint nope was not found"),
+    (["--experiment-id", "3"], r"experiment 3 \(state ACTIVE\) has no completed checkpoint"),
+    (["--experiment-id", "4"], "written in CLASSIFIER_ONLY mode.*SELF_SUPERVISED.*0123-source"),
 ])
-def test_cluster_path_errors(argv, client, message, capsys):
-    code, out, err = _run(argv, client, capsys)
-    assert code == 2 and out == ""
-    assert err.startswith("error: ")
+def test_cluster_path_errors(cluster, argv, message, capsys):
     import re
 
-    assert re.search(message, err), err
-    assert client.created == []
+    config = _pretraining_hparams()
+    cluster.new_trial(cluster.add_experiment(config, [], yaml.safe_dump(config)))  # 2: another experiment
+    cluster.new_trial(cluster.add_experiment(config, [], yaml.safe_dump(config)))  # 3: no checkpoint yet
+    config["hyperparameters"].update(training_mode="CLASSIFIER_ONLY", pretrained_checkpoint="0123-source")
+    trial = cluster.new_trial(cluster.add_experiment(config, [], yaml.safe_dump(config)))  # 4: a classifier run
+    cluster.record_checkpoint(trial, "classifier-uuid", 5, {"validation_accuracy": 0.5})
+    count = len(cluster.experiments)
+    code, out, err = _run(argv, cluster, capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and re.search(message, err), err
+    assert len(cluster.experiments) == count  # nothing created
+
+
+def test_cluster_path_checkpoint_of_another_experiment(cluster, capsys):
+    config = _pretraining_hparams()
+    trial = cluster.new_trial(cluster.add_experiment(config, [], yaml.safe_dump(config)))
+    cluster.record_checkpoint(trial, "other-uuid", 5, {"validation_accuracy": 0.5})
+    code, out, err = _run(["--experiment-id", "1", "--checkpoint-uuid", "other-uuid"], cluster, capsys)
+    assert code == 2 and "belongs to experiment 2, not 1: pass --experiment-id 2" in err
 
 
 def test_cluster_path_rejects_local_only_options(capsys):
     with pytest.raises(SystemExit):
-        evaluate_result.main(["--experiment-id", "7", "--export-encoder", "x.pt"], make_client=None)
+        evaluate_result.main(["--experiment-id", "7", "--export-encoder", "x.pt"])
     assert "need --checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate_result.main(["--checkpoint", "dir", "--best"])
+    assert "choose a checkpoint of --experiment-id" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ export and checkpoint checks
