@@ -112,12 +112,15 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, loader: Iterable, device: torch.device,
-                     preprocess: Optional[nn.Module] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     preprocess: Optional[nn.Module] = None, desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features and labels for every batch of ``loader`` (encoder in eval mode)."""
+    from progress import progress
+
     was_training = encoder.training
     encoder.eval()
     features, labels = [], []
-    for images, targets in loader:
+    for images, targets in progress(loader, desc, total=len(loader) if hasattr(loader, "__len__") else None,
+                                    unit="batch"):
         images = images.to(device, non_blocking=True)
         if preprocess is not None:
             images = preprocess(images)
@@ -142,7 +145,9 @@ def train_heads_on_features(heads: LinearHeads, features: torch.Tensor, labels: 
     steps_per_epoch = features.shape[0] // batch_size
     total = steps_per_epoch * epochs
     step, last_loss = 0, float("nan")
-    for epoch in range(epochs):
+    from progress import progress
+
+    for epoch in progress(range(epochs), f"linear heads ({len(learning_rates)} lr)", unit="epoch"):
         order = epoch_permutation(features.shape[0], mix_seed(seed, 17), epoch).to(features.device)
         running = 0.0
         for start in range(0, steps_per_epoch * batch_size, batch_size):

@@ -288,14 +288,14 @@ def _digits(split: Split, transform: _PrepareImage, validation_size: int, seed: 
 def _gcs_imagenet(split: Split, source: Any, transform: Optional[Callable]):
     """ImageNet streamed from Cloud Storage; the val folder is labelled with the train classes."""
     gcs_module = importlib.import_module("gcs")  # lazy: needs google-cloud-storage
-    in_flight = getattr(source, "max_in_flight", 64)
-    train = gcs_module.GCSImageFolder(source.bucket, source.train_blob_list, transform=transform,
-                                      cache_dir=source.cache_dir, max_in_flight=in_flight)
+    options = dict(cache_dir=source.cache_dir, max_in_flight=getattr(source, "max_in_flight", 64),
+                   retry_deadline=getattr(source, "retry_deadline", 300.0),
+                   startup_retry_deadline=getattr(source, "startup_retry_deadline", 30.0))
+    train = gcs_module.GCSImageFolder(source.bucket, source.train_blob_list, transform=transform, **options)
     if split is not Split.TEST:
         return train
     return gcs_module.GCSImageFolder(source.bucket, source.val_blob_list, transform=transform,
-                                     cache_dir=source.cache_dir, classes=train.classes,
-                                     max_in_flight=in_flight)
+                                     classes=train.classes, **options)
 
 
 def build_dataset(name: str, split: Split, *, root: str, transform: Optional[Callable[[Image.Image], Any]],

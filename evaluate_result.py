@@ -43,8 +43,8 @@ import torch
 
 import backbone as backbones
 import checkpoints
-from utils import ConfigError, Settings, TrainingMode, apply_overrides, parse_settings
-from faults import RunFailed
+from utils import (InputError, Settings, TrainingMode, apply_overrides, check_output_dir, check_output_file,
+                   parse_settings, run_command)
 
 PROBE_COMMANDS = ("features", "probe")
 FINE_TUNE_LEARNING_RATES = (0.01, 0.02, 0.05, 0.1, 0.005)  # the paper's semi-supervised grid
@@ -59,7 +59,7 @@ def default_epochs(fine_tune: bool, label_fraction: Optional[float]) -> int:
 TORCHVISION_BACKBONES = ("resnet18", "resnet50")  # the names torchvision.models has, fc replaced
 
 
-class EvaluationError(ValueError):
+class EvaluationError(InputError):
     """The experiment or checkpoint cannot be evaluated; the message says why and what to do."""
 
 
@@ -141,9 +141,10 @@ def export_encoder(directory: str, out: str, backbone_name: Optional[str] = None
       or through ``hyperparameters.backbone_weights`` of a new run.
     The claim is checked by loading the export before it is written.
     """
+    check_output_file(out, "--export-encoder")
     if backbone_name is None:
         backbone_name = checkpoint_config(directory)[0].get("backbone", Settings().backbone)
-    state = load_encoder(directory, backbone_name).state_dict()
+    state = load_encoder(directory, backbone_name).state_dict()  # verified against its marker first
     if backbone_name in TORCHVISION_BACKBONES:
         import torchvision
 
@@ -166,6 +167,7 @@ def evaluate_checkpoint(directory: str, epochs: Optional[int] = None, fine_tune:
     Fine-tuning without a given learning rate runs the paper's grid and keeps the run best on
     CLS_VALIDATION."""
     directory = os.path.abspath(directory)
+    checkpoints.verify_checkpoint(directory)  # complete and unchanged, before anything else
     hparams, config = checkpoint_config(directory)
     check_pretraining_checkpoint(hparams, repr(directory))
     if epochs is None:
@@ -205,8 +207,9 @@ def _evaluate_once(directory: str, hparams: Dict[str, Any], config: Dict[str, An
     settings = parse_settings(hparams, data_section, distributed.get_size() if distributed else 1)
     load_encoder(directory, settings.backbone)  # a wrong checkpoint fails here, before any work
     out = os.path.abspath(checkpoint_dir or os.path.dirname(directory))
+    check_output_dir(out, "--checkpoint-dir")
     runner.check_not_copied_into_itself(out)
-    os.makedirs(out, exist_ok=True)
+    check_output_file(metrics_out, "--metrics-out")
     name = "fine-tune" if fine_tune else "linear-eval"
     exp_conf = {**config, "name": f"{config.get('name', 'byol')}-{name}", "hyperparameters": hparams,
                 "data": data_section, "searcher": evaluation_searcher()}
@@ -355,6 +358,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                        help="with --experiment-id: the best checkpoint by the searcher metric (default: the final one)")
     parser.add_argument("--master", help="Determined master URL (default: DET_MASTER)")
     parser.add_argument("--model-dir", help="model definition to upload (default: this directory)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or BYOL_DEBUG=1)")
     args = parser.parse_args(argv)
     if args.experiment_id is None and (args.checkpoint_uuid or args.best):
         parser.error("--checkpoint-uuid and --best choose a checkpoint of --experiment-id")
@@ -365,30 +369,30 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None, make_client: Callable = default_client) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv and argv[0] in PROBE_COMMANDS:
-            import probes
+    # One error path (utils.run_command): 'error: ...' on one line, exit 2 for bad input, --debug for the traceback.
+    return run_command(lambda args: _main(args, make_client), argv)
 
-            return probes.main(argv)
-        args = parse_args(argv)
-        if args.experiment_id is not None:
-            epochs = args.classifier_train_epochs or default_epochs(args.fine_tune, None)
-            new_id = evaluate_experiment(make_client(args.master), args.experiment_id, epochs,
-                                         args.fine_tune, args.head_lr, args.encoder_lr, args.model_dir,
-                                         args.checkpoint_uuid, args.best)
-            print(new_id, flush=True)
-        elif args.export_encoder:
-            state = export_encoder(args.checkpoint, args.export_encoder)
-            print(f"[export] {len(state)} tensors -> {args.export_encoder}" +
-                  (" (fc.* are zeros: a placeholder for strict loading into torchvision, not a classifier)"
-                   if "fc.weight" in state else ""), flush=True)
-        else:
-            evaluate_checkpoint(args.checkpoint, args.classifier_train_epochs, args.fine_tune, args.head_lr,
-                                args.encoder_lr, args.set, args.checkpoint_dir, args.metrics_out)
-    except (EvaluationError, ConfigError, FileNotFoundError, RunFailed) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+
+def _main(argv: Sequence[str], make_client: Callable) -> int:
+    if argv and argv[0] in PROBE_COMMANDS:
+        import probes
+
+        return probes.main(argv)
+    args = parse_args(argv)
+    if args.experiment_id is not None:
+        epochs = args.classifier_train_epochs or default_epochs(args.fine_tune, None)
+        new_id = evaluate_experiment(make_client(args.master), args.experiment_id, epochs,
+                                     args.fine_tune, args.head_lr, args.encoder_lr, args.model_dir,
+                                     args.checkpoint_uuid, args.best)
+        print(new_id, flush=True)
+    elif args.export_encoder:
+        state = export_encoder(args.checkpoint, args.export_encoder)
+        print(f"[export] {len(state)} tensors -> {args.export_encoder}" +
+              (" (fc.* are zeros: a placeholder for strict loading into torchvision, not a classifier)"
+               if "fc.weight" in state else ""), flush=True)
+    else:
+        evaluate_checkpoint(args.checkpoint, args.classifier_train_epochs, args.fine_tune, args.head_lr,
+                            args.encoder_lr, args.set, args.checkpoint_dir, args.metrics_out)
     return 0
 
 

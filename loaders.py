@@ -13,8 +13,9 @@ from torch.utils.data import Subset, ConcatDataset, DataLoader, Dataset
 
 import augment
 import data
+import stops
 from sampling import GlobalBatchSampler, SeededTransformDataset, ShardSampler
-from utils import Settings
+from utils import ConfigError, Settings
 
 VALIDATION_TAG, TEST_TAG = 0, 1
 
@@ -34,14 +35,20 @@ def base_dataset(settings: Settings, split: data.Split) -> Dataset:
     """The raw split: ``(PIL image, label)`` items."""
     cfg = settings.data
     gcs = None
-    if cfg.gcs is not None:
-        import gcs as gcs_module
+    try:
+        if cfg.gcs is not None:
+            import gcs as gcs_module
 
-        gcs = gcs_module.GCSSource(cfg.gcs.bucket, cfg.gcs.train_blob_list, cfg.gcs.val_blob_list,
-                                   cfg.gcs.cache_dir, cfg.gcs.max_in_flight)
-    return data.build_dataset(cfg.dataset, split, root=cfg.root, transform=None,
-                              validation_size=cfg.validation_size, seed=settings.seed,
-                              download=cfg.download, gcs=gcs)
+            gcs = gcs_module.GCSSource(cfg.gcs.bucket, cfg.gcs.train_blob_list, cfg.gcs.val_blob_list,
+                                       cfg.gcs.cache_dir, cfg.gcs.max_in_flight, cfg.gcs.retry_deadline,
+                                       cfg.gcs.startup_retry_deadline)
+        return data.build_dataset(cfg.dataset, split, root=cfg.root, transform=None,
+                                  validation_size=cfg.validation_size, seed=settings.seed,
+                                  download=cfg.download, gcs=gcs)
+    except ValueError as error:  # the data section does not fit the files (validation_size, class folders, ...)
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"data ({cfg.dataset}, split {split.value}): {error}") from None
 
 
 class Tagged(Dataset):
@@ -80,6 +87,7 @@ class LazyTrainingLoader:
     def __iter__(self) -> Iterator:
         loader = DataLoader(self.dataset, batch_sampler=self.sampler_factory(), num_workers=self.num_workers,
                             pin_memory=self.pin_memory, persistent_workers=False,
+                            worker_init_fn=stops.ignore_in_worker if self.num_workers else None,
                             prefetch_factor=4 if self.num_workers else None)
         yield from loader
 
@@ -135,7 +143,8 @@ def sharded_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int
                    pin_memory: bool = False) -> DataLoader:
     """Every sample exactly once across ranks, in dataset order (no padding, no dropping)."""
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world_size),
-                      num_workers=num_workers, pin_memory=pin_memory)
+                      num_workers=num_workers, pin_memory=pin_memory,
+                      worker_init_fn=stops.ignore_in_worker if num_workers else None)
 
 
 def classifier_feature_dataset(settings: Settings, image_size: int) -> Dataset:

@@ -31,11 +31,13 @@ import checkpoints
 import faults
 import knn
 import plots
+import preflight
 import replicas
+import stops
 import sync_batchnorm
 from byol import BYOL, cosine_ema_tau
 from sampling import GlobalBatchSampler, mix_seed
-from utils import Settings, TrainingMode, parse_settings
+from utils import ConfigError, Settings, TrainingMode, parse_settings
 from validation import ValidationMixin
 
 # Seed streams of the trial's randomness (mix_seed(seed, step, stream)); validation.py has its own.
@@ -108,7 +110,16 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
         # ReadGuard: an undecodable image ends the run with its file name (faults.py).
         self.train_dataset = faults.ReadGuard(loaders.training_dataset(s, s.image_size, self.pretraining))
         self.eval_dataset = faults.ReadGuard(loaders.evaluation_dataset(s, s.image_size))
-        self.steps_per_epoch = len(self._sampler(0))
+        # Every split's image files open (a header check) before the first step (preflight.py).
+        preflight.check_image_headers([self.train_dataset, self.eval_dataset], self.rank, self.world_size)
+        note = preflight.dataset_classes_note(self.info.num_classes, f"dataset {s.data.dataset!r}")
+        if note and self.rank == 0:
+            print(note, flush=True)
+        try:
+            self.steps_per_epoch = len(self._sampler(0))
+        except ValueError as error:  # fewer images than one global batch
+            key = "global_batch_size" if self.pretraining else "classifier.batch_size"
+            raise ConfigError(f"config key 'hyperparameters.{key}': {error}") from None
         self.total_steps = s.train_length.to_batches(self.steps_per_epoch)
         self.global_step = 0
         self.last_checkpoint: Optional[str] = None
@@ -229,7 +240,9 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
             else:
                 images = self.normalize(images)
             loss = classifier.heads_loss(self.model(images), labels.to(self.device), s.classifier.logit_regularization)
-        bad_ranks = faults.non_finite_ranks(loss, self.rank, self.world_size)
+        bad_ranks, stop = faults.step_flags(loss, stops.REQUEST.requested, self.rank, self.world_size)
+        if stop and not self.context.get_stop_requested():  # agreed by every rank: checkpoint after this step
+            self.context.set_stop_requested(True)
         if bad_ranks:  # every rank stops at the same step, before any weight changes
             where = f" on rank(s) {bad_ranks}" if self.world_size > 1 else ""
             raise NonFiniteLossError(

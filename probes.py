@@ -25,7 +25,7 @@ import torch
 
 import data
 from evaluate_result import EvaluationError, checkpoint_config, load_encoder
-from utils import TrainingMode, apply_overrides, parse_settings
+from utils import TrainingMode, apply_overrides, check_output_file, parse_settings
 
 FEATURE_FILE_FORMAT = "byol-features-v1"
 PIXEL_SIZE = 32  # the PCA-of-pixels baseline works on at most 32x32 images
@@ -39,6 +39,11 @@ def extract_feature_file(directory: str, out: str, sets: Sequence[str] = (), bat
     import loaders
     from sampling import SeededTransformDataset
 
+    import checkpoints
+    from progress import progress
+
+    check_output_file(out, "--out")
+    checkpoints.verify_checkpoint(directory)  # complete and unchanged, before anything else
     hparams, config = checkpoint_config(directory)
     data_section = dict(hparams.pop("data", None) or config.get("data") or {})
     apply_overrides(hparams, data_section, sets)
@@ -53,8 +58,9 @@ def extract_feature_file(directory: str, out: str, sets: Sequence[str] = (), bat
         transform = loaders.evaluation_transform(settings, settings.image_size)  # as the trial's validation
         dataset = SeededTransformDataset(loaders.base_dataset(settings, split), transform)
         feats, labels, pixels = [], [], []
+        loader = loaders.sharded_loader(dataset, batch_size, 0, 1, settings.data.num_workers)
         with torch.no_grad():
-            for images, targets in loaders.sharded_loader(dataset, batch_size, 0, 1, settings.data.num_workers):
+            for images, targets in progress(loader, f"features {split.value}", total=len(loader), unit="batch"):
                 feats.append(encoder(normalize(images.to(device))).float().cpu())
                 labels.append(targets.long())
                 small = images.float()
@@ -74,7 +80,13 @@ def read_feature_file(path: str) -> Dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"features file {path!r} does not exist: write it with "
                                 f"`evaluate_result.py features --checkpoint DIR --out {path}`")
-    content = torch.load(path, map_location="cpu", weights_only=True)
+    import pickle
+
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise EvaluationError(f"features file {path!r} cannot be read ({' '.join(str(error).split())[:200]}); "
+                              f"write it again with `evaluate_result.py features`") from None
     if not isinstance(content, dict) or content.get("format") != FEATURE_FILE_FORMAT:
         raise EvaluationError(f"{path!r} is not a features file of `evaluate_result.py features` "
                               f"(expected format {FEATURE_FILE_FORMAT!r})")
@@ -168,8 +180,11 @@ def run_probes(content: Dict, k: int = 20, temperature: float = 0.07) -> Dict[st
     dims = min(encoder[names[0]][0].shape[1], pixels[names[0]][0].shape[1], pixels[names[0]][0].shape[0])
     pca = PCA(n_components=dims, random_state=0).fit(pixels[names[0]][0])
     pixels = {name: (pca.transform(x), y) for name, (x, y) in pixels.items()}
+    from progress import progress
+
     results = {}
-    for label, sets in (("encoder", encoder), (f"pca{dims}_pixels", pixels)):
+    for label, sets in progress((("encoder", encoder), (f"pca{dims}_pixels", pixels)), "probes", total=2,
+                                unit="probe"):
         (train_x, train_y), test = sets[names[0]], sets[names[2]]
         knn_acc = knn.knn_accuracy(torch.as_tensor(train_x), torch.as_tensor(train_y), torch.as_tensor(test[0]),
                                    torch.as_tensor(test[1]), k, content["num_classes"], temperature)
@@ -206,6 +221,8 @@ def main(argv: Sequence[str]) -> int:
     probe.add_argument("--features", required=True, metavar="FEATURES.pt")
     probe.add_argument("--k", type=int, default=20, help="neighbours of the kNN probe (default 20)")
     args = parser.parse_args(argv)
+    if args.command == "features" and args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.command == "features":
         content = extract_feature_file(args.checkpoint, args.out, args.set, args.batch_size)
         sizes = ", ".join(f"{name} {tuple(split['features'].shape)}" for name, split in content["splits"].items())

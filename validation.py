@@ -80,7 +80,8 @@ class ValidationMixin:
         dataset = faults.ReadGuard(loaders.classifier_feature_dataset(s, s.image_size))
         loader = loaders.sharded_loader(dataset, self._evaluation_batch, self.rank, self.world_size,
                                         s.data.num_workers)
-        features, labels = classifier.extract_features(encoder, loader, self.device, self.normalize)
+        features, labels = classifier.extract_features(encoder, loader, self.device, self.normalize,
+                                                       desc="CLS_TRAIN features")
         return classifier.gather_rows(features), classifier.gather_rows(labels)
 
     def train_probe_heads(self, encoder: Optional[torch.nn.Module] = None,

@@ -304,7 +304,8 @@ def test_imagenet_from_gcs_source(monkeypatch):
     created = []
 
     class FakeFolder(torch.utils.data.Dataset):
-        def __init__(self, bucket, blob_list, transform=None, cache_dir=None, classes=None, max_in_flight=32):
+        def __init__(self, bucket, blob_list, transform=None, cache_dir=None, classes=None, max_in_flight=32,
+                     retry_deadline=300.0, startup_retry_deadline=30.0):
             created.append((bucket, blob_list, cache_dir, classes))
             self.transform = transform
             self.classes = ["n01", "n02", "n03"] if "train" in blob_list else ["n02"]

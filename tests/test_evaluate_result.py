@@ -192,6 +192,7 @@ def _fake_checkpoint(directory, backbone, written_as=None, mode="SELF_SUPERVISED
     hparams = {"backbone": written_as or backbone, "training_mode": mode}
     with open(os.path.join(directory, "load_data.json"), "w") as handle:
         json.dump({"hparams": hparams, "experiment_config": {"hyperparameters": hparams}}, handle)
+    checkpoints.write_complete_marker(str(directory), 0)  # complete, as a run writes it
     return net
 
 
@@ -237,7 +238,7 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert code == 2 and "is not a directory" in err
     (tmp_path / "empty").mkdir()
     code, _, err = _run(["--checkpoint", str(tmp_path / "empty")], None, capsys)
-    assert code == 2 and "load_data.json" in err
+    assert code == 2 and "not a checkpoint of this project" in err
 
 
 def test_local_path_rejects_a_classifier_checkpoint_before_any_work(tmp_path, capsys):
@@ -437,6 +438,7 @@ def test_fine_tune_defaults_follow_the_semi_supervised_protocol(monkeypatch, tmp
 
     monkeypatch.setattr(evaluate_result, "_evaluate_once", fake)
     monkeypatch.setattr(evaluate_result, "checkpoint_config", lambda d: (_pretraining_hparams()["hyperparameters"], {}))
+    monkeypatch.setattr(evaluate_result.checkpoints, "verify_checkpoint", lambda d: None)
     best = evaluate_result.evaluate_checkpoint(str(tmp_path), fine_tune=True, sets=["classifier.label_fraction=0.01"],
                                                metrics_out=str(tmp_path / "m.json"))
     assert [lr for _, lr, _ in calls] == list(evaluate_result.FINE_TUNE_LEARNING_RATES)
