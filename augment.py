@@ -1,5 +1,5 @@
 """Image augmentations of BYOL (Grill et al. 2020, arXiv 2006.07733): section 3.3 and appendix B,
-table 6.
+table 6, with the semantics of the authors' reference code (DeepMind's BYOL).
 
 BYOL makes two views of each image with two *asymmetric* distributions T and T' (table 6): random
 resized crop (area 8%..100%, aspect ratio 3/4..4/3, bicubic resize), horizontal flip (p 0.5), colour
@@ -7,21 +7,30 @@ jitter (p 0.8; brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, applied in
 grayscale (p 0.2), Gaussian blur (p 1.0 for T, 0.1 for T'; sigma in [0.1, 2.0], a 23x23 kernel at
 224 pixels) and solarization (p 0 for T, 0.2 for T').
 
+Each op is the reference's, checked numerically against its outputs (``tests/test_reference.py``,
+``docs/fidelity.md``): brightness adds an offset (appendix B: "shifted by a uniformly random
+offset"), contrast scales around each channel's mean, saturation scales HSV saturation, hue shifts
+HSV hue; each colour op is followed by a clip to [0, 1]; grayscale is luma; the blur kernel has
+2 * int(size / 10 / 2) + 1 taps with zero padding; solarize maps x >= 0.5 to 1 - x. The crop draws
+area and aspect ratio once and clips the box to the image (no rejection sampling).
+
 The work is split in two:
 
 * the geometric part (decode, crop, resize, flip) runs per image in data-loader workers and yields
   uint8 CHW tensors (:func:`geometric_transform`, :class:`TwoViewTransform`);
 * the photometric part (jitter, grayscale, blur, solarize, then normalisation) runs batched on the
-  training device with independent random parameters per sample (:class:`PhotometricAugment`).
-  Its ops follow ``torchvision.transforms.v2.functional`` (same formulas, float images in [0, 1]),
-  vectorised over per-sample factors of shape [B, 1, 1, 1].
+  training device with independent random parameters per sample (:class:`PhotometricAugment`);
+  every op is also callable on its own with one parameter per sample (``adjust_brightness(images,
+  delta)``, ``adjust_contrast``, ``adjust_saturation``, ``adjust_hue``, ``gaussian_blur(images,
+  kernel_size, sigma)``: images [B, 3, H, W] in [0, 1], parameters [B]).
 
 Randomness: the geometric part uses the torch RNG of the worker, the photometric part the global
-torch RNG of the batch's device, drawing a fixed number of values per batch.
+CPU torch RNG, drawing a fixed number of values per batch.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
@@ -35,8 +44,7 @@ _PROBABILITIES = ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p")
 _STRENGTHS = ("brightness", "contrast", "saturation")
 _PAIRS = ("crop_scale", "blur_sigma")
 _SOLARIZE_THRESHOLD = 0.5                # on [0, 1] images, as in the paper's appendix B
-_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)   # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
-_BLUR_KERNEL_AT_224 = 23
+_GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # ITU-R 601-2 luma, the reference's weights
 
 
 def _number(key: str, value: Any) -> float:
@@ -120,13 +128,41 @@ class _ToUint8Tensor:
         return self.pipeline(image)
 
 
+def sample_crop(height: int, width: int, scale: Tuple[float, float] = (0.08, 1.0),
+                ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> Tuple[int, int, int, int]:
+    """The reference's crop box ``(top, left, h, w)`` for a ``height`` x ``width`` image, from the
+    torch RNG: area fraction uniform in ``scale``, aspect ratio w/h log-uniform in ``ratio``, width
+    and height rounded, then each clipped to the image (one draw, no rejection), uniform integer
+    offsets. torchvision instead retries up to 10 times until the box fits, which favours small
+    crops (mean area 0.43 instead of 0.52 on a 500x375 image)."""
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * torch.rand(()).item())
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    aspect = math.exp(log_low + (log_high - log_low) * torch.rand(()).item())
+    w = min(max(int(round(math.sqrt(area * aspect))), 1), width)
+    h = min(max(int(round(math.sqrt(area / aspect))), 1), height)
+    top = int(torch.randint(0, height - h + 1, ()).item())
+    left = int(torch.randint(0, width - w + 1, ()).item())
+    return top, left, h, w
+
+
+class ReferenceRandomResizedCrop(v2.RandomResizedCrop):
+    """torchvision's RandomResizedCrop (resize, interpolation, antialias) with the reference's box
+    distribution (:func:`sample_crop`)."""
+
+    def make_params(self, flat_inputs: list) -> dict:
+        height, width = v2.query_size(flat_inputs)
+        top, left, h, w = sample_crop(height, width, self.scale, self.ratio)
+        return dict(top=top, left=left, height=h, width=w)
+
+
 def geometric_transform(image_size: int, view: ViewAugmentation) -> Callable[[Image.Image], torch.Tensor]:
     """The geometric part of a view (appendix B): random resized crop with area fraction in
-    ``view.crop_scale`` and aspect ratio in [3/4, 4/3], bicubic resize to ``image_size``, then a
-    horizontal flip with probability ``view.flip_p``. Returns uint8 [3, image_size, image_size]."""
+    ``view.crop_scale`` and aspect ratio in [3/4, 4/3] (:func:`sample_crop`), bicubic resize to
+    ``image_size``, then a horizontal flip with probability ``view.flip_p``. Returns uint8
+    [3, image_size, image_size]."""
     return _ToUint8Tensor([
-        v2.RandomResizedCrop(image_size, scale=view.crop_scale, ratio=(3 / 4, 4 / 3),
-                             interpolation=InterpolationMode.BICUBIC, antialias=True),
+        ReferenceRandomResizedCrop(image_size, scale=view.crop_scale, ratio=(3 / 4, 4 / 3),
+                                   interpolation=InterpolationMode.BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(p=view.flip_p),
     ])
 
@@ -159,42 +195,36 @@ def crop_flip_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor
 
 
 # ----------------------------------------------- batched photometric ops on float images in [0, 1]
-def _per_sample(values: torch.Tensor) -> torch.Tensor:
-    return values.reshape(-1, 1, 1, 1)
+# Each op takes images [B, 3, H, W] in [0, 1] and one parameter per sample ([B] tensor), and clips
+# its result to [0, 1], as the reference does after every colour op.
+def _per_sample(values: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    return values.to(device=images.device, dtype=images.dtype).reshape(-1, 1, 1, 1)
 
 
 def rgb_to_grayscale(images: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] -> [B, 3, H, W] luma replicated on all channels (torchvision's weights)."""
+    """[B, 3, H, W] -> [B, 3, H, W]: luma 0.2989 R + 0.5870 G + 0.1140 B on all three channels."""
     red, green, blue = images.unbind(dim=1)
     luma = _GRAY_WEIGHTS[0] * red + _GRAY_WEIGHTS[1] * green + _GRAY_WEIGHTS[2] * blue
     return luma.unsqueeze(1).expand_as(images)
 
 
-def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (factor * images + (1.0 - factor) * other).clamp(0.0, 1.0)
-
-
-def adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Scales intensities by ``factor`` [B, 1, 1, 1] (0 gives black, 1 the original)."""
-    return (images * factor).clamp(0.0, 1.0)
+def adjust_brightness(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Appendix B, "shifted by a uniformly random offset": ``x + delta`` (delta [B]), clipped."""
+    return (images + _per_sample(delta, images)).clamp(0.0, 1.0)
 
 
 def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Blends each image with its mean gray level (0 gives a uniform gray image)."""
-    mean = rgb_to_grayscale(images)[:, :1].mean(dim=(-3, -2, -1), keepdim=True)
-    return _blend(images, mean, factor)
-
-
-def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Blends each image with its grayscale version (0 gives grayscale, 1 the original)."""
-    return _blend(images, rgb_to_grayscale(images), factor)
+    """``(x - mean_c) * factor + mean_c`` with ``mean_c`` each channel's mean over the image
+    (factor [B]), clipped."""
+    mean = images.mean(dim=(-2, -1), keepdim=True)
+    return ((images - mean) * _per_sample(factor, images) + mean).clamp(0.0, 1.0)
 
 
 def rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] RGB in [0, 1] -> HSV with hue in [0, 1)."""
+    """[B, 3, H, W] RGB in [0, 1] -> HSV with hue in [0, 1) (hue 0 where R = G = B)."""
     red, green, blue = images.unbind(dim=1)
-    value, _ = images.max(dim=1)
-    spread = value - images.min(dim=1).values
+    value = images.amax(dim=1)
+    spread = value - images.amin(dim=1)
     has_hue = spread > 0
     safe_spread = torch.where(has_hue, spread, torch.ones_like(spread))
     hue = torch.where(value == red, ((green - blue) / safe_spread).remainder(6.0),
@@ -208,69 +238,62 @@ def rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
 
 def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`rgb_to_hsv`: channel n in (R, G, B) = v - v s clamp(min(k, 4 - k), 0, 1)
-    with k = (n' + 6 h) mod 6 and n' = 5, 3, 1."""
-    hue, saturation, value = (channel.unsqueeze(1) for channel in hsv.unbind(dim=1))
-    offsets = torch.tensor([5.0, 3.0, 1.0], device=hsv.device, dtype=hsv.dtype).view(1, 3, 1, 1)
-    k = (offsets + 6.0 * hue).remainder(6.0)
-    return value - value * saturation * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+    with k = (n' + 6 h) mod 6 and n' = 5, 3, 1 (no constant tensor built per call)."""
+    hue, saturation, value = hsv.unbind(dim=1)
+    chroma = value * saturation
+    channels = []
+    for offset in (5.0, 3.0, 1.0):
+        k = (6.0 * hue + offset).remainder(6.0)
+        channels.append(value - chroma * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
+    return torch.stack(channels, dim=1)
 
 
-def adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotates the hue by ``shift`` [B, 1, 1, 1] (in turns, |shift| <= 0.5) in HSV space."""
-    hsv = rgb_to_hsv(images)
-    hue = (hsv[:, :1] + shift).remainder(1.0)
-    return hsv_to_rgb(torch.cat((hue, hsv[:, 1:]), dim=1))
+def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """HSV ``s -> clip(s * factor, 0, 1)`` (factor [B]): one RGB-HSV round trip, clipped."""
+    hue, saturation, value = rgb_to_hsv(images).unbind(dim=1)
+    saturation = (saturation * _per_sample(factor, images)[:, 0]).clamp(0.0, 1.0)
+    return hsv_to_rgb(torch.stack((hue, saturation, value), dim=1)).clamp(0.0, 1.0)
 
 
-_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+def adjust_hue(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """HSV ``h -> (h + delta) mod 1`` (delta [B] in turns): one RGB-HSV round trip, clipped."""
+    hue, saturation, value = rgb_to_hsv(images).unbind(dim=1)
+    hue = (hue + _per_sample(delta, images)[:, 0]).remainder(1.0)
+    return hsv_to_rgb(torch.stack((hue, saturation, value), dim=1)).clamp(0.0, 1.0)
 
 
-def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
-                 apply: torch.Tensor, active: Sequence[bool] = (True, True, True, True)) -> torch.Tensor:
-    """Brightness, contrast, saturation and hue with per-sample ``factors`` [B, 4] (in that column
-    order), applied in a per-sample ``order`` ([B, 4], a permutation of 0..3 per row: appendix B
-    applies the four "in a randomly selected order") to the samples where ``apply`` [B] is true.
-
-    Vectorised without host synchronisation: at each of the four steps every op is computed for
-    the whole batch and kept only where it is that sample's op for the step (``torch.where``), so
-    untouched samples stay bit-exact. ``active`` [4] skips ops configured with zero strength."""
-    for step in range(4):
-        for index, op in enumerate(_JITTER_OPS):
-            if not active[index]:  # zero strength: the op is the identity, skip its cost
-                continue
-            chosen = _per_sample((order[:, step] == index) & apply)
-            images = torch.where(chosen, op(images, _per_sample(factors[:, index])), images)
-    return images
+# Column j of the jitter parameters belongs to op j; the reference numbers them the same way
+# (0 brightness, 1 contrast, 2 saturation, 3 hue).
+_JITTER_NAMES = ("brightness", "contrast", "saturation", "hue")
+_JITTER_OPS = dict(zip(_JITTER_NAMES, (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)))
 
 
 def blur_kernel_size(image_size: int) -> int:
-    """The paper's 23-pixel kernel at 224 pixels, scaled to ``image_size`` and made odd (>= 3)."""
-    size = int(round(image_size * _BLUR_KERNEL_AT_224 / 224))
-    size += 1 - size % 2
-    return max(size, 3)
+    """The reference's rule: 2 * int(image_size / 10 / 2) + 1 taps (23 at 224 px, 9 at 96, 3 at 32,
+    1 at 16 and below: no blur)."""
+    return 2 * int(image_size / 10 / 2) + 1
 
 
 def gaussian_blur(images: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur with a per-sample ``sigma`` [B] and reflect padding (as torchvision's
-    gaussian_blur): one depthwise (grouped) convolution per axis over all B*C channels."""
+    """Separable Gaussian blur with a per-sample ``sigma`` [B] and **zero padding** (the reference's
+    'SAME' convolution: borders darken): one depthwise convolution per axis over all B*C channels."""
     batch, channels, height, width = images.shape
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"blur kernel_size must be a positive odd number of taps, got {kernel_size}")
     half = kernel_size // 2
-    if half >= min(height, width):
-        raise ValueError(f"blur kernel of {kernel_size} pixels is too large for {height}x{width} images")
     offsets = torch.arange(-half, half + 1, device=images.device, dtype=images.dtype)
-    kernel = torch.exp(-0.5 * (offsets / sigma.to(images.dtype).view(-1, 1)) ** 2)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)  # [B*C, k]
+    kernel = torch.exp(-offsets.square() / (2.0 * sigma.to(images.device, images.dtype).view(-1, 1).square()))
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).unsqueeze(1).expand(batch, channels, kernel_size)
+    kernel = kernel.reshape(batch * channels, kernel_size)  # one kernel per (sample, channel)
     flat = images.reshape(1, batch * channels, height, width)
-    flat = F.conv2d(F.pad(flat, (0, 0, half, half), mode="reflect"),
-                    kernel.view(-1, 1, kernel_size, 1), groups=batch * channels)
-    flat = F.conv2d(F.pad(flat, (half, half, 0, 0), mode="reflect"),
-                    kernel.view(-1, 1, 1, kernel_size), groups=batch * channels)
+    flat = F.conv2d(flat, kernel.view(-1, 1, 1, kernel_size), padding=(0, half), groups=batch * channels)
+    flat = F.conv2d(flat, kernel.view(-1, 1, kernel_size, 1), padding=(half, 0), groups=batch * channels)
     return flat.view(batch, channels, height, width)
 
 
 def solarize(images: torch.Tensor) -> torch.Tensor:
-    """Inverts values at or above 0.5 (x -> 1 - x), as torchvision's solarize on [0, 1] floats."""
-    return torch.where(images >= _SOLARIZE_THRESHOLD, 1.0 - images, images)
+    """``x if x < 0.5 else 1 - x`` (appendix B)."""
+    return torch.where(images < _SOLARIZE_THRESHOLD, images, 1.0 - images)
 
 
 def _check_uint8_batch(images: torch.Tensor) -> None:
@@ -302,9 +325,19 @@ class Normalize(nn.Module):
 
 
 class PhotometricAugment(nn.Module):
-    """Batched, on the training device: colour jitter, grayscale, Gaussian blur, solarize (in the
-    order of appendix B), then normalisation with the dataset mean/std. Independent random
-    parameters per sample, drawn from the global torch RNG of the batch's device."""
+    """Batched, on the training device: colour jitter (p ``jitter_p``: brightness, contrast,
+    saturation and hue in a random order per sample, each followed by a clip), grayscale, Gaussian
+    blur, solarize (in the order of appendix B), then normalisation with the dataset mean/std.
+
+    Each sample's work is done once. The random parameters are drawn on the CPU (from the global
+    CPU torch RNG, which the trial seeds with seed and global step), so which samples take which
+    op is known on the host without asking the device: at each of the four jitter positions, for
+    each op, the samples whose order puts that op there are gathered (``index_select``), changed
+    and scattered back (``index_copy``); grayscale, blur and solarize likewise touch only their
+    samples, and an RGB-HSV round trip is made only for a sample's saturation and hue steps. All
+    indices and per-sample values travel to the device in two copies per batch (pinned,
+    non-blocking on CUDA), so the device is never synchronised with the host.
+    """
 
     def __init__(self, view: ViewAugmentation, mean: Sequence[float], std: Sequence[float], image_size: int):
         super().__init__()
@@ -312,25 +345,26 @@ class PhotometricAugment(nn.Module):
         self.kernel_size = blur_kernel_size(image_size)
         self.normalize = Normalize(mean, std)
 
-    def sample_parameters(self, batch: int, device: torch.device) -> dict:
-        """All random draws for one batch (a fixed number, whatever the settings or the data)."""
+    def sample_parameters(self, batch: int) -> dict:
+        """All random draws for ``batch`` samples (a fixed number, whatever the settings or the data),
+        from the global CPU torch RNG; CPU tensors, one row per sample."""
         view = self.view
 
         def uniform(low: float, high: float) -> torch.Tensor:
-            return low + (high - low) * torch.rand(batch, device=device)
+            return low + (high - low) * torch.rand(batch)
 
         def coin(p: float) -> torch.Tensor:
-            return torch.rand(batch, device=device) < p
+            return torch.rand(batch) < p
 
         return {
             "jitter": coin(view.jitter_p),
-            "factors": torch.stack([
-                uniform(max(0.0, 1.0 - view.brightness), 1.0 + view.brightness),
+            "factors": torch.stack([                         # columns in _JITTER_OPS order
+                uniform(-view.brightness, view.brightness),  # additive offset
                 uniform(max(0.0, 1.0 - view.contrast), 1.0 + view.contrast),
                 uniform(max(0.0, 1.0 - view.saturation), 1.0 + view.saturation),
                 uniform(-view.hue, view.hue),
             ], dim=1),
-            "order": torch.rand(batch, 4, device=device).argsort(dim=1),
+            "order": torch.rand(batch, 4).argsort(dim=1),
             "grayscale": coin(view.grayscale_p),
             "blur": coin(view.blur_p),
             "sigma": uniform(*view.blur_sigma),
@@ -338,9 +372,42 @@ class PhotometricAugment(nn.Module):
         }
 
     @staticmethod
-    def select(params: dict, rows: torch.Tensor) -> dict:
+    def select(params: dict, rows) -> dict:
         """The parameters of the samples ``rows`` (an index or slice into a larger draw)."""
+        if isinstance(rows, torch.Tensor):
+            rows = rows.cpu()
         return {key: value[rows] for key, value in params.items()}
+
+    def plan(self, params: dict) -> list:
+        """``[(op name, sample indices, per-sample values or None)]`` in the order they apply, on the
+        CPU; groups that no sample takes, and ops configured off, are left out."""
+        view = self.view
+        steps = []
+        if view.jitter_p > 0:
+            strengths = (view.brightness, view.contrast, view.saturation, view.hue)
+            jitter, order, factors = params["jitter"].cpu(), params["order"].cpu(), params["factors"].cpu()
+            for position in range(4):
+                for op in range(4):
+                    if strengths[op] > 0:  # zero strength: the op is the identity (as the reference)
+                        rows = torch.nonzero(jitter & (order[:, position] == op)).flatten()
+                        steps.append((_JITTER_NAMES[op], rows, factors[rows, op]))
+        if view.grayscale_p > 0:
+            steps.append(("grayscale", torch.nonzero(params["grayscale"].cpu()).flatten(), None))
+        if view.blur_p > 0 and self.kernel_size > 1:  # a 1-tap kernel is the identity
+            rows = torch.nonzero(params["blur"].cpu()).flatten()
+            steps.append(("blur", rows, params["sigma"].cpu()[rows]))
+        if view.solarize_p > 0:
+            steps.append(("solarize", torch.nonzero(params["solarize"].cpu()).flatten(), None))
+        return [step for step in steps if len(step[1])]
+
+    def _run_step(self, name, images: torch.Tensor, values: Optional[torch.Tensor]) -> torch.Tensor:
+        if name == "grayscale":
+            return rgb_to_grayscale(images)
+        if name == "blur":
+            return gaussian_blur(images, self.kernel_size, values)
+        if name == "solarize":
+            return solarize(images)
+        return _JITTER_OPS[name](images, values)
 
     def forward(self, images: torch.Tensor, params: Optional[dict] = None) -> torch.Tensor:
         """Augments a uint8 batch. ``params`` (from :meth:`sample_parameters`, one row per image)
@@ -348,18 +415,32 @@ class PhotometricAugment(nn.Module):
         processes apply the same augmentation to the same image."""
         _check_uint8_batch(images)
         if params is None:
-            params = self.sample_parameters(images.shape[0], images.device)
+            params = self.sample_parameters(images.shape[0])
         elif len(params["sigma"]) != images.shape[0]:
             raise ValueError(f"params hold {len(params['sigma'])} samples for a batch of {images.shape[0]}")
-        view = self.view
         x = images.float() / 255.0
-        if view.jitter_p > 0:
-            active = (view.brightness > 0, view.contrast > 0, view.saturation > 0, view.hue > 0)
-            x = color_jitter(x, params["factors"], params["order"], params["jitter"], active)
-        if view.grayscale_p > 0:
-            x = torch.where(_per_sample(params["grayscale"]), rgb_to_grayscale(x), x)
-        if view.blur_p > 0:
-            x = torch.where(_per_sample(params["blur"]), gaussian_blur(x, self.kernel_size, params["sigma"]), x)
-        if view.solarize_p > 0:
-            x = torch.where(_per_sample(params["solarize"]), solarize(x), x)
+        steps = self.plan(params)
+        if steps:
+            rows, values = _to_device([torch.cat([rows for _, rows, _ in steps]),
+                                       torch.cat([v for _, _, v in steps if v is not None] or [torch.zeros(0)])],
+                                      x.device)
+            row_start = value_start = 0
+            for name, cpu_rows, cpu_values in steps:
+                count = len(cpu_rows)
+                index = rows[row_start:row_start + count]
+                row_start += count
+                step_values = None
+                if cpu_values is not None:
+                    step_values = values[value_start:value_start + count]
+                    value_start += count
+                x.index_copy_(0, index, self._run_step(name, x.index_select(0, index), step_values))
         return self.normalize.normalize_float(x)
+
+
+def _to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list:
+    """CPU tensors to ``device`` without blocking the host (pinned memory on CUDA)."""
+    if device.type == "cpu":
+        return list(tensors)
+    if device.type == "cuda":
+        tensors = [t.pin_memory() for t in tensors]
+    return [t.to(device, non_blocking=True) for t in tensors]

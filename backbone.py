@@ -16,6 +16,8 @@ import torch
 import torchvision
 from torch import nn
 
+from utils import InputError
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -87,11 +89,18 @@ def build_backbone(name: str, weights_path: Optional[str] = None) -> nn.Module:
     if weights_path:
         if not os.path.isfile(weights_path):
             raise FileNotFoundError(f"backbone weights file {weights_path!r} does not exist")
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        import pickle
+
+        try:
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+            reason = " ".join(str(error).split())[:300]
+            raise InputError(f"backbone weights file {weights_path!r} cannot be loaded as plain tensors "
+                             f"(weights_only): {reason}; give a state_dict saved with torch.save") from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         if not isinstance(state, dict):
-            raise ValueError(f"backbone weights {weights_path!r} hold a {type(state).__name__}, not a state_dict")
+            raise InputError(f"backbone weights {weights_path!r} hold a {type(state).__name__}, not a state_dict")
         state = {key: value for key, value in state.items() if not key.startswith("fc.")}
         load_weights(net, name, state, f"backbone weights file {weights_path!r}")
     return net
@@ -107,7 +116,7 @@ def load_weights(net: nn.Module, name: str, state: dict, source: str) -> None:
     wrong = [f"{key} {tuple(getattr(state[key], 'shape', ()))} (model {tuple(value.shape)})"
              for key, value in own.items() if key in state and tuple(getattr(state[key], "shape", ())) != tuple(value.shape)]
     if missing or unexpected or wrong:
-        raise ValueError(f"{source} does not fit backbone {name!r}: missing keys {missing[:5]}, "
+        raise InputError(f"{source} does not fit backbone {name!r}: missing keys {missing[:5]}, "
                          f"unexpected keys {unexpected[:5]}, shapes differ for {wrong[:5]}")
     net.load_state_dict(state, strict=True)
 

@@ -16,6 +16,13 @@ Section 3.1: the *online* network is encoder f, projector g and predictor q; the
 encoder and projector only, with weights xi an exponential moving average of the online weights
 theta, never trained by gradient. The loss (eq. 2) is the mean squared error of the l2-normalised
 prediction and target projection, 2 - 2 cos(q(z1), sg(z'2)), symmetrised over the two views (eq. 4).
+
+As in the authors' reference code, each view goes through the networks on its own, so batch-norm
+statistics are per view, also with synchronised batch norm (then over that view of the global
+batch; ``tests/test_byol.py`` shows the statistics are per view); the projector's and
+predictor's output layers have no bias (appendix A); and an optional online linear classifier on the
+stopped-gradient representation sg(y) of the first view reports representation quality during
+pretraining at little cost (``num_classes``; its loss is returned separately and trains only it).
 """
 from __future__ import annotations
 
@@ -29,13 +36,24 @@ from torch import nn
 
 
 def mlp(in_features: int, hidden_size: int, out_features: int) -> nn.Sequential:
-    """Projector / predictor MLP of appendix A: Linear, BatchNorm, ReLU, Linear."""
+    """Projector / predictor MLP of appendix A: Linear, BatchNorm, ReLU, Linear (no bias on the
+    output layer, as the reference)."""
     return nn.Sequential(
         nn.Linear(in_features, hidden_size),
         nn.BatchNorm1d(hidden_size),
         nn.ReLU(inplace=True),
-        nn.Linear(hidden_size, out_features),
+        nn.Linear(hidden_size, out_features, bias=False),
     )
+
+
+def online_classifier_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and top-1 accuracy of the online classifier over the labelled samples of
+    the batch (label < 0, e.g. STL-10's unlabeled images, is ignored); tensors, no host sync."""
+    labelled = labels >= 0
+    count = labelled.sum().clamp(min=1)
+    loss = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+    correct = (logits.argmax(dim=-1) == labels) & labelled
+    return (loss * labelled).sum() / count, correct.sum() / count
 
 
 def regression_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -209,6 +227,7 @@ class BYOL(nn.Module):
         moving_average_decay: float = 0.99,
         feature_size: Optional[int] = None,
         channels: int = 3,
+        num_classes: int = 0,
     ):
         super().__init__()
         self.net = net
@@ -228,6 +247,8 @@ class BYOL(nn.Module):
             parameter.requires_grad_(False)
         self.augment1 = augment_fn
         self.augment2 = augment_fn2 if augment_fn2 is not None else augment_fn
+        # Built last, so that the networks above get the same initial weights with or without it.
+        self.online_classifier = nn.Linear(feature_size, num_classes) if num_classes > 0 else None
 
     @torch.no_grad()
     def _probe_feature_size(self, channels: int, image_size: int) -> int:
@@ -238,7 +259,7 @@ class BYOL(nn.Module):
         return features.shape[1]
 
     def online_parameters(self) -> Iterable[nn.Parameter]:
-        """Parameters theta trained by gradient: encoder, projector, predictor."""
+        """Parameters theta trained by the BYOL loss: encoder, projector, predictor."""
         for module in (self.online_encoder, self.online_projector, self.online_predictor):
             yield from module.parameters()
 
@@ -259,25 +280,33 @@ class BYOL(nn.Module):
         return self.augment1(images), self.augment2(images)
 
     def forward(self, view1: torch.Tensor, view2: Optional[torch.Tensor] = None,
-                return_embedding: bool = False) -> torch.Tensor:
+                return_embedding: bool = False, labels: Optional[torch.Tensor] = None):
         """Symmetrised BYOL loss (eq. 4), averaged over the batch.
 
         ``learner(images)`` augments two views itself; ``learner(view1, view2)`` takes prepared views;
         ``learner(images, return_embedding=True)`` returns the representation y = f(images).
+        With ``labels`` (and ``num_classes``) returns ``(byol_loss, classifier_loss, accuracy)``: the
+        online classifier on sg(y) of view 1; backpropagate the sum (its gradient reaches only the
+        classifier).
         """
         if return_embedding:
             return self.online_encoder(view1)
         if view2 is None:
             view1, view2 = self._augment(view1)
-        both = torch.cat([view1, view2])
-        # One pass over both views keeps batch-norm statistics over the whole (2B) batch.
-        predictions = self.online_predictor(self.online_projector(self.online_encoder(both)))
+        # Each view on its own: batch-norm statistics per view, as the reference.
+        y1, y2 = self.online_encoder(view1), self.online_encoder(view2)
+        p1 = self.online_predictor(self.online_projector(y1))
+        p2 = self.online_predictor(self.online_projector(y2))
         with torch.no_grad():
-            targets = self.target_projector(self.target_encoder(both))
-        p1, p2 = predictions.chunk(2)
-        t1, t2 = targets.chunk(2)
-        loss = regression_loss(p1, t2) + regression_loss(p2, t1)
-        return loss.mean()
+            t1 = self.target_projector(self.target_encoder(view1))
+            t2 = self.target_projector(self.target_encoder(view2))
+        loss = (regression_loss(p1, t2) + regression_loss(p2, t1)).mean()
+        if labels is None:
+            return loss
+        if self.online_classifier is None:
+            raise ValueError("labels given, but this BYOL has no online classifier (num_classes=0)")
+        classifier_loss, accuracy = online_classifier_loss(self.online_classifier(y1.detach()), labels)
+        return loss, classifier_loss, accuracy
 
 
 def train(learner: BYOL, dataloader: Iterable, optimizer: torch.optim.Optimizer, epochs: int,

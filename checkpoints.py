@@ -31,6 +31,7 @@ import torch
 from determined import pytorch
 
 import backbone as backbones
+from utils import InputError
 
 STATE_FILE = "state_dict.pth"
 SHOWN_METRICS = ("test_accuracy", "validation_accuracy", "test_top5_accuracy", "best_classifier_lr",
@@ -107,7 +108,7 @@ def fingerprint(trial) -> Dict[str, Any]:
             "classifier_heads": len(s.classifier.learning_rates), "training_mode": s.training_mode.value}
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(InputError):
     """The checkpoint was written with settings that give other tensor shapes than this run's."""
 
 
@@ -162,7 +163,9 @@ class TrialStateCallback(pytorch.PyTorchCallback):
 
     def on_checkpoint_write_end(self, checkpoint_dir: str) -> None:
         # Chief only, after the harness wrote every file: from here on the checkpoint counts.
-        write_complete_marker(checkpoint_dir, self.trial.global_step)
+        write_complete_marker(checkpoint_dir, self.trial.global_step,
+                              {"settings": self.trial.settings.as_hparams(), "total_steps": self.trial.total_steps,
+                               "processes": self.trial.world_size})
         self.trial.last_checkpoint_path = checkpoint_dir
 
     def on_checkpoint_upload_end(self, uuid: str) -> None:
@@ -216,7 +219,7 @@ COMPLETE_FILE = "byol_complete.json"
 _HASHED_FILES = (STATE_FILE, "trial_state.pkl", "load_data.json")
 
 
-class IncompleteCheckpointError(ValueError):
+class IncompleteCheckpointError(InputError):
     """A checkpoint directory that was never completely written, or was changed since."""
 
 
@@ -236,8 +239,9 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
-def write_complete_marker(directory: str, global_step: int) -> str:
-    """Flushes the checkpoint's files, then atomically writes :data:`COMPLETE_FILE` listing them."""
+def write_complete_marker(directory: str, global_step: int, run: Optional[Dict[str, Any]] = None) -> str:
+    """Flushes the checkpoint's files, then atomically writes :data:`COMPLETE_FILE` listing them
+    (and ``run``: the writing run's settings and length, compared on resume by :func:`check_resume`)."""
     files = {}
     for name in _HASHED_FILES:
         path = os.path.join(directory, name)
@@ -249,7 +253,7 @@ def write_complete_marker(directory: str, global_step: int) -> str:
     marker = os.path.join(directory, COMPLETE_FILE)
     temporary = marker + ".tmp"
     with open(temporary, "w") as handle:
-        json.dump({"global_step": int(global_step), "files": files}, handle, indent=2)
+        json.dump({"global_step": int(global_step), "files": files, **(run or {})}, handle, indent=2)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, marker)
@@ -335,8 +339,11 @@ def _check_plain_pickle(path: str) -> None:
 
 
 def read_checkpoint(directory: str) -> Dict[str, Any]:
-    """Loads a trial checkpoint directory's state (weights only, never code)."""
+    """Loads a trial checkpoint directory's state (weights only, never code), after
+    :func:`verify_checkpoint`: every reader (export, features, probes, evaluation, fine-tuning) gets
+    only a complete, unchanged checkpoint."""
     path = os.path.join(directory, STATE_FILE)
+    verify_checkpoint(directory)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory!r} is not a checkpoint of this project: it has no {STATE_FILE}")
     return load_state(path)
@@ -362,6 +369,72 @@ def encoder_state(checkpoint: Dict[str, Any], where: str) -> Dict[str, torch.Ten
     raise ValueError(f"checkpoint {where} holds no encoder weights (keys start with {sorted(state)[:3]})")
 
 
+# Settings that may differ on resume without changing what the resumed steps compute: how often to
+# validate or checkpoint, the probes' read-out, where the data lives and how it is loaded.
+RESUME_FREE_KEYS = ("train_length", "validation_period", "checkpoint_period", "classifier_validation",
+                    "compare_random_init", "classifier", "data.root", "data.download", "data.num_workers",
+                    "data.gcs.cache_dir", "data.gcs.max_in_flight", "data.gcs.retry_deadline")
+
+
+def _flatten(values: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key != "augmentation":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def check_resume(directory: str, settings, total_steps: int, pretraining: bool = True,
+                 processes: int = 1) -> Optional[str]:
+    """Before the first step of a resumed run: its settings equal those the checkpoint was written
+    with (seed, batch, data, schedule, ...), so the resumed steps are those of the original run, and
+    its length is not shorter. A longer length is allowed and said (the schedules then follow the
+    new length); the same length only validates, and says so. Returns a note to print, or None;
+    raises :class:`IncompatibleCheckpointError`."""
+    marker = verify_checkpoint(directory)
+    saved = marker.get("settings")
+    step = int(marker.get("global_step", 0))
+    if saved is not None:
+        _check_same_settings(directory, settings, processes, saved, int(marker.get("processes", 1)), pretraining)
+    if total_steps < step:
+        raise IncompatibleCheckpointError(
+            f"checkpoint {directory!r} is at global step {step} but this run ends at step {total_steps} "
+            f"({settings.train_length}): it is past the end. Give a longer length (e.g. --batches "
+            f"{step + max(step, 1)}) or use the checkpoint as it is (evaluate_result.py --checkpoint {directory})")
+    if total_steps == step:
+        return (f"note: checkpoint {directory!r} is at step {step}, the end of this run: nothing to train, "
+                f"validating only")
+    saved_total = marker.get("total_steps")
+    if saved_total is not None and total_steps != saved_total:
+        return (f"note: this run is longer than the one that wrote the checkpoint ({total_steps} steps, was "
+                f"{saved_total}): the learning-rate and EMA schedules now follow the new length, so the result "
+                f"differs from an uninterrupted {saved_total}-step run")
+    return None
+
+
+def _check_same_settings(directory: str, settings, processes: int, saved: Dict[str, Any], saved_processes: int,
+                         pretraining: bool) -> None:
+    """Raises :class:`IncompatibleCheckpointError` naming the settings that differ (beyond
+    :data:`RESUME_FREE_KEYS`). Checkpoints written before their marker held the settings are
+    compared on shapes only, when loaded (:func:`check_compatible`)."""
+    current = _flatten(settings.as_hparams())
+    saved = _flatten(saved)
+    # Batch norm over the global batch is the same computation in one process as synchronised over
+    # several: compare what is computed, not the switch.
+    current["sync_batch_norm"] = bool(current.get("sync_batch_norm")) or processes == 1
+    saved["sync_batch_norm"] = bool(saved.get("sync_batch_norm")) or saved_processes == 1
+    free = tuple(key for key in RESUME_FREE_KEYS if key != "classifier" or pretraining)
+    changed = [key for key in sorted(set(current) | set(saved))
+               if not any(key == f or key.startswith(f + ".") for f in free) and current.get(key) != saved.get(key)]
+    if changed:
+        described = ", ".join(f"{key}={current.get(key)!r} (checkpoint: {saved.get(key)!r})" for key in changed[:4])
+        raise IncompatibleCheckpointError(
+            f"checkpoint {directory!r} was written with other settings than this run's: {described}. Exact "
+            f"resume needs the checkpoint's settings; drop the --set/config changes or start a new run")
+
+
 def resolve_checkpoint_dir(reference: str, context=None):
     """A local directory as it is, or a Determined storage id fetched through the core context."""
     if os.path.isdir(reference):
@@ -375,9 +448,7 @@ def load_pretrained_encoder(encoder: torch.nn.Module, settings, context=None) ->
     """Loads the BYOL encoder of ``settings.pretrained_checkpoint`` strictly into ``encoder``."""
     reference = settings.pretrained_checkpoint
     with resolve_checkpoint_dir(reference, context) as directory:
-        if os.path.exists(os.path.join(str(directory), COMPLETE_FILE)):
-            verify_checkpoint(str(directory))  # written by this project: must still match its marker
-        checkpoint = read_checkpoint(str(directory))
+        checkpoint = read_checkpoint(str(directory))  # verified against its marker first
         saved = read_load_data(str(directory)).get("hparams") or {}
     saved_backbone = saved.get("backbone")
     if saved_backbone and saved_backbone != settings.backbone:

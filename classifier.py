@@ -2,8 +2,10 @@
 
 Several linear classifiers, one per learning rate, are trained side by side on the same frozen
 features (SGD with Nesterov momentum 0.9, cosine-decayed learning rate); the one best on
-CLS_VALIDATION is reported on TEST (see ``reducers.ValidatedAccuracyReducer``). Options from the
-appendix: logit clipping ``c * tanh(logits / c)`` and an L2 penalty on the logits.
+CLS_VALIDATION is reported on TEST (see ``reducers.ValidatedAccuracyReducer``). As in the reference
+code, the configured rates are *base* rates, scaled by batch / 256 (0.2 -> 0.8 at batch 1024). Options
+from the appendix (its "variant" protocol): logit clipping ``c * tanh(logits / c)`` and an L2 penalty
+on the logits.
 
 ``train_heads_on_features`` is the cheap path used before each validation during pretraining: it
 extracts features once and trains on them. With several processes every rank gathers all features
@@ -19,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from optim import scaled_learning_rate
 from sampling import epoch_permutation, mix_seed
 
 
@@ -58,12 +61,16 @@ def heads_loss(logits: torch.Tensor, labels: torch.Tensor, logit_regularization:
     return loss
 
 
-def heads_optimizer(heads: LinearHeads, learning_rates: Sequence[float], momentum: float = 0.9,
+def heads_optimizer(heads: LinearHeads, learning_rates: Sequence[float], batch_size: int, momentum: float = 0.9,
                     weight_decay: float = 0.0, extra_groups: Iterable[dict] = ()) -> torch.optim.SGD:
-    groups = [{"params": list(head.parameters()), "lr": lr, "initial_lr": lr}
+    """SGD (Nesterov momentum) with one group per head; head i starts at ``learning_rates[i] x
+    batch_size / 256`` (base rates, as the reference's linear evaluation). ``extra_groups`` carry
+    their own ``lr`` and ``initial_lr``."""
+    groups = [{"params": list(head.parameters()), "lr": scaled_learning_rate(lr, batch_size),
+               "initial_lr": scaled_learning_rate(lr, batch_size)}
               for head, lr in zip(heads.heads, learning_rates)]
     groups += list(extra_groups)
-    return torch.optim.SGD(groups, lr=learning_rates[0], momentum=momentum, nesterov=momentum > 0,
+    return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum, nesterov=momentum > 0,
                            weight_decay=weight_decay)
 
 
@@ -105,12 +112,15 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, loader: Iterable, device: torch.device,
-                     preprocess: Optional[nn.Module] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     preprocess: Optional[nn.Module] = None, desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features and labels for every batch of ``loader`` (encoder in eval mode)."""
+    from progress import progress
+
     was_training = encoder.training
     encoder.eval()
     features, labels = [], []
-    for images, targets in loader:
+    for images, targets in progress(loader, desc, total=len(loader) if hasattr(loader, "__len__") else None,
+                                    unit="batch"):
         images = images.to(device, non_blocking=True)
         if preprocess is not None:
             images = preprocess(images)
@@ -130,12 +140,14 @@ def train_heads_on_features(heads: LinearHeads, features: torch.Tensor, labels: 
     """Trains freshly reset heads on precomputed features; returns the last epoch's mean loss."""
     heads.reset_parameters()
     heads.train()
-    optimizer = heads_optimizer(heads, learning_rates, momentum, weight_decay)
     batch_size = min(batch_size, features.shape[0])
+    optimizer = heads_optimizer(heads, learning_rates, batch_size, momentum, weight_decay)
     steps_per_epoch = features.shape[0] // batch_size
     total = steps_per_epoch * epochs
     step, last_loss = 0, float("nan")
-    for epoch in range(epochs):
+    from progress import progress
+
+    for epoch in progress(range(epochs), f"linear heads ({len(learning_rates)} lr)", unit="epoch"):
         order = epoch_permutation(features.shape[0], mix_seed(seed, 17), epoch).to(features.device)
         running = 0.0
         for start in range(0, steps_per_epoch * batch_size, batch_size):

@@ -74,7 +74,7 @@ DATASET_NAMES: Tuple[str, ...] = tuple(_INFOS)
 
 _DIGITS_TEST_FRACTION = 0.2
 # Independent random streams per purpose, all derived from the one user seed.
-_STREAM_TEST_SPLIT, _STREAM_VALIDATION = 1, 2
+_STREAM_TEST_SPLIT, _STREAM_VALIDATION, _STREAM_LABEL_SUBSET = 1, 2, 3
 
 
 def _check_name(name: str) -> None:
@@ -296,15 +296,15 @@ def _digits(split: Split, transform: _PrepareImage, validation_size: int, seed: 
 def _gcs_imagenet(split: Split, source: Any, transform: Optional[Callable], lazy: bool = False):
     """ImageNet streamed from Cloud Storage; the val folder is labelled with the train classes."""
     gcs_module = importlib.import_module("gcs")  # lazy: needs google-cloud-storage
-    in_flight = getattr(source, "max_in_flight", 64)
-    train = gcs_module.GCSImageFolder(source.bucket, source.train_blob_list, transform=transform,
-                                      cache_dir=source.cache_dir, max_in_flight=in_flight)
+    options = dict(cache_dir=source.cache_dir, max_in_flight=getattr(source, "max_in_flight", 64),
+                   retry_deadline=getattr(source, "retry_deadline", 300.0),
+                   startup_retry_deadline=getattr(source, "startup_retry_deadline", 30.0))
+    train = gcs_module.GCSImageFolder(source.bucket, source.train_blob_list, transform=transform, **options)
     train.lazy = lazy and split is Split.TRAIN
     if split is not Split.TEST:
         return train
     return gcs_module.GCSImageFolder(source.bucket, source.val_blob_list, transform=transform,
-                                     cache_dir=source.cache_dir, classes=train.classes,
-                                     max_in_flight=in_flight)
+                                     classes=train.classes, **options)
 
 
 def build_dataset(name: str, split: Split, *, root: str, transform: Optional[Callable[[Image.Image], Any]],
@@ -354,3 +354,59 @@ def build_dataset(name: str, split: Split, *, root: str, transform: Optional[Cal
         return dataset
     cls_train, cls_validation = split_labelled(len(dataset), validation_size, seed)
     return torch.utils.data.Subset(dataset, cls_train if split is Split.CLS_TRAIN else cls_validation)
+
+
+# ----------------------------------------------------- labelled subsets (semi-supervised protocol)
+def dataset_labels(dataset: torch.utils.data.Dataset) -> List[int]:
+    """Every item's label, in dataset order, read from the dataset's metadata (no image decoded)."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        labels = dataset_labels(dataset.dataset)
+        return [labels[i] for i in dataset.indices]
+    for attribute in ("targets", "labels"):  # torchvision datasets, ours, GCSImageFolder; STL-10
+        if hasattr(dataset, attribute):
+            return [int(label) for label in getattr(dataset, attribute)]
+    raise TypeError(f"{type(dataset).__name__} exposes no labels (targets) to choose a labelled subset from")
+
+
+def dataset_file_names(dataset: torch.utils.data.Dataset) -> List[str]:
+    """Every item's image file name (without folders), for datasets of image files."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        names = dataset_file_names(dataset.dataset)
+        return [names[i] for i in dataset.indices]
+    if hasattr(dataset, "samples"):        # torchvision ImageFolder (imagenet, custom)
+        return [os.path.basename(path) for path, _ in dataset.samples]
+    if hasattr(dataset, "object_name"):    # gcs.GCSImageFolder
+        return [os.path.basename(dataset.object_name(i)) for i in range(len(dataset))]
+    raise ValueError(f"a label list names image files, but this dataset ({type(dataset).__name__}) has none: "
+                     f"use classifier.label_fraction instead")
+
+
+def labelled_subset(dataset: torch.utils.data.Dataset, fraction: Optional[float] = None,
+                    list_path: Optional[str] = None, seed: int = 0) -> torch.utils.data.Dataset:
+    """The labelled part of CLS_TRAIN for semi-supervised fine-tuning (paper appendix C.2, after
+    SimCLR's protocol): the images named in ``list_path`` (one file name per line, as SimCLR's
+    ``1percent.txt`` / ``10percent.txt``; every name must be found), else a seeded ``fraction`` of
+    each class (at least one image per class). Neither given: the dataset itself."""
+    if list_path is not None:
+        with open(list_path) as handle:
+            wanted = [line.strip() for line in handle if line.strip()]
+        if not wanted:
+            raise ValueError(f"label list {list_path!r} names no images")
+        position = {name: i for i, name in enumerate(dataset_file_names(dataset))}
+        missing = [name for name in wanted if name not in position]
+        if missing:
+            raise ValueError(f"label list {list_path!r}: {len(missing)} of {len(wanted)} images are not in the "
+                             f"labelled training split (CLS_TRAIN), e.g. {missing[:3]}")
+        return torch.utils.data.Subset(dataset, sorted(position[name] for name in set(wanted)))
+    if fraction is None:
+        return dataset
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    labels = np.asarray(dataset_labels(dataset))
+    rng = _rng(seed, _STREAM_LABEL_SUBSET)
+    chosen: List[int] = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = max(1, int(round(fraction * len(members))))
+        chosen.extend(rng.choice(members, size=count, replace=False).tolist())
+    return torch.utils.data.Subset(dataset, sorted(chosen))

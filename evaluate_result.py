@@ -4,7 +4,13 @@ Linear evaluation (Grill et al. 2020, arXiv 2006.07733, section 4.1 and appendix
 heads, one per learning rate, are trained on the frozen encoder of a BYOL checkpoint (SGD with
 Nesterov momentum 0.9, cosine schedule, optional logit clipping / regularisation, the
 ``classifier.augmentation`` of choice); the head best on CLS_VALIDATION is reported on TEST,
-top-1 and top-5. Fine-tuning (appendix C.2) trains the encoder with a single head.
+top-1 and top-5. Fine-tuning follows the paper's semi-supervised protocol (appendix C.2 of arXiv
+v3, after SimCLR): encoder and one head trained together on a labelled subset of CLS_TRAIN
+(``--set classifier.label_list=FILE``, a file naming the images as SimCLR's 1% / 10% lists, or
+``--set classifier.label_fraction=0.01``, a seeded fraction of each class), 30 epochs for 1% and 50
+otherwise unless ``--classifier-train-epochs`` says, one run per learning rate of the paper's grid
+(0.01, 0.02, 0.05, 0.1, 0.005, the same rate for encoder and head) unless ``--head-lr`` /
+``--encoder-lr`` fix one; the run best on CLS_VALIDATION is reported on TEST.
 
     python evaluate_result.py --experiment-id N [--checkpoint-uuid UUID | --best]
             [--classifier-train-epochs 80] [--fine-tune]
@@ -37,14 +43,23 @@ import torch
 
 import backbone as backbones
 import checkpoints
-from utils import ConfigError, Settings, TrainingMode, apply_overrides, parse_settings
-from faults import RunFailed
+from utils import (InputError, Settings, TrainingMode, apply_overrides, check_output_dir, check_output_file,
+                   parse_settings, run_command)
 
 PROBE_COMMANDS = ("features", "probe")
+FINE_TUNE_LEARNING_RATES = (0.01, 0.02, 0.05, 0.1, 0.005)  # the paper's semi-supervised grid
+LINEAR_EPOCHS = 80
+
+
+def default_epochs(fine_tune: bool, label_fraction: Optional[float]) -> int:
+    """Linear protocol: 80 epochs; semi-supervised fine-tuning: 30 on 1% of the labels, else 50."""
+    if not fine_tune:
+        return LINEAR_EPOCHS
+    return 30 if label_fraction is not None and label_fraction <= 0.01 else 50
 TORCHVISION_BACKBONES = ("resnet18", "resnet50")  # the names torchvision.models has, fc replaced
 
 
-class EvaluationError(ValueError):
+class EvaluationError(InputError):
     """The experiment or checkpoint cannot be evaluated; the message says why and what to do."""
 
 
@@ -126,9 +141,10 @@ def export_encoder(directory: str, out: str, backbone_name: Optional[str] = None
       or through ``hyperparameters.backbone_weights`` of a new run.
     The claim is checked by loading the export before it is written.
     """
+    check_output_file(out, "--export-encoder")
     if backbone_name is None:
         backbone_name = checkpoint_config(directory)[0].get("backbone", Settings().backbone)
-    state = load_encoder(directory, backbone_name).state_dict()
+    state = load_encoder(directory, backbone_name).state_dict()  # verified against its marker first
     if backbone_name in TORCHVISION_BACKBONES:
         import torchvision
 
@@ -144,15 +160,46 @@ def export_encoder(directory: str, out: str, backbone_name: Optional[str] = None
 
 
 # ------------------------------------------------------------------ the protocol, locally
-def evaluate_checkpoint(directory: str, epochs: int, fine_tune: bool = False, head_lr: Optional[float] = None,
-                        encoder_lr: Optional[float] = None, sets: Sequence[str] = (),
+def evaluate_checkpoint(directory: str, epochs: Optional[int] = None, fine_tune: bool = False,
+                        head_lr: Optional[float] = None, encoder_lr: Optional[float] = None, sets: Sequence[str] = (),
                         checkpoint_dir: Optional[str] = None, metrics_out: Optional[str] = None) -> Dict[str, Any]:
-    """Runs the linear protocol (or fine-tuning) on a local checkpoint; returns the final metrics."""
-    import runner
-
+    """Runs the linear protocol (or fine-tuning) on a local checkpoint; returns the final metrics.
+    Fine-tuning without a given learning rate runs the paper's grid and keeps the run best on
+    CLS_VALIDATION."""
     directory = os.path.abspath(directory)
+    checkpoints.verify_checkpoint(directory)  # complete and unchanged, before anything else
     hparams, config = checkpoint_config(directory)
     check_pretraining_checkpoint(hparams, repr(directory))
+    if epochs is None:
+        overridden = copy.deepcopy(hparams)
+        apply_overrides(overridden, {}, sets)
+        epochs = default_epochs(fine_tune, (overridden.get("classifier") or {}).get("label_fraction"))
+    if not fine_tune or head_lr is not None or encoder_lr is not None:
+        return _evaluate_once(directory, hparams, config, epochs, fine_tune, head_lr, encoder_lr, sets,
+                              checkpoint_dir, metrics_out)
+    results = []
+    for lr in FINE_TUNE_LEARNING_RATES:
+        metrics = _evaluate_once(directory, hparams, config, epochs, True, lr, lr, sets, checkpoint_dir, None)
+        results.append((metrics.get("validation_accuracy", float("-inf")), lr, metrics))
+    _, lr, best = max(results, key=lambda item: item[0])  # ties: the first of the grid
+    best = {**best, "fine_tune_lr": lr}
+    print(f"[eval] fine-tuning grid {', '.join(f'{r:g}' for r in FINE_TUNE_LEARNING_RATES)}: lr {lr:g} chosen on "
+          f"CLS_VALIDATION {best.get('validation_accuracy', float('nan')):.4f}: TEST top-1 "
+          f"{best.get('test_accuracy', float('nan')):.4f}", flush=True)
+    if metrics_out:
+        import json
+
+        os.makedirs(os.path.dirname(os.path.abspath(metrics_out)), exist_ok=True)
+        with open(metrics_out, "w") as handle:
+            json.dump(best, handle, indent=2, sort_keys=True)
+    return best
+
+
+def _evaluate_once(directory: str, hparams: Dict[str, Any], config: Dict[str, Any], epochs: int, fine_tune: bool,
+                   head_lr: Optional[float], encoder_lr: Optional[float], sets: Sequence[str],
+                   checkpoint_dir: Optional[str], metrics_out: Optional[str]) -> Dict[str, Any]:
+    import runner
+
     hparams = evaluation_hparams(hparams, directory, epochs, fine_tune, head_lr, encoder_lr)
     data_section = dict(hparams.pop("data", None) or config.get("data") or {})
     apply_overrides(hparams, data_section, sets)
@@ -160,8 +207,9 @@ def evaluate_checkpoint(directory: str, epochs: int, fine_tune: bool = False, he
     settings = parse_settings(hparams, data_section, distributed.get_size() if distributed else 1)
     load_encoder(directory, settings.backbone)  # a wrong checkpoint fails here, before any work
     out = os.path.abspath(checkpoint_dir or os.path.dirname(directory))
+    check_output_dir(out, "--checkpoint-dir")
     runner.check_not_copied_into_itself(out)
-    os.makedirs(out, exist_ok=True)
+    check_output_file(metrics_out, "--metrics-out")
     name = "fine-tune" if fine_tune else "linear-eval"
     exp_conf = {**config, "name": f"{config.get('name', 'byol')}-{name}", "hyperparameters": hparams,
                 "data": data_section, "searcher": evaluation_searcher()}
@@ -290,11 +338,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--experiment-id", type=int, help="a Determined experiment (cluster path)")
     source.add_argument("--checkpoint", help="a local checkpoint directory (local path)")
-    parser.add_argument("--classifier-train-epochs", type=int, default=80, help="epochs of head training (default 80)")
+    parser.add_argument("--classifier-train-epochs", type=int,
+                        help="training epochs (default: 80 for the linear protocol; fine-tuning 30 with "
+                             "classifier.label_fraction <= 0.01, else 50)")
     parser.add_argument("--fine-tune", action="store_true", help="FINE_TUNE: train the encoder with one head")
-    parser.add_argument("--head-lr", type=float, help="fine-tuning head learning rate (default: smallest configured)")
+    parser.add_argument("--head-lr", type=float,
+                        help="fine-tuning head (base) learning rate (default: a run per rate of the paper's grid "
+                             "0.01, 0.02, 0.05, 0.1, 0.005, chosen on CLS_VALIDATION)")
     parser.add_argument("--encoder-lr", type=float,
-                        help="fine-tuning encoder learning rate (default: classifier.encoder_lr, else the head's)")
+                        help="fine-tuning encoder (base) learning rate (default: classifier.encoder_lr, else the head's)")
     parser.add_argument("--export-encoder", metavar="OUT.pt", help="write the encoder's state_dict and stop")
     parser.add_argument("--checkpoint-dir", help="local checkpoint storage (default: next to --checkpoint)")
     parser.add_argument("--metrics-out", help="write the final metrics as JSON (and curves as PNG) here")
@@ -306,6 +358,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                        help="with --experiment-id: the best checkpoint by the searcher metric (default: the final one)")
     parser.add_argument("--master", help="Determined master URL (default: DET_MASTER)")
     parser.add_argument("--model-dir", help="model definition to upload (default: this directory)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or BYOL_DEBUG=1)")
     args = parser.parse_args(argv)
     if args.experiment_id is None and (args.checkpoint_uuid or args.best):
         parser.error("--checkpoint-uuid and --best choose a checkpoint of --experiment-id")
@@ -316,29 +369,30 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None, make_client: Callable = default_client) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv and argv[0] in PROBE_COMMANDS:
-            import probes
+    # One error path (utils.run_command): 'error: ...' on one line, exit 2 for bad input, --debug for the traceback.
+    return run_command(lambda args: _main(args, make_client), argv)
 
-            return probes.main(argv)
-        args = parse_args(argv)
-        if args.experiment_id is not None:
-            new_id = evaluate_experiment(make_client(args.master), args.experiment_id, args.classifier_train_epochs,
-                                         args.fine_tune, args.head_lr, args.encoder_lr, args.model_dir,
-                                         args.checkpoint_uuid, args.best)
-            print(new_id, flush=True)
-        elif args.export_encoder:
-            state = export_encoder(args.checkpoint, args.export_encoder)
-            print(f"[export] {len(state)} tensors -> {args.export_encoder}" +
-                  (" (fc.* are zeros: a placeholder for strict loading into torchvision, not a classifier)"
-                   if "fc.weight" in state else ""), flush=True)
-        else:
-            evaluate_checkpoint(args.checkpoint, args.classifier_train_epochs, args.fine_tune, args.head_lr,
-                                args.encoder_lr, args.set, args.checkpoint_dir, args.metrics_out)
-    except (EvaluationError, ConfigError, FileNotFoundError, RunFailed) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+
+def _main(argv: Sequence[str], make_client: Callable) -> int:
+    if argv and argv[0] in PROBE_COMMANDS:
+        import probes
+
+        return probes.main(argv)
+    args = parse_args(argv)
+    if args.experiment_id is not None:
+        epochs = args.classifier_train_epochs or default_epochs(args.fine_tune, None)
+        new_id = evaluate_experiment(make_client(args.master), args.experiment_id, epochs,
+                                     args.fine_tune, args.head_lr, args.encoder_lr, args.model_dir,
+                                     args.checkpoint_uuid, args.best)
+        print(new_id, flush=True)
+    elif args.export_encoder:
+        state = export_encoder(args.checkpoint, args.export_encoder)
+        print(f"[export] {len(state)} tensors -> {args.export_encoder}" +
+              (" (fc.* are zeros: a placeholder for strict loading into torchvision, not a classifier)"
+               if "fc.weight" in state else ""), flush=True)
+    else:
+        evaluate_checkpoint(args.checkpoint, args.classifier_train_epochs, args.fine_tune, args.head_lr,
+                            args.encoder_lr, args.set, args.checkpoint_dir, args.metrics_out)
     return 0
 
 

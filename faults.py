@@ -21,9 +21,12 @@ import shutil
 from typing import Any, Iterator, List, Optional, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 import checkpoints
+from gcs_client import GCSError
+from utils import CommandError
 
 
 class UnreadableImageError(RuntimeError):
@@ -31,8 +34,9 @@ class UnreadableImageError(RuntimeError):
 
 
 # What PIL raises for undecodable files: OSError ("image file is truncated", UnidentifiedImageError),
-# SyntaxError ("broken PNG file"), EOFError; missing or unreadable files are OSErrors too.
-_READ_ERRORS = (OSError, SyntaxError, EOFError)
+# SyntaxError ("broken PNG file"), EOFError, DecompressionBombError (an image too large to be safe);
+# missing or unreadable files are OSErrors too.
+_READ_ERRORS = (OSError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 def _source_of(dataset: Any, index: int) -> Optional[str]:
@@ -103,17 +107,59 @@ class ReadGuard(Dataset):
             raise
 
 
+# ----------------------------------------------------------------------------- frozen peers
+COLLECTIVE_TIMEOUT_ENV = "BYOL_COLLECTIVE_TIMEOUT"
+DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0  # a healthy step, checkpoint or validation wait is far shorter
+
+
+def collective_timeout() -> float:
+    """Seconds a collective may wait for the other processes (``BYOL_COLLECTIVE_TIMEOUT``)."""
+    from utils import InputError
+
+    text = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "")
+    try:
+        value = float(text) if text else DEFAULT_COLLECTIVE_TIMEOUT_S
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise InputError(f"{COLLECTIVE_TIMEOUT_ENV}={text!r}: expected seconds > 0 (default "
+                         f"{DEFAULT_COLLECTIVE_TIMEOUT_S:.0f})")
+    return value
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    text = str(error)
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and ("Timed out" in text or "timed out" in text or "Timeout" in text))
+
+
+def unanswered_ranks(wait_s: float = 5.0) -> List[int]:
+    """After a collective timed out: the ranks that did not answer. Every process whose collective
+    timed out is alive and marks itself in the process group's store; the ranks with no mark within
+    ``wait_s`` seconds are frozen, stopped or stuck elsewhere. (gloo's timeout message names no
+    peer, hence this roll call.)"""
+    import time
+
+    store = torch.distributed.distributed_c10d._get_default_store()
+    rank, size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    store.set(f"byol/alive/{rank}", "1")
+    deadline = time.monotonic() + wait_s
+    missing = [r for r in range(size) if r != rank]
+    while missing and time.monotonic() < deadline:
+        missing = [r for r in missing if not store.check([f"byol/alive/{r}"])]
+        time.sleep(0.2)
+    return missing
+
+
 def describe(error: BaseException) -> str:
     """One line for the user: the last line of a worker's re-raised traceback, without the type."""
-    text = str(error).strip()
-    if "Original Traceback" in text:  # re-raised from a DataLoader worker process
-        last = [line for line in text.splitlines() if line.strip()][-1].strip()
-        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
-    return " ".join(text.split())
+    from utils import one_line
+
+    return one_line(error)
 
 
-class RunFailed(Exception):
-    """A fault that ended the run, explained in one message (printed by :func:`main`)."""
+class RunFailed(CommandError):
+    """A fault that ended the run, explained in one message (printed by ``utils.run_command``)."""
 
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
@@ -178,15 +224,21 @@ class CheckpointWrites:
         except (checkpoints.IncompatibleCheckpointError, checkpoints.IncompleteCheckpointError) as error:
             raise RunFailed(str(error), exit_code=2) from error
         except pickle.UnpicklingError as error:  # torch.load(weights_only=True) refused the checkpoint
-            raise RunFailed(f"checkpoint {self.complete[0] if self.complete else ''!r} holds more than tensors and "
+            raise RunFailed(f"checkpoint {self.complete[0] if self.complete else '(being loaded)'!r} holds more than tensors and "
                             f"plain data, so it is not loaded (weights_only): {_unpickler_reason(error)}",
                             exit_code=2) from error
         except model_def.NonFiniteLossError as error:  # names the step and the last good checkpoint
             raise RunFailed(describe(error)) from error
-        except (checkpoints.NonFiniteWeightsError, UnreadableImageError,
+        except (checkpoints.NonFiniteWeightsError, UnreadableImageError, GCSError,
                 replicas.ReplicaDivergenceError) as error:
             raise RunFailed(f"{describe(error)} ({self._removed()}{self.last_complete()})") from error
         except Exception as error:
+            if self.failed is None and is_collective_timeout(error):
+                missing = unanswered_ranks()
+                who = (f"rank(s) {missing} did not answer (frozen, stopped or stuck)" if missing
+                       else "every rank answered the roll call afterwards (a slow step?)")
+                raise RunFailed(f"a collective waited longer than {COLLECTIVE_TIMEOUT_ENV}={collective_timeout():g} s: "
+                                f"{who}; the run ends ({self.last_complete()})") from error
             if self.failed is None:
                 raise
             raise RunFailed(f"writing checkpoint {self.failed!r} failed: {describe(error)}. "

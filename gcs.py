@@ -61,6 +61,8 @@ class GCSSource:
     val_blob_list: str
     cache_dir: Optional[str] = None
     max_in_flight: int = 64
+    retry_deadline: float = 300.0
+    startup_retry_deadline: float = 30.0
 
     def __post_init__(self):
         if self.max_in_flight < 1:
@@ -118,7 +120,9 @@ class GCSImageFolder(torch.utils.data.Dataset):
             are not fork-safe.
         indices: optional positions in the blob list forming this dataset (a split).
         classes: optional full list of class names defining the label mapping.
-        retry_deadline, retry_initial_delay: back-off settings of :func:`make_retry`.
+        retry_deadline, retry_initial_delay: back-off settings of :func:`make_retry` for images.
+        startup_retry_deadline: retrying of the start-up checks (blob list, bucket): short, so a
+            wrong endpoint or bucket is reported in seconds, not minutes.
         timeout: per-request timeout in seconds.
         check_bucket: verify at start-up that the bucket and the first listed object exist.
     """
@@ -128,17 +132,18 @@ class GCSImageFolder(torch.utils.data.Dataset):
                  client: ClientArg = None, indices: Optional[Sequence[int]] = None, *,
                  classes: Optional[Sequence[str]] = None, retry_deadline: float = 300.0,
                  retry_initial_delay: float = 1.0, timeout: float = 60.0,
-                 check_bucket: bool = True):
+                 check_bucket: bool = True, startup_retry_deadline: float = 30.0):
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.bucket, self.blob_list, self.transform = bucket, blob_list, transform
         self.cache_dir, self.max_in_flight, self.timeout = cache_dir, max_in_flight, timeout
         self.retry_deadline, self.retry_initial_delay = retry_deadline, retry_initial_delay
+        self.startup_retry_deadline = startup_retry_deadline
         self._set_client_arg(client)
 
         # A client is built only when needed: ADC discovery may probe the metadata server.
         names = read_blob_list(blob_list, self._connection().client
-                               if blob_list.startswith("gs://") else None)
+                               if blob_list.startswith("gs://") else None, startup_retry_deadline)
         if not names:
             raise ValueError(f"blob list {blob_list} names no objects")
         self._store_names(names, classes)
@@ -260,13 +265,19 @@ class GCSImageFolder(torch.utils.data.Dataset):
         from google.api_core import exceptions as gexc
 
         conn = self._connection()
+        where = f"gs://{self.bucket}"
+        retry = make_retry(self.startup_retry_deadline, self.retry_initial_delay, url=where)
         try:
-            if not conn.bucket.exists(retry=conn.retry, timeout=self.timeout):
+            if not conn.bucket.exists(retry=retry, timeout=self.timeout):
                 raise FileNotFoundError(f"bucket gs://{self.bucket} does not exist (blob list "
-                                        f"{self.blob_list}); check GCSSource.bucket")
+                                        f"{self.blob_list}); check data.gcs.bucket")
         except (gexc.Forbidden, gexc.Unauthorized):
             pass  # e.g. anonymous access to a public bucket: bucket metadata is not readable
-        if not conn.bucket.blob(first_name).exists(retry=conn.retry, timeout=self.timeout):
+        except gexc.RetryError as e:
+            raise GCSError(f"cannot reach {where} at {conn.client.api_endpoint}: still failing after "
+                           f"{self.startup_retry_deadline:g} s of retries (data.gcs.startup_retry_deadline); "
+                           f"last error: {e.cause!r}") from None
+        if not conn.bucket.blob(first_name).exists(retry=retry, timeout=self.timeout):
             raise FileNotFoundError(f"gs://{self.bucket}/{first_name}, the first object in "
                                     f"{self.blob_list}, does not exist; is the list for this "
                                     f"bucket?")
@@ -281,7 +292,8 @@ class GCSImageFolder(torch.utils.data.Dataset):
         url = f"gs://{self.bucket}/{name}"
         conn = self._connection()
         try:
-            return conn.bucket.blob(name).download_as_bytes(retry=conn.retry, timeout=self.timeout)
+            return conn.bucket.blob(name).download_as_bytes(
+                retry=make_retry(self.retry_deadline, self.retry_initial_delay, url=url), timeout=self.timeout)
         except gexc.NotFound as e:
             raise FileNotFoundError(f"{url} not found (listed in {self.blob_list}); regenerate "
                                     f"the list with generate_blob_list.py") from e
@@ -290,7 +302,7 @@ class GCSImageFolder(torch.utils.data.Dataset):
                                   f"Credentials' storage permissions") from e
         except gexc.RetryError as e:
             raise GCSError(f"giving up on {url} after retrying transient errors for "
-                           f"{self.retry_deadline:.0f}s; last error: {e.cause!r}") from e
+                           f"{self.retry_deadline:g} s (data.gcs.retry_deadline); last error: {e.cause!r}") from e
         except Exception as e:  # non-transient HTTP error, data corruption, ...
             raise GCSError(f"failed to download {url}: {type(e).__name__}: {e}") from e
 
@@ -306,15 +318,24 @@ class GCSImageFolder(torch.utils.data.Dataset):
             return decode(self._download(name), url)
         path = self._cache_path(name)
         if os.path.exists(path):
-            with open(path, "rb") as f:
-                data = f.read()
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise GCSError(f"cannot read the cache copy of {url} at {path!r}: {e.strerror or e}; "
+                               f"check data.gcs.cache_dir ({self.cache_dir})") from None
             try:
                 return decode(data, url)
             except CorruptImageError:
                 log.warning("cached copy of %s is unreadable; downloading it again", url)
         data = self._download(name)
         image = decode(data, url)
-        write_atomically(path, data)
+        try:
+            write_atomically(path, data)
+        except OSError as e:  # full or read-only cache disk: the download itself was fine
+            raise GCSError(f"cannot write the cache copy of {url} to {path!r}: {e.strerror or e}; free space "
+                           f"in data.gcs.cache_dir ({self.cache_dir}) or remove cache_dir to stream "
+                           f"without a cache") from None
         return image
 
     def _item(self, image: Image.Image, i: int):

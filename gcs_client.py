@@ -14,13 +14,15 @@ import os
 import tempfile
 from typing import Optional
 
+from utils import CommandError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 """Object suffixes treated as images (torchvision's ImageFolder list, compared case-insensitively)."""
 
 
-class GCSError(RuntimeError):
+class GCSError(CommandError, RuntimeError):
     """A Cloud Storage request failed for good (retries exhausted or a non-transient error)."""
 
 
@@ -32,18 +34,39 @@ def parse_gs_url(url: str) -> tuple[str, str]:
     return bucket, name
 
 
-def make_retry(deadline: float = 300.0, initial_delay: float = 1.0, max_delay: float = 32.0):
+def make_retry(deadline: float = 300.0, initial_delay: float = 1.0, max_delay: float = 32.0,
+               url: Optional[str] = None):
     """google-cloud-storage's ``DEFAULT_RETRY`` (429, 408, 5xx, connection and timeout errors),
     also retrying builtin ``TimeoutError``s, with exponential back-off from ``initial_delay``
-    (doubling, capped at ``max_delay``, jittered by api_core) until ``deadline`` seconds."""
-    from google.cloud.storage.retry import DEFAULT_RETRY, _should_retry
+    (doubling, capped at ``max_delay``, jittered by api_core) until ``deadline`` seconds. With
+    ``url``, every retried error logs a progress line through api_core's ``on_error`` callback
+    (:class:`RetryProgress`)."""
+    from google.api_core.retry import Retry
+    from google.cloud.storage.retry import _should_retry
 
     def retryable(exc: Exception) -> bool:
         return _should_retry(exc) or isinstance(exc, (ConnectionError, TimeoutError))
 
-    return (DEFAULT_RETRY.with_predicate(retryable)
-            .with_delay(initial=initial_delay, maximum=max_delay, multiplier=2.0)
-            .with_timeout(deadline))
+    return Retry(predicate=retryable, initial=initial_delay, maximum=max_delay, multiplier=2.0,
+                 timeout=deadline, on_error=RetryProgress(url, deadline) if url else None)
+
+
+class RetryProgress:
+    """``on_error`` of a retry: ``retrying gs://b/o (3rd try, 503 ...)`` on the log, so a long
+    retry is never silent. One object per request (it counts the tries)."""
+
+    def __init__(self, url: str, deadline: float):
+        self.url, self.deadline, self.tries = url, deadline, 1
+
+    def __call__(self, error: Exception) -> None:
+        self.tries += 1
+        code = getattr(error, "code", None)
+        if not isinstance(code, int):  # google-resumable-media's InvalidResponse carries the HTTP response
+            code = getattr(getattr(error, "response", None), "status_code", None)
+        reason = f"{int(code)} {type(error).__name__}" if isinstance(code, int) else type(error).__name__
+        suffix = {1: "st", 2: "nd", 3: "rd"}.get(self.tries if self.tries < 20 else self.tries % 10, "th")
+        log.warning("retrying %s (%d%s try, %s; giving up after %g s)", self.url, self.tries, suffix, reason,
+                    self.deadline)
 
 
 def make_client(project: Optional[str] = None, *, api_endpoint: Optional[str] = None,
@@ -100,7 +123,7 @@ def make_client(project: Optional[str] = None, *, api_endpoint: Optional[str] = 
     return client
 
 
-def read_blob_list(blob_list: str, client=None) -> list[str]:
+def read_blob_list(blob_list: str, client=None, deadline: float = 60.0) -> list[str]:
     """Read a blob list (``gs://bucket/path`` or a local path): one object name per line; blank
     lines and lines starting with ``#`` are skipped. Raises FileNotFoundError when it is missing."""
     if blob_list.startswith("gs://"):
@@ -109,10 +132,14 @@ def read_blob_list(blob_list: str, client=None) -> list[str]:
         list_bucket, name = parse_gs_url(blob_list)
         client = client or make_client()
         try:
-            text = client.bucket(list_bucket).blob(name).download_as_text(retry=make_retry(60.0))
+            text = client.bucket(list_bucket).blob(name).download_as_text(
+                retry=make_retry(deadline, url=blob_list))
         except gexc.NotFound as e:
             raise FileNotFoundError(f"blob list {blob_list} not found (missing bucket or object); "
                                     f"write it with generate_blob_list.py") from e
+        except gexc.RetryError as e:
+            raise GCSError(f"cannot read blob list {blob_list} from {client.api_endpoint}: still failing after "
+                           f"{deadline:g} s of retries; last error: {e.cause!r}") from None
     else:
         if not os.path.isfile(blob_list):
             raise FileNotFoundError(f"blob list {blob_list!r} not found; give a local file or a "

@@ -24,13 +24,17 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from gcs_client import IMAGE_EXTENSIONS, make_client, make_retry, parse_gs_url, write_atomically
+from gcs_client import IMAGE_EXTENSIONS, GCSError, make_client, make_retry, parse_gs_url, write_atomically
+from utils import InputError, check_output_file, run_command
+
+DEFAULT_RETRY_DEADLINE = 30.0  # seconds a listing page (or the upload) is retried before giving up
 
 log = logging.getLogger(__name__)
 
 
 def list_images(client, bucket: str, prefix: str,
-                extensions: Sequence[str] = IMAGE_EXTENSIONS, page_size: int = 1000) -> list[str]:
+                extensions: Sequence[str] = IMAGE_EXTENSIONS, page_size: int = 1000,
+                retry_deadline: float = DEFAULT_RETRY_DEADLINE) -> list[str]:
     """Sorted names of the image objects under ``gs://bucket/prefix``.
 
     Raises FileNotFoundError for a missing bucket, ValueError when no image is found or an image
@@ -43,13 +47,18 @@ def list_images(client, bucket: str, prefix: str,
     names, seen, pages = [], 0, 0
     try:
         iterator = client.list_blobs(bucket, prefix=prefix or None, page_size=page_size,
-                                     fields="items(name),nextPageToken", retry=make_retry())
+                                     fields="items(name),nextPageToken",
+                                     retry=make_retry(retry_deadline, url=where))
         for page in iterator.pages:
             pages += 1
             for blob in page:
                 seen += 1
                 if blob.name.lower().endswith(extensions):
                     names.append(blob.name)
+            log.info("listing %s: page %d, %d objects, %d images so far", where, pages, seen, len(names))
+    except gexc.RetryError as e:
+        raise GCSError(f"cannot list {where} at {client.api_endpoint}: still failing after {retry_deadline:g} s "
+                       f"of retries (--retry-deadline); last error: {e.cause!r}") from None
     except gexc.NotFound as e:
         raise FileNotFoundError(f"bucket gs://{bucket} does not exist") from e
     except (gexc.Forbidden, gexc.Unauthorized) as e:
@@ -68,7 +77,8 @@ def list_images(client, bucket: str, prefix: str,
     return names
 
 
-def write_blob_list(names: Sequence[str], output: str, client=None) -> None:
+def write_blob_list(names: Sequence[str], output: str, client=None,
+                    retry_deadline: float = DEFAULT_RETRY_DEADLINE) -> None:
     """Write ``names`` one per line to a local path (atomically) or to ``gs://bucket/path``."""
     text = "".join(f"{n}\n" for n in names)
     if output.startswith("gs://"):
@@ -78,27 +88,35 @@ def write_blob_list(names: Sequence[str], output: str, client=None) -> None:
         client = client or make_client()
         try:
             client.bucket(bucket).blob(path).upload_from_string(
-                text, content_type="text/plain", retry=make_retry())
+                text, content_type="text/plain", retry=make_retry(retry_deadline, url=output))
         except gexc.NotFound as e:
             raise FileNotFoundError(f"cannot write {output}: bucket gs://{bucket} does not "
                                     f"exist") from e
+        except gexc.RetryError as e:
+            raise GCSError(f"cannot write {output}: still failing after {retry_deadline:g} s of retries; "
+                           f"last error: {e.cause!r}") from None
     else:
         write_atomically(os.path.abspath(output), text.encode("utf-8"))
 
 
 def generate_blob_list(bucket: str, prefix: str, output: str, client=None,
-                       extensions: Sequence[str] = IMAGE_EXTENSIONS) -> int:
+                       extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                       retry_deadline: float = DEFAULT_RETRY_DEADLINE) -> int:
     """List the images under ``gs://bucket/prefix`` and write the blob list to ``output``.
     Returns the number of images listed."""
     client = client or make_client()
-    names = list_images(client, bucket, prefix, extensions)
-    write_blob_list(names, output, client)
+    names = list_images(client, bucket, prefix, extensions, retry_deadline=retry_deadline)
+    write_blob_list(names, output, client, retry_deadline)
     classes = {n.rsplit("/", 2)[-2] for n in names}
     log.info("wrote %d images in %d classes to %s", len(names), len(classes), output)
     return len(names)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_command(_main, argv)
+
+
+def _main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="generate_blob_list.py",
         description="List every image object under a Cloud Storage prefix (ImageFolder layout "
@@ -118,17 +136,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--project", default=None, help="billing project (optional)")
     parser.add_argument("--anonymous", action="store_true",
                         help="use anonymous access (public buckets) instead of ADC")
+    parser.add_argument("--retry-deadline", type=float, default=DEFAULT_RETRY_DEADLINE,
+                        help="seconds to retry a failing request before giving up (default %(default)s)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or BYOL_DEBUG=1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.bucket.startswith("gs://"):
         parser.error(f"--bucket takes a bare bucket name, got {args.bucket!r}")
+    if not args.retry_deadline > 0:
+        parser.error(f"--retry-deadline must be > 0 seconds, got {args.retry_deadline}")
     extensions = [e if e.startswith(".") else f".{e}" for e in args.extensions.split(",") if e]
+    if not args.output.startswith("gs://"):
+        check_output_file(args.output, "--output")  # before minutes of listing
+    client = make_client(args.project, anonymous=True if args.anonymous else None)
     try:
-        client = make_client(args.project, anonymous=True if args.anonymous else None)
-        generate_blob_list(args.bucket, args.prefix, args.output, client, extensions)
-    except (FileNotFoundError, ValueError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        generate_blob_list(args.bucket, args.prefix, args.output, client, extensions, args.retry_deadline)
+    except ValueError as e:  # nothing listed, or not the ImageFolder layout
+        raise InputError(str(e)) from None
     return 0
 
 

@@ -62,7 +62,7 @@ class _ViewSampler:
     the same random draws) as ``augment.geometric_transform``."""
 
     def __init__(self, view: augment.ViewAugmentation, image_size: int):
-        self.crop = v2.RandomResizedCrop(image_size, scale=view.crop_scale, ratio=_RATIO)
+        self.crop = augment.ReferenceRandomResizedCrop(image_size, scale=view.crop_scale, ratio=_RATIO)
         self.flip_p = view.flip_p
 
     def __call__(self, image: Image.Image) -> Tuple[int, int, int, int, bool]:

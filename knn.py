@@ -101,5 +101,11 @@ def knn_accuracy(bank_features: torch.Tensor, bank_labels: torch.Tensor, query_f
     if query_features.shape[0] == 0:
         raise ValueError("no query features to classify")
     classes = num_classes or int(max(bank_labels.max(), query_labels.max())) + 1
+    from progress import progress
+
     bank = FeatureBank(bank_features, bank_labels, classes)
-    return bank.correct(query_features, query_labels, k, temperature) / query_features.shape[0]
+    chunk = 1024
+    correct = 0
+    for start in progress(range(0, query_features.shape[0], chunk), f"{k}-NN", unit="chunk"):
+        correct += bank.correct(query_features[start:start + chunk], query_labels[start:start + chunk], k, temperature)
+    return correct / query_features.shape[0]

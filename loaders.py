@@ -15,8 +15,9 @@ from torch.utils.data import Subset, ConcatDataset, DataLoader, Dataset
 
 import augment
 import data
+import stops
 from sampling import GlobalBatchSampler, SeededTransformDataset, ShardSampler
-from utils import Settings
+from utils import ConfigError, Settings
 
 VALIDATION_TAG, TEST_TAG = 0, 1
 
@@ -36,14 +37,20 @@ def base_dataset(settings: Settings, split: data.Split, lazy: bool = False) -> D
     """The raw split: ``(PIL image, label)`` items (``lazy``: opened, not decoded)."""
     cfg = settings.data
     gcs = None
-    if cfg.gcs is not None:
-        import gcs as gcs_module
+    try:
+        if cfg.gcs is not None:
+            import gcs as gcs_module
 
-        gcs = gcs_module.GCSSource(cfg.gcs.bucket, cfg.gcs.train_blob_list, cfg.gcs.val_blob_list,
-                                   cfg.gcs.cache_dir, cfg.gcs.max_in_flight)
-    return data.build_dataset(cfg.dataset, split, root=cfg.root, transform=None,
-                              validation_size=cfg.validation_size, seed=settings.seed,
-                              download=cfg.download, gcs=gcs, lazy=lazy)
+            gcs = gcs_module.GCSSource(cfg.gcs.bucket, cfg.gcs.train_blob_list, cfg.gcs.val_blob_list,
+                                       cfg.gcs.cache_dir, cfg.gcs.max_in_flight, cfg.gcs.retry_deadline,
+                                       cfg.gcs.startup_retry_deadline)
+        return data.build_dataset(cfg.dataset, split, root=cfg.root, transform=None,
+                                  validation_size=cfg.validation_size, seed=settings.seed,
+                                  download=cfg.download, gcs=gcs, lazy=lazy)
+    except ValueError as error:  # the data section does not fit the files (validation_size, class folders, ...)
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"data ({cfg.dataset}, split {split.value}): {error}") from None
 
 
 class Tagged(Dataset):
@@ -84,6 +91,7 @@ class LazyTrainingLoader:
         cuda = self.device.type == "cuda"
         loader = DataLoader(self.dataset, batch_sampler=self.sampler_factory(), num_workers=self.num_workers,
                             pin_memory=cuda, persistent_workers=False, collate_fn=self.collate_fn,
+                            worker_init_fn=stops.ignore_in_worker if self.num_workers else None,
                             prefetch_factor=4 if self.num_workers else None)
         yield from (prefetch_to_device(loader, self.device) if cuda else loader)
 
@@ -125,7 +133,8 @@ def prefetch_to_device(batches: Iterable, device: torch.device) -> Iterator:
 
 
 def training_dataset(settings: Settings, image_size: int, pretraining: bool) -> Dataset:
-    """TRAIN with two geometric views (pretraining), or CLS_TRAIN with the classifier transform."""
+    """TRAIN with two geometric views (pretraining), or CLS_TRAIN (its labelled subset with
+    ``classifier.label_fraction`` / ``label_list``) with the classifier transform."""
     if pretraining:
         view1, view2 = view_augmentations(settings)
         decode = settings.data.decode
@@ -144,7 +153,9 @@ def training_dataset(settings: Settings, image_size: int, pretraining: bool) -> 
         transform = augment.geometric_transform(image_size, view_augmentations(settings)[0])
     else:
         transform = evaluation_transform(settings, image_size)
-    return SeededTransformDataset(base_dataset(settings, data.Split.CLS_TRAIN), transform)
+    labelled = data.labelled_subset(base_dataset(settings, data.Split.CLS_TRAIN), settings.classifier.label_fraction,
+                                    settings.classifier.label_list, settings.seed)
+    return SeededTransformDataset(labelled, transform)
 
 
 def pretraining_images(settings: Settings, lazy: bool = False) -> Dataset:
@@ -180,7 +191,8 @@ def sharded_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int
                    pin_memory: bool = False) -> DataLoader:
     """Every sample exactly once across ranks, in dataset order (no padding, no dropping)."""
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world_size),
-                      num_workers=num_workers, pin_memory=pin_memory)
+                      num_workers=num_workers, pin_memory=pin_memory,
+                      worker_init_fn=stops.ignore_in_worker if num_workers else None)
 
 
 def classifier_feature_dataset(settings: Settings, image_size: int) -> Dataset:

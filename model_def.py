@@ -34,12 +34,14 @@ import knn
 import nonfinite
 import performance
 import plots
+import preflight
 import replicas
+import stops
 import sync_batchnorm
 from byol import BYOL, cosine_ema_tau
 from sampling import GlobalBatchSampler, mix_seed
-from utils import Settings, TrainingMode, parse_settings
 from reducers import DeviceLossReducer
+from utils import ConfigError, Settings, TrainingMode, parse_settings
 from validation import ValidationMixin
 
 # Seed streams of the trial's randomness (mix_seed(seed, step, stream)); validation.py has its own.
@@ -118,7 +120,16 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
         # ReadGuard: an undecodable image ends the run with its file name (faults.py).
         self.train_dataset = faults.ReadGuard(loaders.training_dataset(s, s.image_size, self.pretraining))
         self.eval_dataset = faults.ReadGuard(loaders.evaluation_dataset(s, s.image_size))
-        self.steps_per_epoch = len(self._sampler(0))
+        # Every split's image files open (a header check) before the first step (preflight.py).
+        preflight.check_image_headers([self.train_dataset, self.eval_dataset], self.rank, self.world_size)
+        note = preflight.dataset_classes_note(self.info.num_classes, f"dataset {s.data.dataset!r}")
+        if note and self.rank == 0:
+            print(note, flush=True)
+        try:
+            self.steps_per_epoch = len(self._sampler(0))
+        except ValueError as error:  # fewer images than one global batch
+            key = "global_batch_size" if self.pretraining else "classifier.batch_size"
+            raise ConfigError(f"config key 'hyperparameters.{key}': {error}") from None
         self.total_steps = s.train_length.to_batches(self.steps_per_epoch)
         self.global_step = 0
         self.last_checkpoint: Optional[str] = None
@@ -134,8 +145,10 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
         self.heads = classifier.LinearHeads(feature_size, self.info.num_classes,
                                             len(s.classifier.learning_rates), s.classifier.logit_clip)
         if self.pretraining:
+            # The reference's online classifier on sg(y): a training metric at every step (byol.py).
             learner = BYOL(encoder, s.image_size, hidden_layer=None, projection_size=s.projection_size,
-                           projection_hidden_size=s.projection_hidden_size, feature_size=feature_size)
+                           projection_hidden_size=s.projection_hidden_size, feature_size=feature_size,
+                           num_classes=self.info.num_classes)
             if self.synced_batch_norm:
                 # Global-batch statistics in encoder, projector and predictor (online and target):
                 # one all_reduce per layer, on every device (sync_batchnorm.py).
@@ -157,10 +170,12 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
             if self.channels_last:
                 encoder = performance.to_channels_last(encoder)
             self.model = context.wrap_model(EncoderWithHeads(encoder, self.heads, fine_tune))
-            extra = ([{"params": list(encoder.parameters()), "lr": s.classifier.encoder_lr,
-                       "initial_lr": s.classifier.encoder_lr}] if fine_tune else [])
+            encoder_lr = optim.scaled_learning_rate(s.classifier.encoder_lr, s.classifier.batch_size)
+            extra = ([{"params": list(encoder.parameters()), "lr": encoder_lr, "initial_lr": encoder_lr}]
+                     if fine_tune else [])
             self.optimizer = context.wrap_optimizer(classifier.heads_optimizer(
-                self.heads, s.classifier.learning_rates, s.classifier.momentum, s.classifier.weight_decay, extra))
+                self.heads, s.classifier.learning_rates, s.classifier.batch_size, s.classifier.momentum,
+                s.classifier.weight_decay, extra))
         view1, view2 = loaders.view_augmentations(s)
         self.augment1 = self._photometric(view1)
         self.augment2 = self._photometric(view2)
@@ -208,7 +223,7 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
         rows r*B..(r+1)*B-1 of each global batch)."""
         per_rank = images.shape[0]
         with self.seeded(stream):
-            params = augment.sample_parameters(per_rank * self.world_size, self.device)
+            params = augment.sample_parameters(per_rank * self.world_size)  # on the CPU (augment.py)
         rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
         views = self._augment_calls.get(augment, augment)(images, augment.select(params, rows))
         return performance.images_channels_last(views) if self.channels_last else views
@@ -238,7 +253,7 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
         s = self.settings
         step = self.global_step
         if self.pretraining:
-            views, _labels = batch
+            views, labels = batch
             if isinstance(views, jpeg_decode.EncodedBatch):  # data.decode: device (jpeg_decode.py)
                 views = views.decode(s.image_size, self.device)
             view1, view2 = views
@@ -248,7 +263,8 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
             view1 = self.augment_global(self.augment1, self.to_device(view1), VIEW1_STREAM)
             view2 = self.augment_global(self.augment2, self.to_device(view2), VIEW2_STREAM)
             with performance.autocast(self.device, s.precision):
-                loss = self.model_call(view1, view2)
+                loss, classifier_loss, classifier_accuracy = self.model_call(view1, view2,
+                                                                             labels=self.to_device(labels))
         else:
             images, labels = batch
             classifier.set_cosine_lr(self.optimizer, step, self.total_steps)
@@ -263,15 +279,20 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
                 logits = self.model_call(images)
             loss = classifier.heads_loss(logits.float(), self.to_device(labels), s.classifier.logit_regularization)
         # The loss is read on the host only every finite_check_period steps and at the end of each
-        # training workload (before any validation or checkpoint): nonfinite.py.
+        # training workload (before any validation or checkpoint), together with a stop request
+        # (SIGTERM/SIGINT, stops.py): nonfinite.py. One process needs no agreement to stop.
         self.finite_watch.record(loss, step)
-        if self.finite_watch.due(step):  # before this step's update: every rank stops at the same step
-            self.check_finite_loss()
-        self.context.backward(loss)
+        if self.finite_watch.due(step) or (self.world_size == 1 and stops.REQUEST.requested):
+            self.check_finite_loss()  # before this step's update: every rank stops at the same step
+        # The online classifier's loss trains only the classifier (its input is sg(y)).
+        self.context.backward(loss + classifier_loss if self.pretraining else loss)
         self.context.step_optimizer(self.optimizer)
         self.loss_reducer.update(loss)
         metrics = {"lr": lr}
         if self.pretraining:
+            # Accuracy on this training batch's labelled images (STL-10's unlabeled ones are skipped).
+            metrics["online_classifier_accuracy"] = classifier_accuracy.detach()
+            metrics["online_classifier_loss"] = classifier_loss.detach()
             tau = cosine_ema_tau(step, self.total_steps, s.tau_base)
             self.learner.update_moving_average(tau)
             if self.world_size > 1 and not self.synced_batch_norm:
@@ -284,10 +305,12 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
 
     def check_finite_loss(self) -> None:
         """Raises :class:`NonFiniteLossError` naming the first step whose loss was not finite, on every
-        rank at once (a collective with several processes)."""
-        bad = self.finite_watch.bad_ranks(self.rank, self.world_size)
+        rank at once (a collective with several processes); a stop asked of any rank is agreed here."""
+        bad, stop = self.finite_watch.agree(self.rank, self.world_size, stops.REQUEST.requested)
         if bad:
             self._non_finite(min(first for _, first in bad), [rank for rank, _ in bad])
+        if stop and not self.context.get_stop_requested():  # agreed by every rank: checkpoint after this step
+            self.context.set_stop_requested(True)
 
     def check_finite_loss_local(self, first_bad_step: int) -> None:
         """Chief only, as a checkpoint starts (no collective): its own record."""

@@ -5,7 +5,9 @@ step, and never checkpoint non-finite weights. Reading the loss on the host ever
 would stall a GPU once per step, so :class:`NonFiniteWatch` records, on the device, the first step
 whose loss was not finite, and the trial reads that record every ``finite_check_period`` steps and at
 the end of every training workload, i.e. before every validation and every checkpoint the harness
-takes (``TrialStateCallback.on_training_workload_end``). Checkpoint writing additionally checks the
+takes (``TrialStateCallback.on_training_workload_end``). A stop request (SIGTERM/SIGINT,
+``stops.py``) travels in the same all_reduce, so with several processes a stop takes effect at the
+next check; one process stops after the current step. Checkpoint writing additionally checks the
 weights themselves (``checkpoints.check_finite``), whatever the period.
 """
 from __future__ import annotations
@@ -44,21 +46,25 @@ class NonFiniteWatch:
         value = int(self.first_bad.item())
         return value if value >= 0 else None
 
-    def bad_ranks(self, rank: int, world_size: int) -> List[Tuple[int, int]]:
-        """``(rank, first bad step)`` of every process with a non-finite loss, known to every process
-        (one all_reduce): all of them stop together at the same step. A collective when
-        ``world_size > 1``: every rank must call it at the same step."""
+    def agree(self, rank: int, world_size: int, stop: bool = False) -> Tuple[List[Tuple[int, int]], bool]:
+        """``(rank, first bad step)`` of every process with a non-finite loss, and whether any process
+        was asked to stop (``stops.py``), known to every process in one all_reduce: all of them stop
+        together at the same step. A collective when ``world_size > 1``: every rank must call it at
+        the same step."""
         if world_size == 1:
             first = self.local_first_bad()
-            return [] if first is None else [(0, first)]
+            return ([] if first is None else [(0, first)]), stop
         device = self.first_bad.device if self.first_bad is not None else torch.device("cpu")
         if dist.get_backend() == "nccl" and device.type != "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
-        flags = torch.zeros(world_size, dtype=torch.int64, device=device)
+        flags = torch.zeros(world_size + 1, dtype=torch.int64, device=device)
         if self.first_bad is not None:
             flags[rank] = self.first_bad.to(device) + 1   # 0: no bad step on that rank
+        flags[world_size] = int(stop)
         dist.all_reduce(flags)
-        return [(index, int(value) - 1) for index, value in enumerate(flags.tolist()) if value > 0]
+        values = flags.tolist()
+        bad = [(index, int(value) - 1) for index, value in enumerate(values[:world_size]) if value > 0]
+        return bad, bool(values[world_size])
 
 
 class FiniteCheckCallback(pytorch.PyTorchCallback):

@@ -17,6 +17,7 @@ datasets and subsets one iterates on, not for ImageNet.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 from typing import Dict, Sequence
 
@@ -24,7 +25,7 @@ import torch
 
 import data
 from evaluate_result import EvaluationError, checkpoint_config, load_encoder
-from utils import TrainingMode, apply_overrides, parse_settings
+from utils import TrainingMode, apply_overrides, check_output_file, parse_settings
 
 FEATURE_FILE_FORMAT = "byol-features-v1"
 PIXEL_SIZE = 32  # the PCA-of-pixels baseline works on at most 32x32 images
@@ -38,6 +39,11 @@ def extract_feature_file(directory: str, out: str, sets: Sequence[str] = (), bat
     import loaders
     from sampling import SeededTransformDataset
 
+    import checkpoints
+    from progress import progress
+
+    check_output_file(out, "--out")
+    checkpoints.verify_checkpoint(directory)  # complete and unchanged, before anything else
     hparams, config = checkpoint_config(directory)
     data_section = dict(hparams.pop("data", None) or config.get("data") or {})
     apply_overrides(hparams, data_section, sets)
@@ -52,8 +58,9 @@ def extract_feature_file(directory: str, out: str, sets: Sequence[str] = (), bat
         transform = loaders.evaluation_transform(settings, settings.image_size)  # as the trial's validation
         dataset = SeededTransformDataset(loaders.base_dataset(settings, split), transform)
         feats, labels, pixels = [], [], []
+        loader = loaders.sharded_loader(dataset, batch_size, 0, 1, settings.data.num_workers)
         with torch.no_grad():
-            for images, targets in loaders.sharded_loader(dataset, batch_size, 0, 1, settings.data.num_workers):
+            for images, targets in progress(loader, f"features {split.value}", total=len(loader), unit="batch"):
                 feats.append(encoder(normalize(images.to(device))).float().cpu())
                 labels.append(targets.long())
                 small = images.float()
@@ -73,32 +80,90 @@ def read_feature_file(path: str) -> Dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"features file {path!r} does not exist: write it with "
                                 f"`evaluate_result.py features --checkpoint DIR --out {path}`")
-    content = torch.load(path, map_location="cpu", weights_only=True)
+    import pickle
+
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise EvaluationError(f"features file {path!r} cannot be read ({' '.join(str(error).split())[:200]}); "
+                              f"write it again with `evaluate_result.py features`") from None
     if not isinstance(content, dict) or content.get("format") != FEATURE_FILE_FORMAT:
         raise EvaluationError(f"{path!r} is not a features file of `evaluate_result.py features` "
                               f"(expected format {FEATURE_FILE_FORMAT!r})")
     return content
 
 
-def logistic_regression_accuracy(train, validation, test, seed: int = 0) -> tuple[float, float]:
+# Inverse L2 strengths tried on standardised features: wide enough for trained and random features
+# and for pixels alike (the chosen C is reported; a choice at either end would say to widen it).
+C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def logistic_regression_accuracy(train, validation, test, seed: int = 0, unlabelled=None) -> tuple[float, float]:
     """Multinomial logistic regression on standardised features; the L2 strength C is chosen on
-    CLS_VALIDATION from a small grid (as the linear protocol chooses its learning rate) and the
-    result reported on TEST. Returns ``(test accuracy, chosen C)``."""
+    CLS_VALIDATION from :data:`C_GRID` (as the linear protocol chooses its learning rate) and the
+    result reported on TEST. ``unlabelled`` (features only) gives the standardisation statistics
+    when the labelled training set is tiny (default: ``train``). Returns ``(test accuracy, C)``."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    scaler = StandardScaler().fit(train[0])
+    scaler = StandardScaler().fit(train[0] if unlabelled is None else unlabelled)
+    train_x, validation_x = scaler.transform(train[0]), scaler.transform(validation[0])
     fitted = []
-    for c in (0.01, 0.1, 1.0, 10.0):
+    # Ascending C, each fit starting from the previous solution (warm start): a few times faster.
+    model = LogisticRegression(max_iter=200, random_state=seed, warm_start=True)
+    for c in C_GRID:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            model = LogisticRegression(C=c, max_iter=500, random_state=seed).fit(scaler.transform(train[0]), train[1])
-        fitted.append((model.score(scaler.transform(validation[0]), validation[1]), -c, model))
+            model.set_params(C=c).fit(train_x, train[1])
+        fitted.append((model.score(validation_x, validation[1]), -c, copy.deepcopy(model)))
     _, negative_c, best = max(fitted, key=lambda item: item[:2])  # ties: the stronger regularisation
     return float(best.score(scaler.transform(test[0]), test[1])), -negative_c
+
+
+def few_label_rows(labels, shots: int, draw: int, seed: int = 0):
+    """Positions of ``shots`` images per class of ``labels``, a seeded draw (numpy array)."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, shots, draw])
+    return np.concatenate([rng.choice(np.flatnonzero(labels == c), size=min(shots, int((labels == c).sum())),
+                                      replace=False) for c in np.unique(labels)])
+
+
+def compare_representations(representations: Dict[str, Dict[str, tuple]], shots: Sequence[int] = (5, 10),
+                            draws: int = 5, seed: int = 0) -> Dict[str, Dict[str, float]]:
+    """The same probe for every representation, fair to each: standardised features, logistic
+    regression with C chosen on CLS_VALIDATION, TEST accuracy; with all CLS_TRAIN labels and with
+    ``shots`` labels per class (mean over ``draws`` seeded draws; standardisation statistics from
+    all of CLS_TRAIN, which needs no labels). ``representations``: name -> {split: (x, y)}."""
+    results = {}
+    for name, splits in representations.items():
+        train, validation, test = (splits[s.value] for s in (data.Split.CLS_TRAIN, data.Split.CLS_VALIDATION,
+                                                              data.Split.TEST))
+        accuracy, c = logistic_regression_accuracy(train, validation, test, seed)
+        row = {"all": accuracy, "C": c}
+        for n in shots:
+            scores = []
+            for draw in range(draws):
+                rows = few_label_rows(train[1], n, draw, seed)
+                scores.append(logistic_regression_accuracy((train[0][rows], train[1][rows]), validation, test, seed,
+                                                           unlabelled=train[0])[0])
+            row[f"{n}_per_class"] = sum(scores) / len(scores)
+        results[name] = row
+    return results
+
+
+def format_comparison(results: Dict[str, Dict[str, float]], shots: Sequence[int] = (5, 10), draws: int = 5) -> str:
+    columns = ["all labels"] + [f"{n} per class" for n in shots]
+    keys = ["all"] + [f"{n}_per_class" for n in shots]
+    lines = ["[byol] the same probe for every representation (standardised features, logistic regression, "
+             f"C chosen on CLS_VALIDATION; few-label columns: mean over {draws} draws): TEST accuracy",
+             f"{'representation':<26}" + "".join(f"{c:>16}" for c in columns)]
+    for name, row in results.items():
+        lines.append(f"{name:<26}" + "".join(f"{row[k]:>16.4f}" for k in keys))
+    return "\n".join(lines)
 
 
 def run_probes(content: Dict, k: int = 20, temperature: float = 0.07) -> Dict[str, Dict[str, float]]:
@@ -115,8 +180,11 @@ def run_probes(content: Dict, k: int = 20, temperature: float = 0.07) -> Dict[st
     dims = min(encoder[names[0]][0].shape[1], pixels[names[0]][0].shape[1], pixels[names[0]][0].shape[0])
     pca = PCA(n_components=dims, random_state=0).fit(pixels[names[0]][0])
     pixels = {name: (pca.transform(x), y) for name, (x, y) in pixels.items()}
+    from progress import progress
+
     results = {}
-    for label, sets in (("encoder", encoder), (f"pca{dims}_pixels", pixels)):
+    for label, sets in progress((("encoder", encoder), (f"pca{dims}_pixels", pixels)), "probes", total=2,
+                                unit="probe"):
         (train_x, train_y), test = sets[names[0]], sets[names[2]]
         knn_acc = knn.knn_accuracy(torch.as_tensor(train_x), torch.as_tensor(train_y), torch.as_tensor(test[0]),
                                    torch.as_tensor(test[1]), k, content["num_classes"], temperature)
@@ -153,6 +221,8 @@ def main(argv: Sequence[str]) -> int:
     probe.add_argument("--features", required=True, metavar="FEATURES.pt")
     probe.add_argument("--k", type=int, default=20, help="neighbours of the kNN probe (default 20)")
     args = parser.parse_args(argv)
+    if args.command == "features" and args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.command == "features":
         content = extract_feature_file(args.checkpoint, args.out, args.set, args.batch_size)
         sizes = ", ".join(f"{name} {tuple(split['features'].shape)}" for name, split in content["splits"].items())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -22,9 +23,11 @@ import torch
 from determined import core, pytorch
 
 import checkpoints
+import faults
+import stops
 from faults import CheckpointWrites, RunFailed
-from utils import (ConfigError, Length, Settings, TrainingMode, apply_overrides, load_config, parse_settings,
-                   slots_of)
+from utils import (ConfigError, Length, Settings, TrainingMode, apply_overrides, check_output_dir, check_output_file,
+                   load_config, parse_settings, run_command, slots_of)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a hyperparameter or, with data., the data section (yaml value), e.g. "
                              "--set backbone=resnet18_cifar --set data.root=/data/cifar10")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (or set BYOL_DEBUG=1)")
     args = parser.parse_args(argv)
     for value, name in ((args.epochs, "--epochs"), (args.batches, "--batches")):
         if value is not None and value < 0:
@@ -71,7 +76,9 @@ def distributed_context() -> Optional[core.DistributedContext]:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend=backend)
+        # A frozen peer ends the run after this long, naming its rank (faults.py), instead of a hang.
+        torch.distributed.init_process_group(backend=backend,
+                                             timeout=datetime.timedelta(seconds=faults.collective_timeout()))
     single_node = os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE")
     if not single_node or "INTER_TRAIN_PROCESS_COMM_PORT_1" in os.environ:
         return core.DistributedContext.from_torch_distributed()
@@ -174,20 +181,25 @@ def run_trial(context: pytorch.PyTorchTrialContext, settings: Optional[Settings]
             print(f"[byol] {per_slot} images per process; batch norm "
                   f"{'synchronised across' if trial.synced_batch_norm else 'per process (not synchronised) in'} "
                   f"{context.distributed.size} processes", flush=True)
+    if latest_checkpoint and os.path.isdir(latest_checkpoint):  # local resume: same settings, work left
+        note = checkpoints.check_resume(latest_checkpoint, s, trial.total_steps, trial.pretraining,
+                                        context.distributed.size)
+        if note and context.distributed.rank == 0:
+            print(f"[byol] {note}", flush=True)
     trainer = pytorch.Trainer(trial, context)
     trainer.fit(max_length=pytorch.Batch(max(trial.total_steps, 0)), validation_period=validation_period,
                 checkpoint_period=checkpoint_period, latest_checkpoint=latest_checkpoint,
-                reporting_period=pytorch.Batch(max(trial.steps_per_epoch, 1)),
+                reporting_period=stops.StopAwareBatch(max(trial.steps_per_epoch, 1), context),
                 checkpoint_policy=checkpoint_policy or ("all" if trial.pretraining else "none"))
     return trial
 
 
 def summary(trial, seconds: float) -> Dict[str, Any]:
     metrics = {key: value for key, value in trial.last_validation.items() if isinstance(value, (int, float))}
-    if trial.pretraining and trial.settings.compare_random_init and trial.settings.classifier_validation:
-        random_init = trial.random_encoder_probe()
-        if "test_accuracy" in random_init:
-            metrics["random_init_test_accuracy"] = random_init["test_accuracy"]
+    if trial.pretraining and trial.settings.compare_random_init:
+        comparison = trial.compare_representations()  # BYOL vs random init vs pixels, one fair probe
+        if comparison:
+            metrics["representation_probe"] = comparison
     metrics.update({"global_step": trial.global_step, "wall_seconds": round(seconds, 1),
                     "last_checkpoint": trial.last_checkpoint})
     return metrics
@@ -195,44 +207,43 @@ def summary(trial, seconds: float) -> Dict[str, Any]:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run_command(_main, argv)  # one error path: 'error: ...', exit 2 for bad input (utils.py)
+
+
+def _main(argv) -> int:
     info = det.get_cluster_info()
     started = time.time()
     args = parse_args(argv)
     if info is not None and info.task_type == "TRIAL":
         return run_on_cluster(info, args)
-    try:
-        config = load_config(args.config)
-        hparams, data_section = overridden(config, args)
-        config = {**config, "hyperparameters": hparams, "data": data_section}
-        distributed = distributed_context()
-        slots = distributed.get_size() if distributed else 1
-        if slots_of(config) != slots and slots > 1 and distributed.get_rank() == 0:
-            print(f"[byol] note: the config asks for {slots_of(config)} slots; running {slots} local processes",
-                  flush=True)
-        # sync_batch_norm defaults to on for several processes (global-batch statistics, section 3.3).
-        settings = parse_settings({"sync_batch_norm": slots > 1, **hparams}, data_section, slots)
-        settings = choose_threads(settings, distributed)
-        if args.resume_from:  # only a completely written, unchanged checkpoint (checkpoints.py)
-            checkpoints.verify_checkpoint(args.resume_from)
-        checkpoint_dir = os.path.abspath(args.checkpoint_dir or default_checkpoint_dir(config)
-                                         or local_storage_default())
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        check_not_copied_into_itself(checkpoint_dir)
-    except (ConfigError, FileNotFoundError, checkpoints.IncompleteCheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return local_main(args, started)
+
+
+def local_main(args: argparse.Namespace, started: float) -> int:
+    """The local run: every input checked (config, outputs, resume checkpoint) before any work."""
+    config = load_config(args.config)
+    hparams, data_section = overridden(config, args)
+    config = {**config, "hyperparameters": hparams, "data": data_section}
+    distributed = distributed_context()
+    slots = distributed.get_size() if distributed else 1
+    if slots_of(config) != slots and slots > 1 and distributed.get_rank() == 0:
+        print(f"[byol] note: the config asks for {slots_of(config)} slots; running {slots} local processes",
+              flush=True)
+    # sync_batch_norm defaults to on for several processes (global-batch statistics, section 3.3).
+    settings = parse_settings({"sync_batch_norm": slots > 1, **hparams}, data_section, slots)
+    if args.resume_from:  # only a completely written, unchanged checkpoint (checkpoints.py)
+        checkpoints.verify_checkpoint(args.resume_from)
+    checkpoint_dir = os.path.abspath(args.checkpoint_dir or default_checkpoint_dir(config)
+                                     or local_storage_default())
+    check_output_dir(checkpoint_dir, "--checkpoint-dir")
+    check_not_copied_into_itself(checkpoint_dir)
+    check_output_file(args.metrics_out, "--metrics-out")  # before training, not after it
+    settings = choose_threads(settings, distributed)
     latest = os.path.abspath(args.resume_from) if args.resume_from else None
     writes = CheckpointWrites(latest, distributed.get_rank() if distributed else 0)
-    try:
-        with writes.explained():
-            train_and_report(config, settings, distributed, checkpoint_dir, latest, started, args.metrics_out, writes)
-            return 0
-    except RunFailed as failure:
-        print(f"error: {failure}", file=sys.stderr)
-        return failure.exit_code
-    except (ConfigError, FileNotFoundError) as error:  # e.g. dataset files missing: found before training
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with writes.explained():
+        train_and_report(config, settings, distributed, checkpoint_dir, latest, started, args.metrics_out, writes)
+    return 0
 
 
 # Flags that change the run locally; on a cluster only the master's experiment config counts.
@@ -272,9 +283,14 @@ def train_and_report(exp_conf: Dict[str, Any], settings: Settings, distributed, 
                      writes: Optional[CheckpointWrites] = None, describe=None) -> Dict[str, Any]:
     """Trains in local mode, then prints the summary (plus ``describe(settings, metrics)``) and
     writes the metrics JSON and the curves' PNG beside it (rank 0). Returns the final metrics."""
-    with local_trial_context(exp_conf["hyperparameters"], exp_conf, distributed, checkpoint_dir, writes) as context:
-        trial = run_trial(context, settings, latest)
-        metrics = summary(trial, time.time() - started)
+    stops.REQUEST.install()  # SIGTERM / SIGINT: finish the step, checkpoint, exit (stops.py)
+    try:
+        with local_trial_context(exp_conf["hyperparameters"], exp_conf, distributed, checkpoint_dir,
+                                 writes) as context:
+            trial = run_trial(context, settings, latest)
+            if stops.REQUEST.requested and trial.global_step < trial.total_steps:
+                raise stopped(trial, checkpoint_dir)
+            metrics = summary(trial, time.time() - started)
         if context.distributed.rank == 0:
             print_summary(trial, metrics)
             if describe is not None:
@@ -285,7 +301,35 @@ def train_and_report(exp_conf: Dict[str, Any], settings: Settings, distributed, 
                     json.dump(metrics, handle, indent=2, sort_keys=True)
                 print(f"[byol] metrics written to {metrics_out}", flush=True)
                 write_plot(trial, metrics_out)
+    finally:
+        stops.REQUEST.uninstall()
     return metrics
+
+
+def stopped(trial, checkpoint_dir: str) -> RunFailed:
+    """The run stopped on a signal after writing its checkpoint: where it is and how to go on."""
+    import shlex
+
+    path = os.path.join(checkpoint_dir, trial.last_checkpoint) if trial.last_checkpoint else None
+    if path is None:
+        where = "no checkpoint was written"
+    elif os.path.basename(sys.argv[0]) == "model_def.py":
+        argv, skip = [], False
+        for arg in sys.argv[1:]:
+            if skip or arg == "--resume-from":
+                skip = not skip
+                continue
+            if not arg.startswith("--resume-from="):
+                argv.append(arg)
+        again = (f"{os.path.basename(sys.executable)} {shlex.join([sys.argv[0], *argv])} --resume-from {path}"
+                 if trial.world_size == 1 else f"the same torchrun command with --resume-from {path}")
+        where = f"checkpoint {path}; continue with: {again}"
+    else:
+        where = f"checkpoint {path}"
+    failure = RunFailed(f"stopped by {stops.REQUEST.name} after global step {trial.global_step} of "
+                        f"{trial.total_steps}: {where}", exit_code=128 + int(stops.REQUEST.signal))
+    failure.quiet = trial.rank != 0  # rank 0 speaks for all
+    return failure
 
 
 def local_storage_default() -> str:
@@ -341,9 +385,10 @@ def print_summary(trial, metrics: Dict[str, Any]) -> None:
     if "knn_accuracy" in metrics:
         lines.append(f"[byol] weighted {trial.settings.classifier.knn_k}-NN on frozen features: test accuracy "
                      f"{metrics['knn_accuracy']:.4f}")
-    if "random_init_test_accuracy" in metrics:
-        lines.append(f"[byol] same probe on a randomly initialised encoder: "
-                     f"{metrics['random_init_test_accuracy']:.4f}")
+    if "representation_probe" in metrics:
+        import probes
+
+        lines.append(probes.format_comparison(metrics["representation_probe"]))
     if metrics.get("last_checkpoint"):
         lines.append(f"[byol] last checkpoint: {metrics['last_checkpoint']}")
     print("\n".join(lines), flush=True)

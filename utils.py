@@ -8,15 +8,44 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import yaml
 
 
-class ConfigError(ValueError):
+class CommandError(Exception):
+    """An expected failure of a command (bad input, a fault that ended a run): the command prints
+    ``error: <message>`` on one line and exits with ``exit_code``, without a traceback
+    (:func:`run_command`)."""
+
+    exit_code = 1
+    quiet = False  # already said (e.g. by rank 0 of several processes): exit without printing
+
+
+class InputError(CommandError, ValueError):
+    """Bad input the user can fix (a value, a file, a path, a checkpoint); the message names the bad
+    value and what would be right. Commands exit with code 2."""
+
+    exit_code = 2
+
+
+class ConfigError(InputError):
     """A configuration value is not allowed; the message names the key and what would be right."""
+
+
+# Top-level sections of a Determined experiment config (0.38, expconf/v0/experiment.json); anything
+# else is a misspelling (``datasets:`` for ``data:``) and is refused like an unknown key.
+EXPERIMENT_SECTIONS = (
+    "bind_mounts", "checkpoint_policy", "checkpoint_storage", "data", "data_layer", "debug", "description",
+    "entrypoint", "environment", "hyperparameters", "integrations", "internal", "labels", "log_policies",
+    "max_restarts", "min_checkpoint_period", "min_validation_period", "name", "optimizations", "pbs",
+    "perform_initial_validation", "preemption_timeout", "profiling", "project", "records_per_epoch",
+    "reproducibility", "resources", "retention_policy", "scheduling_unit", "searcher", "security", "slurm",
+    "tensorboard_storage", "workspace")
 
 
 class TrainingMode(str, enum.Enum):
@@ -49,6 +78,8 @@ class GCSSettings:
     val_blob_list: str
     cache_dir: Optional[str] = None
     max_in_flight: int = 64
+    retry_deadline: float = 300.0          # seconds of retrying one image's transient errors
+    startup_retry_deadline: float = 30.0   # seconds of retrying the start-up checks (bucket, blob lists)
 
 
 @dataclass(frozen=True)
@@ -74,7 +105,9 @@ class ClassifierSettings:
     logit_clip: Optional[float] = None      # logits -> c * tanh(logits / c)
     logit_regularization: float = 0.0       # + lambda * mean squared logit
     augmentation: str = "none"              # none | crop_flip | variant
-    encoder_lr: float = 0.0                 # FINE_TUNE only: learning rate of the encoder
+    encoder_lr: float = 0.0                 # FINE_TUNE only: (base) learning rate of the encoder
+    label_fraction: Optional[float] = None  # CLASSIFIER_ONLY / FINE_TUNE: seeded fraction of each class
+    label_list: Optional[str] = None        # ... or a file listing the labelled images (SimCLR's lists)
     knn_k: int = 0                          # >0: report a weighted cosine kNN accuracy at validation
 
 
@@ -142,6 +175,14 @@ def _number(section: dict, key: str, prefix: str, kind=float, minimum=None, maxi
     value = section[key]
     if value is None and optional:
         return None
+    if kind is float and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads 1e-1 (no dot) as a string; it is the number the user meant.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, float) and not math.isfinite(value):
+        _fail(prefix + key, value, "must be a finite number")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
         _fail(prefix + key, value, f"expected {'an integer' if kind is int else 'a number'}")
     if minimum is not None and (value <= minimum if exclusive_min else value < minimum):
@@ -154,6 +195,9 @@ def _number(section: dict, key: str, prefix: str, kind=float, minimum=None, maxi
 def parse_length(value: Any, key: str, optional: bool = True) -> Optional[Length]:
     if value is None and optional:
         return None
+    if isinstance(value, dict) and set(value) == {"batches", "epochs"}:
+        _fail(key, value, "give one unit, {batches: N} or {epochs: N}, not both (--set " + key.split(".", 1)[-1]
+              + ".batches=N replaces the whole length)")
     if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in ("batches", "epochs"):
         _fail(key, value, "expected {batches: N} or {epochs: N}")
     unit, amount = next(iter(value.items()))
@@ -189,6 +233,12 @@ def _parse_data(section: dict) -> DataSettings:
                 _fail(f"{prefix}gcs.{key}", gcs.get(key), "required: a non-empty string")
         if values["dataset"] != "imagenet":
             _fail(prefix + "gcs", gcs, "streaming from Cloud Storage is supported for dataset: imagenet")
+        if gcs["bucket"].startswith("gs://") or "/" in gcs["bucket"]:
+            _fail(prefix + "gcs.bucket", gcs["bucket"], "expected a bare bucket name, e.g. my-imagenet (no gs://, no /)")
+        gcs = {**dataclasses.asdict(GCSSettings("b", "t", "v")), **gcs}
+        gcs["max_in_flight"] = _number(gcs, "max_in_flight", prefix + "gcs.", int, minimum=1)
+        for key in ("retry_deadline", "startup_retry_deadline"):
+            gcs[key] = _number(gcs, key, prefix + "gcs.", minimum=0, exclusive_min=True)
         values["gcs"] = GCSSettings(**gcs)
     return DataSettings(**values)
 
@@ -198,9 +248,11 @@ def _parse_classifier(section: dict) -> ClassifierSettings:
     _check_keys(section, ClassifierSettings, prefix)
     values = {**dataclasses.asdict(ClassifierSettings()), **section}
     rates = values["learning_rates"]
+    if isinstance(rates, (list, tuple)):
+        rates = [_number({"rate": r}, "rate", prefix + "learning_rates.") if isinstance(r, str) else r for r in rates]
     if not isinstance(rates, (list, tuple)) or not rates:
         _fail(prefix + "learning_rates", rates, "expected a non-empty list of positive numbers")
-    if any(isinstance(r, bool) or not isinstance(r, (int, float)) or r <= 0 for r in rates):
+    if any(isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0 or not math.isfinite(r) for r in rates):
         _fail(prefix + "learning_rates", rates, "every learning rate must be a positive number")
     if len(set(rates)) != len(rates):
         _fail(prefix + "learning_rates", rates, "learning rates must not repeat")
@@ -213,6 +265,13 @@ def _parse_classifier(section: dict) -> ClassifierSettings:
     values["logit_regularization"] = _number(values, "logit_regularization", prefix, minimum=0)
     values["encoder_lr"] = _number(values, "encoder_lr", prefix, minimum=0)
     values["knn_k"] = _number(values, "knn_k", prefix, int, minimum=0)
+    values["label_fraction"] = _number(values, "label_fraction", prefix, minimum=0, exclusive_min=True, maximum=1,
+                                       optional=True)
+    if values["label_list"] is not None:
+        if not isinstance(values["label_list"], str) or not os.path.isfile(values["label_list"]):
+            _fail(prefix + "label_list", values["label_list"], "expected an existing file listing the labelled images")
+        if values["label_fraction"] is not None:
+            _fail(prefix + "label_fraction", values["label_fraction"], "give label_list or label_fraction, not both")
     if values["augmentation"] not in ("none", "crop_flip", "variant"):
         _fail(prefix + "augmentation", values["augmentation"], "allowed: none, crop_flip, variant")
     return ClassifierSettings(**values)
@@ -317,7 +376,20 @@ def load_config(path: str) -> dict:
             raise ConfigError(f"config file {path!r} is not valid yaml: {detail}") from None
     if not isinstance(config, dict) or not isinstance(config.get("hyperparameters"), dict):
         raise ConfigError(f"config file {path!r} has no 'hyperparameters' mapping")
+    check_sections(config, path)
     return config
+
+
+def check_sections(config: dict, where: str) -> None:
+    """Refuses top-level sections that a Determined experiment config does not have."""
+    for key in config:
+        if key not in EXPERIMENT_SECTIONS:
+            import difflib
+
+            near = difflib.get_close_matches(str(key), EXPERIMENT_SECTIONS, n=1, cutoff=0.6)
+            raise ConfigError(f"config file {where!r} has unknown top-level section {key!r}"
+                              + (f" (did you mean {near[0]!r}?)" if near else "")
+                              + f"; known sections: {', '.join(EXPERIMENT_SECTIONS)}")
 
 
 def slots_of(config: dict) -> int:
@@ -339,8 +411,86 @@ def apply_overrides(hparams: dict, data_section: dict, items) -> None:
         target, parts = hparams, key.split(".")
         if parts[0] == "data":
             target, parts = data_section, parts[1:]
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
+            if target is hparams and depth == 0 and part in LENGTH_KEYS:
+                target[part] = {}  # a length has one unit: --set checkpoint_period.batches=10 replaces it
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a mapping")
-        target[parts[-1]] = yaml.safe_load(value)
+        try:
+            target[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            detail = " ".join(str(error).split())
+            raise ConfigError(f"--set {item!r}: the value {value!r} is not valid yaml ({detail}); quote strings "
+                              f"and close brackets, e.g. --set 'classifier.learning_rates=[0.1, 0.05]'") from None
+
+
+LENGTH_KEYS = ("train_length", "validation_period", "checkpoint_period")
+
+
+# ----------------------------------------------------------------------------- the error path
+DEBUG_ENV = "BYOL_DEBUG"
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line; for an error a data-loader worker re-raised with its
+    whole traceback in the message, the last line of that traceback without the type."""
+    text = str(error).strip() or type(error).__name__
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        head, sep, rest = last.partition(": ")
+        text = rest if sep and head.split(".")[-1].endswith(("Error", "Exception")) else last
+    return " ".join(text.split())
+
+
+def run_command(body, argv=None) -> int:
+    """Runs a command's ``body(argv)`` with the one error path every command shares: an expected
+    failure (:class:`CommandError`, a missing file, a refused path) prints ``error: <message>`` on one
+    line and returns its exit code (2 for bad input), with no traceback. ``--debug`` anywhere in
+    ``argv`` (it is removed) or ``BYOL_DEBUG=1`` lets the exception through with its traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
+    expected = (CommandError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError,
+                FileExistsError)
+    try:
+        return body(argv)
+    except expected as error:
+        if debug:
+            raise
+        if not getattr(error, "quiet", False):
+            print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+        return getattr(error, "exit_code", 2)
+
+
+# ----------------------------------------------------------------------------- output paths
+def check_output_file(path: Optional[str], option: str) -> None:
+    """Before any work: ``path`` can be written as a file (its folder exists or can be made, and is
+    writable; ``path`` is not a folder). The folder is created."""
+    if not path:
+        return
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise InputError(f"{option} {path!r} is a directory: give a file path, e.g. {os.path.join(path, 'out')}")
+    _make_writable_folder(os.path.dirname(path), option, path)
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise InputError(f"{option} {path!r} exists and is not writable: choose another file")
+
+
+def check_output_dir(path: Optional[str], option: str) -> None:
+    """Before any work: ``path`` is (or can be made) a writable folder; it is created."""
+    if path:
+        _make_writable_folder(os.path.abspath(path), option, os.path.abspath(path))
+
+
+def _make_writable_folder(folder: str, option: str, path: str) -> None:
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InputError(f"{option} {path!r} cannot be written: {existing!r} is a file, not a folder; "
+                         f"choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {path!r} cannot be written: the folder {existing!r} is not writable; "
+                         f"choose another path")
+    os.makedirs(folder, exist_ok=True)

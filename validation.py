@@ -54,11 +54,10 @@ class ValidationMixin:
         validation BYOL loss is the same for any number of processes."""
         if self._view_parameters[0] != self.global_step:
             with self.seeded(EVALUATION_VIEWS_STREAM):
-                drawn = [augment.sample_parameters(len(self.eval_dataset), self.device)
+                drawn = [augment.sample_parameters(len(self.eval_dataset))
                          for augment in (self.augment1, self.augment2)]
             self._view_parameters = (self.global_step, drawn)
-        index = positions.to(self.device)
-        view1, view2 = (augment(images, augment.select(drawn, index))
+        view1, view2 = (augment(images, augment.select(drawn, positions.cpu()))
                         for augment, drawn in zip((self.augment1, self.augment2), self._view_parameters[1]))
         return view1, view2
 
@@ -81,7 +80,8 @@ class ValidationMixin:
         dataset = faults.ReadGuard(loaders.classifier_feature_dataset(s, s.image_size))
         loader = loaders.sharded_loader(dataset, self._evaluation_batch, self.rank, self.world_size,
                                         s.data.num_workers)
-        features, labels = classifier.extract_features(encoder, loader, self.device, self.normalize)
+        features, labels = classifier.extract_features(encoder, loader, self.device, self.normalize,
+                                                       desc="CLS_TRAIN features")
         return classifier.gather_rows(features), classifier.gather_rows(labels)
 
     def train_probe_heads(self, encoder: Optional[torch.nn.Module] = None,
@@ -99,20 +99,51 @@ class ValidationMixin:
             s.classifier.weight_decay, s.classifier.logit_regularization)
 
     @torch.no_grad()
-    def random_encoder_probe(self) -> Dict[str, float]:
-        """The same linear probe on a randomly initialised encoder: what pretraining bought."""
+    def representation_splits(self, encoder: Optional[torch.nn.Module]) -> Dict[str, tuple]:
+        """``{split: (x, y)}`` numpy arrays for CLS_TRAIN, CLS_VALIDATION and TEST (gathered from
+        every rank in dataset order): the frozen features of ``encoder``, or raw pixels (None)."""
+        from data import Split
+
+        s = self.settings
+        if encoder is not None:
+            encoder.eval()
+        represent = (lambda images: encoder(self.normalize(images)).float()) if encoder is not None else (
+            lambda images: images.flatten(1).float() / 255.0)
+        splits = {}
+        dataset = faults.ReadGuard(loaders.classifier_feature_dataset(s, s.image_size))
+        features, labels = [], []
+        for images, targets in loaders.sharded_loader(dataset, self._evaluation_batch, self.rank, self.world_size,
+                                                      s.data.num_workers):
+            features.append(represent(images.to(self.device)))
+            labels.append(targets.to(self.device))
+        splits[Split.CLS_TRAIN.value] = (torch.cat(features), torch.cat(labels))
+        features, labels, tags = [], [], []
+        for images, targets, tag in self.build_validation_data_loader():
+            features.append(represent(images.to(self.device)))
+            labels.append(targets.to(self.device))
+            tags.append(tag.to(self.device))
+        features, labels, tags = torch.cat(features), torch.cat(labels), torch.cat(tags)
+        splits[Split.CLS_VALIDATION.value] = (features[tags == loaders.VALIDATION_TAG], labels[tags == loaders.VALIDATION_TAG])
+        splits[Split.TEST.value] = (features[tags == loaders.TEST_TAG], labels[tags == loaders.TEST_TAG])
+        return {name: tuple(classifier.gather_rows(t).cpu().numpy() for t in pair) for name, pair in splits.items()}
+
+    def compare_representations(self) -> Dict[str, Dict[str, float]]:
+        """After pretraining: the BYOL encoder, a randomly initialised one and raw pixels, each read
+        out by the same probe that is fair to all of them (``probes.compare_representations``:
+        standardised features, logistic regression, C chosen on CLS_VALIDATION), with all labels
+        and with 5 and 10 labels per class. Runs on every rank (collectives); rank 0 probes."""
+        import probes
+
         s = self.settings
         torch.manual_seed(mix_seed(s.seed, 99))
-        encoder = backbones.build_backbone(s.backbone).to(self.device).eval()
-        heads = classifier.LinearHeads(backbones.feature_size(s.backbone), self.info.num_classes,
-                                       len(s.classifier.learning_rates), s.classifier.logit_clip).to(self.device)
-        self.train_probe_heads(encoder, heads)
-        reducer = ValidatedAccuracyReducer(s.classifier.learning_rates)
-        for images, labels, tags in self.build_validation_data_loader():
-            logits = heads(encoder(self.normalize(images.to(self.device))))
-            self._count_correct(reducer, logits, labels.to(self.device), tags.to(self.device))
-        per_slot = self.context.distributed.allgather(reducer.per_slot_reduce())
-        return reducer.cross_slot_reduce(per_slot)
+        random_encoder = backbones.build_backbone(s.backbone).to(self.device)
+        representations = {"BYOL encoder": self.representation_splits(self.learner.online_encoder),
+                           "random-init encoder": self.representation_splits(random_encoder),
+                           "raw pixels": self.representation_splits(None)}
+        self.learner.online_encoder.train()
+        if self.rank != 0:
+            return {}
+        return probes.compare_representations(representations, seed=s.seed)
 
     # ------------------------------------------------------------------ reducers and the loop
     @property

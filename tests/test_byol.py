@@ -1,6 +1,8 @@
 """Tests of byol.py: the BYOL loss (eq. 2 and 4), the EMA target (section 3.1), the tau schedule
 (section 3.2) and the byol-pytorch-style wrapper around torchvision ResNets."""
 import math
+import subprocess
+import textwrap
 
 import pytest
 import torch
@@ -60,11 +62,9 @@ def test_forward_loss_is_symmetrised_2_minus_2cos_by_hand():
     view1, view2 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
     loss = learner(view1, view2)
 
-    both = torch.cat([view1, view2])
-    with torch.no_grad():
-        q = learner.online_predictor(learner.online_projector(learner.online_encoder(both)))
-        z = learner.target_projector(learner.target_encoder(both))
-    q1, q2, z1, z2 = q[:4], q[4:], z[:4], z[4:]
+    with torch.no_grad():  # each view on its own (batch-norm statistics per view)
+        q1, q2 = (learner.online_predictor(learner.online_projector(learner.online_encoder(v))) for v in (view1, view2))
+        z1, z2 = (learner.target_projector(learner.target_encoder(v)) for v in (view1, view2))
     by_hand = ((2 - 2 * _cos(q1, z2)) + (2 - 2 * _cos(q2, z1))).mean()
     torch.testing.assert_close(loss.detach(), by_hand)
     wrong_pairing = ((2 - 2 * _cos(q1, z1)) + (2 - 2 * _cos(q2, z2))).mean()
@@ -275,3 +275,105 @@ def test_train_helper_runs_on_a_tiny_dataloader():
     losses = byol.train(learner, loader, torch.optim.SGD(learner.online_parameters(), lr=0.1), epochs=1,
                         log_every=0)
     assert len(losses) == 2 and all(0.0 <= x <= 8.0 for x in losses)
+
+
+# ------------------------------------------------------------- per-view batch norm, no-bias outputs
+def _normalising_learner(**kwargs) -> BYOL:
+    """Encoder = flatten + batch norm without affine: its output is the input standardised with the
+    statistics of whatever batch it is given."""
+    net = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(3 * 4 * 4, affine=False, eps=1e-12))
+    return BYOL(net, image_size=4, hidden_layer=None, projection_size=6, projection_hidden_size=16,
+                feature_size=48, **kwargs)
+
+
+def _capture_representations(learner: BYOL) -> list:
+    seen = []
+    for name in ("online_encoder", "target_encoder"):
+        getattr(learner, name).register_forward_hook(lambda module, inputs, output, name=name: seen.append((name, output)))
+    return seen
+
+
+def test_batch_norm_statistics_are_per_view_for_online_and_target():
+    """View 2 is an affine map of view 1 (x -> 3x + 5). With statistics per view the normalised
+    representations of the two views are the same, in the online and the target network; with one
+    forward over both views (2B statistics) they would differ by about 1.5 standard deviations."""
+    torch.manual_seed(0)
+    learner = _normalising_learner()
+    view1 = torch.randn(8, 3, 4, 4)
+    seen = _capture_representations(learner)
+    learner(view1, 3 * view1 + 5)
+    names = [name for name, _ in seen]
+    assert names == ["online_encoder", "online_encoder", "target_encoder", "target_encoder"]
+    for network in ("online_encoder", "target_encoder"):
+        y1, y2 = (output for name, output in seen if name == network)
+        assert y1.shape[0] == 8 and torch.allclose(y1, y2, atol=1e-4)
+    joint = learner.online_encoder(torch.cat([view1, 3 * view1 + 5]))
+    assert (joint[:8] - joint[8:]).abs().mean() > 1.0
+
+
+def test_projector_and_predictor_outputs_have_no_bias():
+    learner = tiny_learner()
+    for mlp in (learner.online_projector, learner.online_predictor, learner.target_projector):
+        assert mlp[-1].bias is None and mlp[0].bias is not None
+
+
+def test_online_classifier_trains_on_stopped_gradient_and_ignores_unlabelled():
+    torch.manual_seed(0)
+    learner = tiny_learner(num_classes=3)
+    view1, view2 = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8)
+    labels = torch.tensor([0, 1, 2, -1, -1, 1])
+    loss, classifier_loss, accuracy = learner(view1, view2, labels=labels)
+    classifier_loss.backward()
+    assert all(p.grad is None for p in learner.online_parameters())  # sg(y): nothing reaches BYOL
+    assert learner.online_classifier.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        logits = learner.online_classifier(learner.online_encoder(view1))
+    kept = labels >= 0
+    expected = torch.nn.functional.cross_entropy(logits[kept], labels[kept])
+    torch.testing.assert_close(classifier_loss.detach(), expected)
+    assert accuracy == (logits[kept].argmax(1) == labels[kept]).float().mean()
+    torch.manual_seed(0)
+    plain = tiny_learner()
+    torch.testing.assert_close(plain(view1, view2).detach(), loss.detach())  # same BYOL with or without it
+    _, none_labelled, _ = learner(view1, view2, labels=torch.full((6,), -1))
+    assert none_labelled == 0
+    with pytest.raises(ValueError, match="num_classes"):
+        plain(view1, view2, labels=labels)
+
+
+PER_VIEW_SYNC_BN = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    sys.path.insert(0, {root!r})
+    from torch import nn
+    from byol import BYOL
+    from sync_batchnorm import convert_sync_batchnorm
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(48, affine=False, eps=1e-12))
+    learner = BYOL(net, image_size=4, hidden_layer=None, projection_size=6, projection_hidden_size=16,
+                   feature_size=48)
+    learner = convert_sync_batchnorm(learner, torch.device("cpu"))
+    torch.manual_seed(1)
+    view1 = torch.randn(8 * world, 3, 4, 4).chunk(world)[rank] + rank   # shards differ
+    seen = []
+    learner.online_encoder.register_forward_hook(lambda m, i, o: seen.append(o))
+    learner(view1, 3 * view1 + 5)
+    # per-view statistics over the global batch: view 2's representation equals view 1's
+    assert torch.allclose(seen[0], seen[1], atol=1e-4), "per view"
+    # and they are global: the representation of this shard is not standardised on its own
+    assert seen[0].mean(0).abs().max() > 0.1, "global statistics"
+    open(f"{{sys.argv[1]}}/rank{{rank}}.ok", "w").write("ok")
+""")
+
+
+@pytest.mark.slow
+def test_per_view_statistics_with_synchronised_batch_norm(tmp_path):
+    from run_helpers import ROOT, environment, torchrun
+
+    script = tmp_path / "per_view.py"
+    script.write_text(PER_VIEW_SYNC_BN.format(root=ROOT))
+    result = subprocess.run([*torchrun(2), str(script), str(tmp_path)], env=environment(2), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()

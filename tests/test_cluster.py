@@ -180,7 +180,7 @@ def test_warm_start_trains_its_own_length_and_ends(one_slot, sdk, master):
     assert done.returncode == 0, done.stdout[-4000:]
     assert "warm start from checkpoint" in done.stdout
     assert [m["steps"] for m in master.training_metrics(trial_id)] == [3, 4]  # validation at 3
-    assert [c.metadata["steps_completed"] for c in master.trial_checkpoints(trial_id)] == [4]
+    assert [c.metadata["steps_completed"] for c in master.trial_checkpoints(trial_id)] == [3, 4]  # policy "all": one after each validation
 
 
 def rank_shards_without_validation(config: dict) -> list:

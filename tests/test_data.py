@@ -304,7 +304,8 @@ def test_imagenet_from_gcs_source(monkeypatch):
     created = []
 
     class FakeFolder(torch.utils.data.Dataset):
-        def __init__(self, bucket, blob_list, transform=None, cache_dir=None, classes=None, max_in_flight=32):
+        def __init__(self, bucket, blob_list, transform=None, cache_dir=None, classes=None, max_in_flight=32,
+                     retry_deadline=300.0, startup_retry_deadline=30.0):
             created.append((bucket, blob_list, cache_dir, classes))
             self.transform = transform
             self.classes = ["n01", "n02", "n03"] if "train" in blob_list else ["n02"]
@@ -327,3 +328,38 @@ def test_imagenet_from_gcs_source(monkeypatch):
     assert len(cls_train) == 25 and len(cls_val) == 5 and not _indices(cls_train) & _indices(cls_val)
     with pytest.raises(ValueError, match="imagenet"):
         data.build_dataset("cifar10", Split.TEST, **kwargs)
+
+
+# ----------------------------------------------------- labelled subsets (semi-supervised protocol)
+def test_label_fraction_takes_a_seeded_share_of_every_class(tmp_path):
+    cls_train = data.build_dataset("digits", Split.CLS_TRAIN, root=str(tmp_path), transform=None, validation_size=200)
+    labels = np.array(data.dataset_labels(cls_train))
+    subset = data.labelled_subset(cls_train, fraction=0.1, seed=0)
+    chosen = np.array(data.dataset_labels(subset))
+    for label in range(10):
+        assert abs((chosen == label).sum() - round(0.1 * (labels == label).sum())) == 0
+    assert data.labelled_subset(cls_train, fraction=0.1, seed=0).indices == subset.indices
+    assert data.labelled_subset(cls_train, fraction=0.1, seed=1).indices != subset.indices
+    tiny = data.labelled_subset(cls_train, fraction=0.001, seed=0)
+    assert sorted(data.dataset_labels(tiny)) == list(range(10))  # at least one image per class
+    assert data.labelled_subset(cls_train) is cls_train
+    with pytest.raises(ValueError, match="file names|label_fraction"):
+        data.labelled_subset(cls_train, list_path=__file__)
+
+
+def test_label_list_selects_the_named_images(tmp_path):
+    root = tmp_path / "custom"
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(6):
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / split / cls / f"{cls}_{i}.png")
+    cls_train = data.build_dataset("custom", Split.CLS_TRAIN, root=str(root), transform=None, validation_size=2)
+    names = data.dataset_file_names(cls_train)
+    listing = tmp_path / "1percent.txt"
+    listing.write_text(f"{names[0]}\n{names[3]}\n\n")
+    subset = data.labelled_subset(cls_train, list_path=str(listing))
+    assert data.dataset_file_names(subset) == [names[0], names[3]]
+    listing.write_text("a_0.png\nnot_there.png\n")
+    with pytest.raises(ValueError, match="not_there.png|not in the labelled"):
+        data.labelled_subset(cls_train, list_path=str(listing))

@@ -86,7 +86,9 @@ SYNC_BN_CHECK = textwrap.dedent("""
     watch = NonFiniteWatch(period=2)
     for step in range(5):
         watch.record(torch.tensor(float("nan") if rank == 1 and step >= 3 else 1.0), step)
-    assert watch.bad_ranks(rank, world) == [(1, 3)], watch.bad_ranks(rank, world)
+    assert watch.agree(rank, world) == ([(1, 3)], False), watch.agree(rank, world)
+    # a stop asked of rank 0 alone (SIGTERM, stops.py) is known to both in the same all_reduce
+    assert watch.agree(rank, world, stop=rank == 0) == ([(1, 3)], True)
     try:
         torch.nn.SyncBatchNorm(4)(torch.randn(4, 4, 2, 2))
         verdict = "torch's SyncBatchNorm runs on CPU"

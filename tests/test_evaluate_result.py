@@ -192,6 +192,7 @@ def _fake_checkpoint(directory, backbone, written_as=None, mode="SELF_SUPERVISED
     hparams = {"backbone": written_as or backbone, "training_mode": mode}
     with open(os.path.join(directory, "load_data.json"), "w") as handle:
         json.dump({"hparams": hparams, "experiment_config": {"hyperparameters": hparams}}, handle)
+    checkpoints.write_complete_marker(str(directory), 0)  # complete, as a run writes it
     return net
 
 
@@ -237,7 +238,7 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert code == 2 and "is not a directory" in err
     (tmp_path / "empty").mkdir()
     code, _, err = _run(["--checkpoint", str(tmp_path / "empty")], None, capsys)
-    assert code == 2 and "load_data.json" in err
+    assert code == 2 and "not a checkpoint of this project" in err
 
 
 def test_local_path_rejects_a_classifier_checkpoint_before_any_work(tmp_path, capsys):
@@ -387,7 +388,8 @@ def test_fine_tune_trains_the_encoder(pretrained, tmp_path, capsys, monkeypatch)
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     code = evaluate_result.main(["--checkpoint", str(checkpoint), "--fine-tune", "--encoder-lr", "0.05",
-                                 "--classifier-train-epochs", "1", "--checkpoint-dir", str(tmp_path / "ck")])
+                                 "--classifier-train-epochs", "1", "--checkpoint-dir", str(tmp_path / "ck"),
+                                 "--set", "classifier.label_fraction=0.5"])
     out = capsys.readouterr().out
     assert code == 0
     assert "FINE_TUNE" in out and "fine-tuned encoder (encoder lr 0.05, head lr 0.1)" in out
@@ -420,3 +422,26 @@ def test_features_probe_and_export_commands(pretrained, tmp_path, capsys):
     net = backbones.build_backbone("small_cnn")
     net.load_state_dict(torch.load(tmp_path / "e.pt", weights_only=True), strict=True)
     assert torch.equal(net.state_dict()["features.0.weight"], _encoder(checkpoint)["features.0.weight"])
+
+
+def test_fine_tune_defaults_follow_the_semi_supervised_protocol(monkeypatch, tmp_path):
+    """No learning rate given: one run per rate of the paper's grid, the best on CLS_VALIDATION is
+    reported (TEST never chooses); 30 epochs on 1% of the labels, 50 otherwise, 80 for linear."""
+    assert evaluate_result.default_epochs(False, None) == 80
+    assert evaluate_result.default_epochs(True, 0.01) == 30 and evaluate_result.default_epochs(True, 0.1) == 50
+    calls = []
+    validation = {0.01: 0.5, 0.02: 0.7, 0.05: 0.7, 0.1: 0.6, 0.005: 0.1}
+
+    def fake(directory, hparams, config, epochs, fine_tune, head_lr, encoder_lr, sets, checkpoint_dir, metrics_out):
+        calls.append((epochs, head_lr, encoder_lr))
+        return {"validation_accuracy": validation[head_lr], "test_accuracy": 1.0 - validation[head_lr]}
+
+    monkeypatch.setattr(evaluate_result, "_evaluate_once", fake)
+    monkeypatch.setattr(evaluate_result, "checkpoint_config", lambda d: (_pretraining_hparams()["hyperparameters"], {}))
+    monkeypatch.setattr(evaluate_result.checkpoints, "verify_checkpoint", lambda d: None)
+    best = evaluate_result.evaluate_checkpoint(str(tmp_path), fine_tune=True, sets=["classifier.label_fraction=0.01"],
+                                               metrics_out=str(tmp_path / "m.json"))
+    assert [lr for _, lr, _ in calls] == list(evaluate_result.FINE_TUNE_LEARNING_RATES)
+    assert all(epochs == 30 and head == enc for epochs, head, enc in calls)
+    assert best["fine_tune_lr"] == 0.02 and best["test_accuracy"] == pytest.approx(0.3)
+    assert json.loads((tmp_path / "m.json").read_text())["fine_tune_lr"] == 0.02

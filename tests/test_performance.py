@@ -110,11 +110,11 @@ def test_new_settings_are_checked(tmp_path):
 def test_non_finite_watch_names_the_first_bad_step_without_reading_every_step():
     watch = nonfinite.NonFiniteWatch(period=4)
     assert [step for step in range(10) if watch.due(step)] == [3, 7]
-    assert watch.bad_ranks(0, 1) == [] and watch.local_first_bad() is None
+    assert watch.agree(0, 1)[0] == [] and watch.local_first_bad() is None
     for step, value in enumerate([1.0, 2.0, float("nan"), float("inf"), 3.0]):
         watch.record(torch.tensor(value), step)
     assert watch.first_bad.device.type == "cpu" and watch.first_bad.dtype == torch.int64
-    assert watch.local_first_bad() == 2 and watch.bad_ranks(0, 1) == [(0, 2)]
+    assert watch.local_first_bad() == 2 and watch.agree(0, 1)[0] == [(0, 2)]
     with pytest.raises(ValueError, match="finite_check_period must be >= 1"):
         nonfinite.NonFiniteWatch(0)
 

@@ -41,3 +41,28 @@ def test_probe_file_errors(tmp_path, capsys):
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pt")
     code, _, err = _run(["probe", "--features", str(tmp_path / "other.pt")], capsys)
     assert code == 2 and "not a features file" in err
+
+
+def test_fair_comparison_probes_every_representation_alike_and_few_labels_per_class():
+    """Scale does not decide the result (features are standardised): an informative representation
+    multiplied by 1000 scores as the original; pure noise scores near chance; the few-label probe
+    trains on exactly n images per class."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    labels = {name: np.repeat(np.arange(3), size) for name, size in (("cls_train", 40), ("cls_validation", 10),
+                                                                      ("test", 20))}
+    centres = rng.normal(size=(3, 8)) * 3
+    informative = {name: (centres[y] + rng.normal(size=(len(y), 8)), y) for name, y in labels.items()}
+    representations = {"informative": informative,
+                       "scaled": {name: (x * 1000.0, y) for name, (x, y) in informative.items()},
+                       "noise": {name: (rng.normal(size=(len(y), 8)), y) for name, y in labels.items()}}
+    results = probes.compare_representations(representations, shots=(2,), draws=2)
+    assert results["informative"]["all"] > 0.9 and results["informative"]["2_per_class"] > 0.8
+    assert results["scaled"]["all"] == results["informative"]["all"]
+    assert results["noise"]["all"] < 0.6 and results["informative"]["C"] in probes.C_GRID
+    rows = probes.few_label_rows(labels["cls_train"], 2, draw=0)
+    assert sorted(labels["cls_train"][rows].tolist()) == [0, 0, 1, 1, 2, 2]
+    assert not np.array_equal(rows, probes.few_label_rows(labels["cls_train"], 2, draw=1))
+    table = probes.format_comparison(results, shots=(2,), draws=2)
+    assert "2 per class" in table and "noise" in table

@@ -184,3 +184,19 @@ def test_fine_tune_needs_one_head_and_an_encoder_lr(digits_config):
     assert "hyperparameters.classifier.encoder_lr" in message and "0.0" in message
     ok = edited(one_head, hyperparameters__classifier__encoder_lr=0.01)
     assert parse_settings(ok["hyperparameters"], ok["data"]).training_mode is TrainingMode.FINE_TUNE
+
+
+def test_labelled_subset_settings_are_checked(tmp_path):
+    listing = tmp_path / "1percent.txt"
+    listing.write_text("a.JPEG\n")
+    ok = parse_settings({"classifier": {"label_fraction": 0.01}})
+    assert ok.classifier.label_fraction == 0.01 and ok.classifier.label_list is None
+    assert parse_settings({"classifier": {"label_list": str(listing)}}).classifier.label_list == str(listing)
+    with pytest.raises(ConfigError, match="label_fraction.*<= 1"):
+        parse_settings({"classifier": {"label_fraction": 1.5}})
+    with pytest.raises(ConfigError, match="label_fraction.*> 0"):
+        parse_settings({"classifier": {"label_fraction": 0}})
+    with pytest.raises(ConfigError, match="label_list.*existing file"):
+        parse_settings({"classifier": {"label_list": str(tmp_path / "missing.txt")}})
+    with pytest.raises(ConfigError, match="not both"):
+        parse_settings({"classifier": {"label_list": str(listing), "label_fraction": 0.1}})
