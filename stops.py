@@ -78,10 +78,11 @@ REQUEST = StopRequest()
 
 
 def ignore_in_worker(_worker_id: int = 0) -> None:
-    """``worker_init_fn`` of data loaders: workers leave SIGINT/SIGTERM to the main process, which
-    finishes its step and shuts them down (a terminal's Ctrl-C reaches the whole process group)."""
-    for signum in SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+    """``worker_init_fn`` of data loaders: workers leave SIGINT to the main process, which finishes
+    its step and shuts them down (a terminal's Ctrl-C reaches the whole process group). SIGTERM keeps
+    its default: it is how the DataLoader and ``multiprocessing`` end workers at shutdown and at
+    exit, and a scheduler's SIGTERM goes to the main process, not to its workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class StopAwareBatch(pytorch.Batch):
