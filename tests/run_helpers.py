@@ -72,6 +72,19 @@ def environment(nproc: int = 1) -> Dict[str, str]:
     return env
 
 
+
+def run_on_two_ranks(directory, name: str, source: str, timeout: float = 120) -> None:
+    """Writes ``source`` (a script that takes ``directory`` as argv[1] and writes ``rank{r}.ok`` there
+    when its checks pass) and runs it under torchrun on 2 gloo processes; fails with its output."""
+    script = os.path.join(str(directory), name)
+    with open(script, "w") as handle:
+        handle.write(source)
+    result = subprocess.run([*torchrun(2), script, str(directory)], env=environment(2), capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    for rank in (0, 1):
+        assert os.path.exists(os.path.join(str(directory), f"rank{rank}.ok")), f"rank {rank} did not finish its checks"
+
 def train(args: List[str], nproc: int = 1, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
     """Runs the trial's command line; the working directory is the repository (its .detignore keeps
     the per-checkpoint code copy small)."""

@@ -1,7 +1,6 @@
 """Tests of byol.py: the BYOL loss (eq. 2 and 4), the EMA target (section 3.1), the tau schedule
 (section 3.2) and the byol-pytorch-style wrapper around torchvision ResNets."""
 import math
-import subprocess
 import textwrap
 
 import pytest
@@ -369,11 +368,6 @@ PER_VIEW_SYNC_BN = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_per_view_statistics_with_synchronised_batch_norm(tmp_path):
-    from run_helpers import ROOT, environment, torchrun
+    from run_helpers import ROOT, run_on_two_ranks
 
-    script = tmp_path / "per_view.py"
-    script.write_text(PER_VIEW_SYNC_BN.format(root=ROOT))
-    result = subprocess.run([*torchrun(2), str(script), str(tmp_path)], env=environment(2), capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
+    run_on_two_ranks(tmp_path, "per_view.py", PER_VIEW_SYNC_BN.format(root=ROOT))

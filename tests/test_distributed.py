@@ -12,8 +12,8 @@ from torch import nn
 
 import runner
 import sync_batchnorm
-from run_helpers import (ROOT, at_step, complete, environment, load, metrics, saved_digests, straight_run,
-                         torchrun, train, write_config)
+from run_helpers import (ROOT, at_step, complete, environment, load, metrics, run_on_two_ranks, saved_digests,
+                         straight_run, torchrun, train, write_config)
 from utils import ConfigError, parse_settings
 
 
@@ -101,12 +101,7 @@ SYNC_BN_CHECK = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_all_reduce_batch_norm_over_two_processes_equals_one_batch(tmp_path):
-    script = tmp_path / "check_sync_bn.py"
-    script.write_text(SYNC_BN_CHECK.format(root=ROOT))
-    result = subprocess.run([*torchrun(2), str(script), str(tmp_path)], env=environment(2), capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
+    run_on_two_ranks(tmp_path, "check_sync_bn.py", SYNC_BN_CHECK.format(root=ROOT))
 
 
 @pytest.mark.slow
