@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+import augment
 
 
 def mlp(in_features: int, hidden_size: int, out_features: int) -> nn.Sequential:
@@ -189,8 +190,6 @@ def default_augmentation(image_size: int, view: int = 1) -> Callable[[torch.Tens
 
     Takes float images in [0, 1] or uint8 batches; returns normalised floats (ImageNet statistics).
     """
-    import augment  # local import: the core method needs no augmentation module when given views
-
     settings = augment.paper_view_augmentations()[view - 1]
     return nn.Sequential(
         _ToUint8(),

@@ -31,6 +31,7 @@ import torch.utils.data
 import torchvision
 from filelock import FileLock
 from PIL import Image
+from runtime import jpeg_decode
 
 
 class Split(str, enum.Enum):
@@ -250,7 +251,6 @@ def _image_folders(root: str, name: str, train: bool, transform: _PrepareImage, 
     _ensure_files(root, name, [train_dir], download, None, how)
     if train:
         if lazy:  # bytes read, decoding left to the transform (jpeg_decode.py)
-            import jpeg_decode
 
             return torchvision.datasets.ImageFolder(train_dir, transform=transform, loader=jpeg_decode.read_lazy)
         return torchvision.datasets.ImageFolder(train_dir, transform=transform)
@@ -295,7 +295,7 @@ def _digits(split: Split, transform: _PrepareImage, validation_size: int, seed: 
 
 def _gcs_imagenet(split: Split, source: Any, transform: Optional[Callable], lazy: bool = False):
     """ImageNet streamed from Cloud Storage; the val folder is labelled with the train classes."""
-    gcs_module = importlib.import_module("gcs")  # lazy: needs google-cloud-storage
+    gcs_module = importlib.import_module("runtime.gcs")  # lazy: needs google-cloud-storage
     options = dict(cache_dir=source.cache_dir, max_in_flight=getattr(source, "max_in_flight", 64),
                    retry_deadline=getattr(source, "retry_deadline", 300.0),
                    startup_retry_deadline=getattr(source, "startup_retry_deadline", 30.0))

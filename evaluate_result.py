@@ -42,9 +42,12 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 
 import backbone as backbones
-import checkpoints
-from utils import (InputError, Settings, TrainingMode, apply_overrides, check_output_dir, check_output_file,
-                   parse_settings, run_command)
+import model_def
+from runtime import checkpoints, feature_probes, launch
+from runtime.checkpoints import checkpoint_config, load_encoder
+from runtime.faults import CheckpointWrites
+from runtime.settings import Settings, TrainingMode, apply_overrides, parse_settings
+from utils import InputError, check_output_dir, check_output_file, run_command
 
 PROBE_COMMANDS = ("features", "probe")
 FINE_TUNE_LEARNING_RATES = (0.01, 0.02, 0.05, 0.1, 0.005)  # the paper's semi-supervised grid
@@ -64,18 +67,6 @@ class EvaluationError(InputError):
 
 
 # ------------------------------------------------------------------ what is evaluated
-def checkpoint_config(directory: str) -> tuple[Dict[str, Any], Dict[str, Any]]:
-    """``(hparams, experiment_config)`` saved with a trial checkpoint directory."""
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"checkpoint {directory!r} is not a directory: pass a directory written by "
-                                f"model_def.py (<checkpoint-dir>/<uuid>) or fetched with `det checkpoint download`")
-    load_data = checkpoints.read_load_data(directory)
-    if not load_data.get("hparams") or not os.path.isfile(os.path.join(directory, checkpoints.STATE_FILE)):
-        raise FileNotFoundError(f"{directory!r} is not a checkpoint of this project's trial: it needs "
-                                f"load_data.json (with hparams) and {checkpoints.STATE_FILE}")
-    return copy.deepcopy(load_data["hparams"]), copy.deepcopy(load_data.get("experiment_config") or {})
-
-
 def check_pretraining_checkpoint(hparams: Dict[str, Any], where: str) -> None:
     """Only BYOL pretraining checkpoints are evaluated (a classifier's encoder is not a new result)."""
     mode = hparams.get("training_mode", TrainingMode.SELF_SUPERVISED.value)
@@ -116,18 +107,6 @@ def evaluation_hparams(hparams: Dict[str, Any], reference: str, epochs: int, fin
 
 
 # ------------------------------------------------------------------ encoders
-def load_encoder(directory: str, backbone_name: str) -> torch.nn.Module:
-    """The checkpoint's encoder in ``backbone.build_backbone(backbone_name)``; a clear error names
-    missing, unexpected and wrongly shaped tensors instead of loading partially."""
-    net = backbones.build_backbone(backbone_name)
-    state = checkpoints.encoder_state(checkpoints.read_checkpoint(directory), repr(directory))
-    try:
-        backbones.load_weights(net, backbone_name, state, f"the encoder of checkpoint {directory!r}")
-    except ValueError as error:
-        raise EvaluationError(f"{error}; was it written with another hyperparameters.backbone?") from None
-    return net
-
-
 def export_encoder(directory: str, out: str, backbone_name: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """Writes the checkpoint's encoder (any mode) as a plain ``state_dict`` to ``out``.
 
@@ -198,28 +177,26 @@ def evaluate_checkpoint(directory: str, epochs: Optional[int] = None, fine_tune:
 def _evaluate_once(directory: str, hparams: Dict[str, Any], config: Dict[str, Any], epochs: int, fine_tune: bool,
                    head_lr: Optional[float], encoder_lr: Optional[float], sets: Sequence[str],
                    checkpoint_dir: Optional[str], metrics_out: Optional[str]) -> Dict[str, Any]:
-    import runner
-
     hparams = evaluation_hparams(hparams, directory, epochs, fine_tune, head_lr, encoder_lr)
     data_section = dict(hparams.pop("data", None) or config.get("data") or {})
     apply_overrides(hparams, data_section, sets)
-    distributed = runner.distributed_context()
+    distributed = launch.distributed_context()
     settings = parse_settings(hparams, data_section, distributed.get_size() if distributed else 1)
     load_encoder(directory, settings.backbone)  # a wrong checkpoint fails here, before any work
     out = os.path.abspath(checkpoint_dir or os.path.dirname(directory))
     check_output_dir(out, "--checkpoint-dir")
-    runner.check_not_copied_into_itself(out)
+    launch.check_not_copied_into_itself(out)
     check_output_file(metrics_out, "--metrics-out")
     name = "fine-tune" if fine_tune else "linear-eval"
     exp_conf = {**config, "name": f"{config.get('name', 'byol')}-{name}", "hyperparameters": hparams,
                 "data": data_section, "searcher": evaluation_searcher()}
-    writes = runner.CheckpointWrites(None, distributed.get_rank() if distributed else 0)
+    writes = CheckpointWrites(None, distributed.get_rank() if distributed else 0)
     with writes.explained():  # faults end with one clear message (faults.py)
-        return runner.train_and_report(exp_conf, settings, distributed, out, None, time.time(), metrics_out,
-                                       writes, describe=describe_result)
+        return launch.train_and_report(model_def.build_trial, exp_conf, settings, distributed, out, None,
+                                       time.time(), metrics_out, writes, result_line=result_line)
 
 
-def describe_result(settings: Settings, metrics: Dict[str, Any]) -> str:
+def result_line(settings: Settings, metrics: Dict[str, Any]) -> str:
     c = settings.classifier
     if settings.training_mode == TrainingMode.FINE_TUNE:
         how = f"fine-tuned encoder (encoder lr {c.encoder_lr:g}, head lr {c.learning_rates[0]:g})"
@@ -375,9 +352,7 @@ def main(argv: Optional[Sequence[str]] = None, make_client: Callable = default_c
 
 def _main(argv: Sequence[str], make_client: Callable) -> int:
     if argv and argv[0] in PROBE_COMMANDS:
-        import probes
-
-        return probes.main(argv)
+        return feature_probes.main(argv)
     args = parse_args(argv)
     if args.experiment_id is not None:
         epochs = args.classifier_train_epochs or default_epochs(args.fine_tune, None)

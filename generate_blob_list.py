@@ -24,7 +24,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from gcs_client import IMAGE_EXTENSIONS, GCSError, make_client, make_retry, parse_gs_url, write_atomically
+from runtime.gcs_client import IMAGE_EXTENSIONS, GCSError, make_client, make_retry, parse_gs_url, write_atomically
 from utils import InputError, check_output_file, run_command
 
 DEFAULT_RETRY_DEADLINE = 30.0  # seconds a listing page (or the upload) is retried before giving up

@@ -23,35 +23,32 @@ from determined import pytorch
 
 import augment
 import backbone as backbones
-import classifier
+from runtime import classifier
 import data
-import loaders
+from runtime import loaders
 import optim
-import checkpoints
-import faults
-import jpeg_decode
-import knn
-import nonfinite
-import performance
-import plots
-import preflight
-import replicas
-import stops
-import sync_batchnorm
+from runtime import checkpoints, launch
+from runtime import faults
+from runtime import jpeg_decode
+from runtime import knn
+from runtime import nonfinite
+from runtime import performance
+from runtime import plots
+from runtime import preflight
+from runtime import replicas
+from runtime import stops
+from runtime import sync_batchnorm
 from byol import BYOL, cosine_ema_tau
-from sampling import GlobalBatchSampler, mix_seed
+from runtime.sampling import GlobalBatchSampler, mix_seed
 from reducers import DeviceLossReducer
-from utils import ConfigError, Settings, TrainingMode, parse_settings
-from validation import ValidationMixin
+from runtime.settings import Settings, TrainingMode, parse_settings
+from utils import ConfigError
+from runtime.linear_eval import ValidationMixin
 
 # Seed streams of the trial's randomness (mix_seed(seed, step, stream)); validation.py has its own.
 VIEW1_STREAM, VIEW2_STREAM, VARIANT_STREAM = 1, 2, 4
 
 checkpoints.allow_harness_checkpoints()
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or infinite loss; the last good checkpoint is left untouched."""
 
 
 class EncoderWithHeads(torch.nn.Module):
@@ -304,7 +301,7 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
         return metrics
 
     def check_finite_loss(self) -> None:
-        """Raises :class:`NonFiniteLossError` naming the first step whose loss was not finite, on every
+        """Raises :class:`nonfinite.NonFiniteLossError` naming the first step whose loss was not finite, on every
         rank at once (a collective with several processes); a stop asked of any rank is agreed here."""
         bad, stop = self.finite_watch.agree(self.rank, self.world_size, stops.REQUEST.requested)
         if bad:
@@ -318,7 +315,7 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
 
     def _non_finite(self, step: int, ranks: list) -> None:
         where = f" on rank(s) {ranks}" if self.world_size > 1 else ""
-        raise NonFiniteLossError(
+        raise nonfinite.NonFiniteLossError(
             f"loss is not finite at global step {step}{where}: training stopped; the last good checkpoint "
             f"({self.last_checkpoint_path or self.last_checkpoint or 'none written yet'}) "
             f"is intact. Lower the learning rate (base_lr) or check the input data.")
@@ -340,10 +337,13 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
                   f"{rate:.0f} images/s", flush=True)
         return rate
 
-def main(argv=None) -> int:
-    import runner
+def build_trial(context: pytorch.PyTorchTrialContext, settings: Optional[Settings] = None) -> BYOLTrial:
+    """The trial for ``context`` (and ``settings``, or those of its hyperparameters)."""
+    return BYOLTrial(context, settings)
 
-    return runner.main(argv)
+
+def main(argv=None) -> int:
+    return launch.main(argv, build_trial)
 
 
 if __name__ == "__main__":

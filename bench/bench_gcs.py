@@ -83,7 +83,7 @@ def run_mode(args: argparse.Namespace, in_flight: int, images: int) -> dict:
     from torch.utils.data import DataLoader, Subset
     from torchvision.transforms.functional import pil_to_tensor
 
-    from gcs import GCSImageFolder
+    from runtime.gcs import GCSImageFolder
 
     ds = GCSImageFolder(BUCKET, f"gs://{BUCKET}/train.txt", transform=pil_to_tensor,
                         max_in_flight=in_flight)
@@ -138,7 +138,7 @@ def main() -> None:
     emulator = Emulator()
     proxy = None
     try:
-        from gcs import make_client
+        from runtime.gcs import make_client
 
         os.environ["STORAGE_EMULATOR_HOST"] = emulator.url
         bucket = make_client().create_bucket(BUCKET)

@@ -58,8 +58,8 @@ sys.path.insert(0, ROOT)
 
 import augment  # noqa: E402
 import backbone as backbones  # noqa: E402
-import jpeg_decode  # noqa: E402
-import performance  # noqa: E402
+from runtime import jpeg_decode  # noqa: E402
+from runtime import performance  # noqa: E402
 from byol import BYOL, IMAGENET_MEAN, IMAGENET_STD, default_augmentation  # noqa: E402
 
 GROUPS = ("model", "augment", "decode")
@@ -164,16 +164,16 @@ def ours_library_rows(args, device, images, autocast) -> List[Row]:
 
 def ours_trial_rows(args, device, images, directory) -> List[Row]:
     """The real trial (Determined's local-mode context), fed the same uint8 batch as both views."""
-    import runner
+    from runtime import launch
     from model_def import BYOLTrial
-    from utils import parse_settings
+    from runtime.settings import parse_settings
 
     hparams = {"backbone": args.backbone, "image_size": args.image_size, "global_batch_size": args.batch_size,
                "projection_size": args.projection_size, "projection_hidden_size": args.projection_hidden_size,
                "train_length": {"batches": 10 ** 6}, "precision": args.precision, "classifier_validation": False}
     data = {"dataset": "digits", "root": os.path.join(directory, "data"), "num_workers": 0}
     settings = parse_settings(hparams, data)
-    stack = runner.local_trial_context(hparams, {"hyperparameters": hparams, "data": data}, None,
+    stack = launch.local_trial_context(hparams, {"hyperparameters": hparams, "data": data}, None,
                                        os.path.join(directory, "checkpoints"))
     context = stack.__enter__()
     trial = BYOLTrial(context, settings)

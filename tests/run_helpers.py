@@ -25,8 +25,8 @@ TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import checkpoints  # noqa: E402
-import replicas  # noqa: E402
+from runtime import checkpoints  # noqa: E402
+from runtime import replicas  # noqa: E402
 
 TINY_HPARAMS = {
     "training_mode": "SELF_SUPERVISED", "seed": 0, "backbone": "small_cnn", "image_size": 8,
@@ -166,10 +166,10 @@ def metrics(path: str) -> dict:
 def train_in_process(config_path, out_dir, name: str = "run") -> dict:
     """Runs ``model_def.py``'s command line in this process (checkpoints under ``out_dir/<name>``)
     and returns the metrics it wrote; fails the test on a non-zero exit."""
-    import runner
+    import model_def
 
     metrics_file = os.path.join(str(out_dir), f"{name}.json")
-    code = runner.main(["--config", str(config_path), "--checkpoint-dir", os.path.join(str(out_dir), name),
+    code = model_def.main(["--config", str(config_path), "--checkpoint-dir", os.path.join(str(out_dir), name),
                         "--metrics-out", metrics_file])
     assert code == 0, f"model_def.py exited with {code}"
     return metrics(metrics_file)

@@ -345,7 +345,7 @@ PER_VIEW_SYNC_BN = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     from torch import nn
     from byol import BYOL
-    from sync_batchnorm import convert_sync_batchnorm
+    from runtime.sync_batchnorm import convert_sync_batchnorm
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)

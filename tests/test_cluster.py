@@ -16,7 +16,7 @@ import torch
 import yaml
 
 import fake_master
-from sampling import ShardSampler
+from runtime.sampling import ShardSampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREEMPT_LOG = os.environ.get("BYOL_PREEMPT_LOG")  # also write the 2-slot preempt-and-resume log here

@@ -4,7 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 
-import runner
+import model_def
+from runtime import launch
 
 
 @pytest.mark.parametrize("argv, named", [
@@ -12,12 +13,12 @@ import runner
     (["--checkpoint-dir", "/x", "--metrics-out", "m.json"], "--checkpoint-dir, --metrics-out"),
 ])
 def test_local_only_flags_are_refused_on_a_cluster(argv, named, monkeypatch, capsys):
-    monkeypatch.setattr(runner.det, "get_cluster_info", lambda: SimpleNamespace(task_type="TRIAL"))
-    assert runner.main(["--config", "config/local-digits.yaml"] + argv) == 2
+    monkeypatch.setattr(launch.det, "get_cluster_info", lambda: SimpleNamespace(task_type="TRIAL"))
+    assert model_def.main(["--config", "config/local-digits.yaml"] + argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith(f"error: {named} in the entrypoint would be ignored on a cluster")
     assert "det experiment create --config hyperparameters.KEY=VALUE" in err
 
 
 def test_plain_entrypoint_is_accepted():
-    assert runner.cluster_flag_error(runner.parse_args(["--config", "config/distributed-imagenet.yaml"])) is None
+    assert launch.cluster_flag_error(launch.parse_args(["--config", "config/distributed-imagenet.yaml"])) is None

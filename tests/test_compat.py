@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
+from runtime import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VERMIN = [os.path.join(os.path.dirname(sys.executable), "vermin"), "--target=3.10-", "--no-tips", "--violations"]

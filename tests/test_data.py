@@ -300,7 +300,7 @@ def test_image_folders_missing(tmp_path):
 
 # --------------------------------------------------------------------------- Cloud Storage imagenet
 def test_imagenet_from_gcs_source(monkeypatch):
-    gcs = pytest.importorskip("gcs")
+    gcs = pytest.importorskip("runtime.gcs")
     created = []
 
     class FakeFolder(torch.utils.data.Dataset):

@@ -10,11 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-import runner
-import sync_batchnorm
+import model_def
+from runtime import launch
+from runtime import sync_batchnorm
 from run_helpers import (ROOT, at_step, complete, environment, load, metrics, run_on_two_ranks, saved_digests,
                          straight_run, torchrun, train, write_config)
-from utils import ConfigError, parse_settings
+from runtime.settings import parse_settings
+from utils import ConfigError
 
 
 def test_global_batch_must_divide_into_slots(tmp_path):
@@ -43,7 +45,7 @@ def test_all_reduce_batch_norm_converts_and_equals_batch_norm_in_one_process():
 SYNC_BN_CHECK = textwrap.dedent("""
     import copy, sys, torch, torch.distributed as dist
     sys.path.insert(0, {root!r})
-    from sync_batchnorm import convert_sync_batchnorm
+    from runtime.sync_batchnorm import convert_sync_batchnorm
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     collectives = []
@@ -82,7 +84,7 @@ SYNC_BN_CHECK = textwrap.dedent("""
         full = whole32(x.float())
     assert torch.isfinite(out).all() and torch.allclose(out.float(), full.float().chunk(world)[rank], atol=0.1)
     # the deferred non-finite check: rank 1's NaN at step 3 is known to both ranks
-    from nonfinite import NonFiniteWatch
+    from runtime.nonfinite import NonFiniteWatch
     watch = NonFiniteWatch(period=2)
     for step in range(5):
         watch.record(torch.tensor(float("nan") if rank == 1 and step >= 3 else 1.0), step)
@@ -158,12 +160,12 @@ def test_reducers_equal_over_one_and_two_processes(tmp_path, classifier_validati
 
 
 def test_local_runs_take_free_ports_for_determined_messaging():
-    ports = runner.free_ports(2)
+    ports = launch.free_ports(2)
     assert len(set(ports)) == 2 and all(1024 <= port < 65536 for port in ports)
 
 
 def test_divergence_check_names_parts_and_ranks():
-    import replicas
+    from runtime import replicas
 
     same = {"target_encoder": "a", "heads.heads": "b"}
     replicas.check_identical(same, [same, dict(same)])
@@ -174,10 +176,10 @@ def test_divergence_check_names_parts_and_ranks():
 UNSYNCED_RUN = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
-    import replicas
+    from runtime import replicas
     replicas.broadcast_buffers = lambda module: None  # the fault: per-process batch-norm statistics kept
-    import runner
-    sys.exit(runner.main(sys.argv[1:]))
+    import model_def
+    sys.exit(model_def.main(sys.argv[1:]))
 """)
 
 

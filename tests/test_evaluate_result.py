@@ -12,11 +12,12 @@ import torchvision
 import yaml
 
 import backbone as backbones
-import checkpoints
+from runtime import checkpoints
 import evaluate_result
-import knn
-import probes
-from utils import ConfigError, parse_settings
+from runtime import knn
+from runtime import feature_probes
+from runtime.settings import parse_settings
+from utils import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "config", "local-digits.yaml")
@@ -290,14 +291,14 @@ def _evaluate(checkpoint, work, name, *extra, processes=1):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A 4-batch BYOL run on digits with kNN validation: (checkpoint dir, metrics, work dir)."""
-    import runner
+    import model_def
 
     work = tmp_path_factory.mktemp("byol")
     (work / "cwd").mkdir()
     cwd = os.getcwd()
     os.chdir(work / "cwd")  # local mode copies the working directory into checkpoints, writes ./runs
     try:
-        code = runner.main(["--config", str(_tiny_config(work)), "--checkpoint-dir", str(work / "pretrain"),
+        code = model_def.main(["--config", str(_tiny_config(work)), "--checkpoint-dir", str(work / "pretrain"),
                             "--metrics-out", str(work / "pretrain.json")])
     finally:
         os.chdir(cwd)
@@ -323,7 +324,7 @@ def test_pretraining_reports_knn_accuracy_and_draws_curves(pretrained):
     assert 0.0 < metrics["knn_accuracy"] <= 1.0
     assert (work / "pretrain.png").stat().st_size > 10_000
     # The kNN accuracy equals that computed independently from the checkpoint's features.
-    content = probes.extract_feature_file(str(checkpoint), str(work / "features.pt"), batch_size=64)
+    content = feature_probes.extract_feature_file(str(checkpoint), str(work / "features.pt"), batch_size=64)
     train, test = content["splits"]["cls_train"], content["splits"]["test"]
     independent = knn.knn_accuracy(train["features"], train["labels"], test["features"], test["labels"], K, 10)
     assert metrics["knn_accuracy"] == pytest.approx(independent, abs=1.5 / len(test["labels"]))
@@ -344,7 +345,7 @@ def test_knn_accuracy_exact_on_two_processes(tmp_path):
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert "test_accuracy" not in metrics  # no probe heads: the kNN read-out alone
     (checkpoint,) = _checkpoints_in(tmp_path / "ck")
-    content = probes.extract_feature_file(str(checkpoint), str(tmp_path / "f.pt"), batch_size=64)
+    content = feature_probes.extract_feature_file(str(checkpoint), str(tmp_path / "f.pt"), batch_size=64)
     train, test = content["splits"]["cls_train"], content["splits"]["test"]
     independent = knn.knn_accuracy(train["features"], train["labels"], test["features"], test["labels"], K, 10)
     assert metrics["knn_accuracy"] == pytest.approx(independent, abs=1.5 / len(test["labels"]))

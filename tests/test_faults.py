@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import checkpoints
-import faults
+from runtime import checkpoints
+from runtime import faults
+from utils import one_line
 from run_helpers import (ROOT, at_step, command, complete, environment, load, straight_run, train,
                          write_config)
-from sampling import SeededTransformDataset
+from runtime.sampling import SeededTransformDataset
 
 
 def _assert_only_good_checkpoints(directory):
@@ -81,7 +82,7 @@ def test_read_guard_names_the_file_through_worker_processes(tmp_path, corrupt):
     loader = DataLoader(dataset, batch_size=8, num_workers=1)
     with pytest.raises(faults.UnreadableImageError) as info:
         list(loader)
-    message = faults.describe(info.value)
+    message = one_line(info.value)
     assert message.startswith(f"cannot read image file {str(bad)!r}: "), message
     assert "\n" not in message and "Traceback" not in message
 
@@ -186,7 +187,7 @@ def test_full_disk_while_checkpointing(tmp_path):
 
 
 def test_non_finite_loss_is_found_on_any_rank():
-    import nonfinite
+    from runtime import nonfinite
 
     for value, expected in ((1.5, []), (float("nan"), [(0, 7)]), (float("-inf"), [(0, 7)])):
         watch = nonfinite.NonFiniteWatch(period=5)

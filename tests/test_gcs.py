@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
-import gcs
-from gcs import CorruptImageError, GCSError, GCSImageFolder, GCSSource
+from runtime import gcs
+from runtime.gcs import CorruptImageError, GCSError, GCSImageFolder, GCSSource
 from gcs_fixtures import (ImageBucket, fault_proxy, gcs_admin_client, gcs_emulator,  # noqa: F401,F811
                           gcs_env, imagenet_bucket)
 
@@ -207,7 +207,7 @@ def test_missing_bucket_list_object_and_corrupt_jpeg(imagenet_bucket, gcs_admin_
 
 CHILD = textwrap.dedent("""
     import os, sys, time
-    import gcs
+    from runtime import gcs
     real_fdopen = os.fdopen
     class HalfWriter:
         def __init__(self, f): self.f = f

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import augment
-import jpeg_decode
+from runtime import jpeg_decode
 from run_helpers import load, train, write_config  # noqa: F401  (sys.path)
 
 SIZES = [(400, 300), (640, 480), (90, 120), (500, 375), (1024, 768)]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import knn
+from runtime import knn
 
 
 def _brute_force_knn(bank, bank_labels, queries, k, classes, temperature=0.07):

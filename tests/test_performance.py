@@ -7,13 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-import loaders
-import nonfinite
-import performance
+from runtime import loaders
+from runtime import nonfinite
+from runtime import performance
 from byol import BYOL
 from reducers import DeviceLossReducer
 from run_helpers import load, metrics, train, write_config  # noqa: F401  (sys.path)
-from utils import ConfigError, parse_settings
+from runtime.settings import parse_settings
+from utils import ConfigError
 
 
 def small_learner() -> BYOL:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-import plots
+from runtime import plots
 
 
 class _Trial:

@@ -2,7 +2,7 @@
 import torch
 
 import evaluate_result
-import probes
+from runtime import feature_probes
 
 
 def _run(argv, capsys):
@@ -21,13 +21,13 @@ def _features_file(path, separable=True):
         features = centres[labels] + noise if separable else noise
         pixels = torch.randint(0, 256, (n, 3, 8, 8), generator=generator, dtype=torch.int64).to(torch.uint8)
         splits[name] = {"features": features, "labels": labels, "pixels": pixels}
-    torch.save({"format": probes.FEATURE_FILE_FORMAT, "checkpoint": "/ck", "backbone": "small_cnn",
+    torch.save({"format": feature_probes.FEATURE_FILE_FORMAT, "checkpoint": "/ck", "backbone": "small_cnn",
                 "dataset": "digits", "num_classes": 3, "splits": splits}, path)
 
 
 def test_probe_separates_clustered_features_and_not_random_pixels(tmp_path, capsys):
     _features_file(tmp_path / "f.pt")
-    results = probes.run_probes(probes.read_feature_file(str(tmp_path / "f.pt")), k=5)
+    results = feature_probes.run_probes(feature_probes.read_feature_file(str(tmp_path / "f.pt")), k=5)
     assert results["encoder"]["knn_accuracy"] == 1.0 and results["encoder"]["logreg_accuracy"] == 1.0
     assert results["pca16_pixels"]["knn_accuracy"] < 0.7 and results["pca16_pixels"]["dimensions"] == 16
     code, out, err = _run(["probe", "--features", str(tmp_path / "f.pt"), "--k", "5"], capsys)
@@ -57,12 +57,12 @@ def test_fair_comparison_probes_every_representation_alike_and_few_labels_per_cl
     representations = {"informative": informative,
                        "scaled": {name: (x * 1000.0, y) for name, (x, y) in informative.items()},
                        "noise": {name: (rng.normal(size=(len(y), 8)), y) for name, y in labels.items()}}
-    results = probes.compare_representations(representations, shots=(2,), draws=2)
+    results = feature_probes.compare_representations(representations, shots=(2,), draws=2)
     assert results["informative"]["all"] > 0.9 and results["informative"]["2_per_class"] > 0.8
     assert results["scaled"]["all"] == results["informative"]["all"]
-    assert results["noise"]["all"] < 0.6 and results["informative"]["C"] in probes.C_GRID
-    rows = probes.few_label_rows(labels["cls_train"], 2, draw=0)
+    assert results["noise"]["all"] < 0.6 and results["informative"]["C"] in feature_probes.C_GRID
+    rows = feature_probes.few_label_rows(labels["cls_train"], 2, draw=0)
     assert sorted(labels["cls_train"][rows].tolist()) == [0, 0, 1, 1, 2, 2]
-    assert not np.array_equal(rows, probes.few_label_rows(labels["cls_train"], 2, draw=1))
-    table = probes.format_comparison(results, shots=(2,), draws=2)
+    assert not np.array_equal(rows, feature_probes.few_label_rows(labels["cls_train"], 2, draw=1))
+    table = feature_probes.format_comparison(results, shots=(2,), draws=2)
     assert "2 per class" in table and "noise" in table

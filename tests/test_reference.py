@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import augment
-import classifier
+from runtime import classifier
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "deepmind_byol.npz"
 pytestmark = pytest.mark.skipif(not REFERENCE.is_file(),

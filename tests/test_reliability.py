@@ -18,13 +18,15 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
+from runtime import checkpoints
 import evaluate_result
-import runner
+import model_def
 import utils
+from runtime import settings as settings_module
 from gcs_fixtures import fault_proxy, gcs_admin_client, gcs_emulator, gcs_env, imagenet_bucket  # noqa: F401
 from run_helpers import PYTHON, ROOT, command, environment, straight_run, write_config
-from utils import ConfigError, parse_settings
+from runtime.settings import parse_settings
+from utils import ConfigError
 
 DIGITS = {"dataset": "digits", "root": "data", "validation_size": 50, "num_workers": 0}
 
@@ -50,14 +52,14 @@ def test_unknown_top_level_section_is_refused(tmp_path, capsys):
     text = re.sub(r"^data:", "datasets:", open(path).read(), flags=re.M)
     assert "datasets:" in text
     open(path, "w").write(text)
-    code, out, err = run_main(runner.main, ["--config", path], capsys)
+    code, out, err = run_main(model_def.main, ["--config", path], capsys)
     assert_one_line_error(code, err, "'datasets'", "did you mean 'data'")
     assert "[train]" not in out
     # every section Determined's experiment schema has is accepted
     schema = json.load(open("/work/shared/determined-schemas/expconf/v0/experiment.json")) \
         if os.path.exists("/work/shared/determined-schemas/expconf/v0/experiment.json") else None
     if schema:
-        assert sorted(schema["properties"]) == sorted(utils.EXPERIMENT_SECTIONS)
+        assert sorted(schema["properties"]) == sorted(settings_module.EXPERIMENT_SECTIONS)
 
 
 @pytest.mark.parametrize("value, accepted", [(float("nan"), False), (float("inf"), False), ("1e-1", True),
@@ -72,12 +74,12 @@ def test_base_lr_finite_and_yaml11_exponents(value, accepted):
 
 def test_set_overrides_are_checked_and_lengths_replaced(capsys, tmp_path):
     hparams = {"checkpoint_period": {"epochs": 20}}
-    utils.apply_overrides(hparams, {}, ["checkpoint_period.batches=10"])
+    settings_module.apply_overrides(hparams, {}, ["checkpoint_period.batches=10"])
     assert hparams["checkpoint_period"] == {"batches": 10}  # replaced, not merged
     with pytest.raises(ConfigError, match="not both"):
         parse_settings({"checkpoint_period": {"epochs": 20, "batches": 10}}, DIGITS)
     path = write_config(str(tmp_path))
-    code, _, err = run_main(runner.main, ["--config", path, "--set", "base_lr=[0.1"], capsys)
+    code, _, err = run_main(model_def.main, ["--config", path, "--set", "base_lr=[0.1"], capsys)
     assert_one_line_error(code, err, "'[0.1'", "not valid yaml")
 
 
@@ -92,13 +94,13 @@ def test_bad_cloud_storage_settings(gcs, needle):
 
 def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     missing = str(tmp_path / "nope.yaml")
-    assert runner.main(["--config", missing]) == 2
+    assert model_def.main(["--config", missing]) == 2
     monkeypatch.setenv(utils.DEBUG_ENV, "1")
     with pytest.raises(ConfigError, match="does not exist"):
-        runner.main(["--config", missing])
+        model_def.main(["--config", missing])
     monkeypatch.delenv(utils.DEBUG_ENV)
     with pytest.raises(ConfigError):
-        runner.main(["--config", missing, "--debug"])
+        model_def.main(["--config", missing, "--debug"])
 
 
 # ----------------------------------------------------------------------------- bad data
@@ -142,14 +144,14 @@ def test_bad_data_is_refused_before_the_first_step(tmp_path, capsys, monkeypatch
     if case == "validation_size":
         text = open(path).read().replace("validation_size: 2", "validation_size: 12")
         open(path, "w").write(text)
-    code, out, err = run_main(runner.main, ["--config", path, "--checkpoint-dir", str(tmp_path / "ck")], capsys)
+    code, out, err = run_main(model_def.main, ["--config", path, "--checkpoint-dir", str(tmp_path / "ck")], capsys)
     assert_one_line_error(code, err, *needles)
     assert "[train]" not in out
 
 
 def test_one_class_dataset_is_warned_about(tmp_path):
     import data
-    import preflight
+    from runtime import preflight
 
     root = image_folder(str(tmp_path / "images"), classes=("only",))
     assert data.dataset_info("custom", root).num_classes == 1
@@ -228,15 +230,15 @@ def test_resume_with_changed_settings_or_no_work_is_refused(tmp_path, capsys):
     out_dir = str(tmp_path / "ck")
     for extra, needles in ((["--set", "seed=7", "--set", "global_batch_size=64"], ["seed=7", "global_batch_size=64"]),
                            (["--batches", "3"], ["global step 4", "ends at step 3", "past the end"])):
-        code, out, err = run_main(runner.main, ["--config", config, "--checkpoint-dir", out_dir,
+        code, out, err = run_main(model_def.main, ["--config", config, "--checkpoint-dir", out_dir,
                                                 "--resume-from", last, *extra], capsys)
         assert_one_line_error(code, err, *needles)
         assert "[train]" not in out
-    code, out, err = run_main(runner.main, ["--config", config, "--checkpoint-dir", out_dir, "--resume-from", last,
+    code, out, err = run_main(model_def.main, ["--config", config, "--checkpoint-dir", out_dir, "--resume-from", last,
                                             "--batches", "5"], capsys)
     assert code == 0, err
     assert "longer than the one that wrote the checkpoint (5 steps, was 4)" in out
-    code, out, err = run_main(runner.main, ["--config", config, "--checkpoint-dir", out_dir, "--resume-from", last,
+    code, out, err = run_main(model_def.main, ["--config", config, "--checkpoint-dir", out_dir, "--resume-from", last,
                                             "--batches", "4"], capsys)
     assert code == 0 and "nothing to train, validating only" in out, err
 
@@ -249,7 +251,7 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
     for argv, needle in ((["--metrics-out", str(blocker / "m.json")], "--metrics-out"),
                          (["--checkpoint-dir", str(blocker)], "--checkpoint-dir"),
                          (["--metrics-out", str(tmp_path)], "is a directory")):
-        code, out, err = run_main(runner.main, ["--config", path, *argv], capsys)
+        code, out, err = run_main(model_def.main, ["--config", path, *argv], capsys)
         assert_one_line_error(code, err, needle, str(blocker) if "is a directory" not in needle else str(tmp_path))
         assert "[train]" not in out and "[byol]" not in out
     directory = fake_checkpoint(tmp_path / "ck")
@@ -328,7 +330,7 @@ def test_signal_finishes_the_step_checkpoints_and_exits(tmp_path, nproc, signum)
 SECOND_SIGNAL = textwrap.dedent("""
     import multiprocessing, os, signal, sys, time
     sys.path.insert(0, {root!r})
-    import stops
+    from runtime import stops
     child = multiprocessing.Process(target=time.sleep, args=(600,))
     child.start()
     stops.REQUEST.install()
@@ -418,7 +420,7 @@ def test_unreachable_endpoint_fails_fast_with_progress(tmp_path, monkeypatch, ca
 
 @pytest.mark.slow
 def test_cache_write_failure_names_object_and_cache_path(imagenet_bucket, gcs_env, tmp_path):
-    from gcs import GCSError, GCSImageFolder
+    from runtime.gcs import GCSError, GCSImageFolder
 
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -431,7 +433,7 @@ def test_cache_write_failure_names_object_and_cache_path(imagenet_bucket, gcs_en
 
 @pytest.mark.slow
 def test_failing_object_is_retried_with_progress_lines(imagenet_bucket, fault_proxy, caplog):
-    from gcs import GCSError, GCSImageFolder
+    from runtime.gcs import GCSError, GCSImageFolder
 
     ds = GCSImageFolder(imagenet_bucket.name, imagenet_bucket.train_list,
                         retry_initial_delay=0.01, retry_deadline=1.0, timeout=5.0)

@@ -9,12 +9,13 @@ import shutil
 import pytest
 import torch
 
-import checkpoints
-import runner
+from runtime import checkpoints
+import model_def
+from runtime import launch
 from determined import pytorch
 from run_helpers import (assert_identical, at_step, complete, load, straight_run, train, training_state,
                          write_config)
-from utils import Length, parse_settings
+from runtime.settings import Length, parse_settings
 
 
 @pytest.mark.slow
@@ -99,7 +100,7 @@ def test_resume_from_incomplete_checkpoint_is_refused(tmp_path, capsys):
     shutil.copytree(good, partial)
     os.remove(partial / checkpoints.COMPLETE_FILE)
     config = write_config(str(tmp_path))
-    code = runner.main(["--config", config, "--checkpoint-dir", str(tmp_path / "out"), "--resume-from", str(partial)])
+    code = model_def.main(["--config", config, "--checkpoint-dir", str(tmp_path / "out"), "--resume-from", str(partial)])
     assert code == 2
     error = capsys.readouterr().err
     assert "is incomplete" in error and str(good) in error
@@ -110,7 +111,7 @@ def test_checkpoint_period_in_batches_or_epochs(tmp_path):
     for period, batches in (({"batches": 3}, 3), ({"epochs": 2}, 2 * 44)):
         settings = parse_settings({"checkpoint_period": period, "validation_period": {"epochs": 1}},
                                   {"dataset": "digits", "root": str(tmp_path)})
-        validation, checkpoint = runner.periods(settings, steps_per_epoch=44)
+        validation, checkpoint = launch.periods(settings, steps_per_epoch=44)
         assert isinstance(checkpoint, pytorch.Batch) and (checkpoint.value, validation.value) == (batches, 44)
     assert Length(epochs=2).to_batches(44) == 88
 
@@ -120,10 +121,10 @@ def test_checkpoint_dir_inside_working_directory_must_be_ignored(tmp_path, monke
     (tmp_path / ".detignore").write_text("checkpoints/\n")
     os.makedirs(tmp_path / "checkpoints" / "run1")
     os.makedirs(tmp_path / "mine")
-    runner.check_not_copied_into_itself(str(tmp_path / "checkpoints" / "run1"))
-    runner.check_not_copied_into_itself(str(tmp_path.parent))  # outside: fine
-    with pytest.raises(runner.ConfigError, match="would copy itself"):
-        runner.check_not_copied_into_itself(str(tmp_path / "mine"))
+    launch.check_not_copied_into_itself(str(tmp_path / "checkpoints" / "run1"))
+    launch.check_not_copied_into_itself(str(tmp_path.parent))  # outside: fine
+    with pytest.raises(launch.ConfigError, match="would copy itself"):
+        launch.check_not_copied_into_itself(str(tmp_path / "mine"))
 
 
 def test_checkpoint_with_code_references_is_not_loaded(tmp_path, capsys):
@@ -131,7 +132,7 @@ def test_checkpoint_with_code_references_is_not_loaded(tmp_path, capsys):
     ckpt = _fake_checkpoint(tmp_path / "ck")
     torch.save({"models_state_dict": [{}], "hook": os.getcwd}, ckpt / checkpoints.STATE_FILE)
     checkpoints.write_complete_marker(str(ckpt), 3)
-    code = runner.main(["--config", write_config(str(tmp_path)), "--checkpoint-dir", str(tmp_path / "out"),
+    code = model_def.main(["--config", write_config(str(tmp_path)), "--checkpoint-dir", str(tmp_path / "out"),
                         "--resume-from", str(ckpt)])
     assert code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]

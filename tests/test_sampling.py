@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from sampling import GlobalBatchSampler, SeededTransformDataset, ShardSampler, mix_seed, steps_per_epoch
+from runtime.sampling import GlobalBatchSampler, SeededTransformDataset, ShardSampler, mix_seed, steps_per_epoch
 
 
 def take(sampler, steps):

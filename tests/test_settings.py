@@ -1,12 +1,13 @@
-"""Tests of utils.py: the typed experiment settings and their one-line config errors."""
+"""Tests of runtime/settings.py: the typed experiment settings and their one-line config errors."""
 import copy
 import os
 
 import pytest
 import yaml
 
-import utils
-from utils import ConfigError, Length, TrainingMode, load_settings, parse_settings
+from runtime import settings as settings_module
+from runtime.settings import Length, TrainingMode, load_settings, parse_settings
+from utils import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "config", "local-digits.yaml")
@@ -168,7 +169,7 @@ def test_slots_come_from_resources(digits_config, tmp_path):
     config = edited(digits_config, resources__slots_per_trial=3)
     path = tmp_path / "three.yaml"
     path.write_text(yaml.safe_dump(config))
-    assert utils.slots_of(config) == 3
+    assert settings_module.slots_of(config) == 3
     with pytest.raises(ConfigError, match="slots"):
         load_settings(str(path))
     assert load_settings(str(path), slots=2).global_batch_size == 128

@@ -10,8 +10,8 @@ import torch
 import yaml
 from PIL import Image
 
-import checkpoints
-import runner
+from runtime import checkpoints
+import model_def
 from run_helpers import train_in_process
 
 CLASSES = ("circle", "square", "stripes")
@@ -103,23 +103,23 @@ def test_pretrain_then_classifier_only(tmp_path, image_folder):
 def test_classifier_only_rejects_other_backbone(tmp_path, image_folder):
     config = write_config(tmp_path, image_folder, train_length={"batches": 1}, validation_period=None,
                           checkpoint_period=None, classifier_validation=False)
-    assert runner.main(["--config", str(config), "--checkpoint-dir", str(tmp_path / "ckpt")]) == 0
+    assert model_def.main(["--config", str(config), "--checkpoint-dir", str(tmp_path / "ckpt")]) == 0
     ckpt = only_checkpoint(tmp_path / "ckpt")
     other = write_config(tmp_path, image_folder, training_mode="CLASSIFIER_ONLY", backbone="resnet18_cifar",
                          pretrained_checkpoint=str(ckpt))
     with pytest.raises(ValueError, match="backbone='small_cnn'"):
-        runner.main(["--config", str(other), "--checkpoint-dir", str(tmp_path / "ckpt2")])
+        model_def.main(["--config", str(other), "--checkpoint-dir", str(tmp_path / "ckpt2")])
 
 
 def test_bad_config_fails_before_work(tmp_path, image_folder, capsys):
     config = write_config(tmp_path, image_folder, backbone="resnet9000")
-    assert runner.main(["--config", str(config)]) == 2
+    assert model_def.main(["--config", str(config)]) == 2
     assert "resnet9000" in capsys.readouterr().err
 
 
 def test_missing_dataset_files_fail_before_training(tmp_path, image_folder, capsys):
     config = write_config(tmp_path, image_folder)
-    code = runner.main(["--config", str(config), "--checkpoint-dir", str(tmp_path / "ckpt"),
+    code = model_def.main(["--config", str(config), "--checkpoint-dir", str(tmp_path / "ckpt"),
                         "--set", "data.dataset=cifar10", "--set", f"data.root={tmp_path / 'empty'}"])
     err = capsys.readouterr().err
     assert code == 2

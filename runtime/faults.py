@@ -6,8 +6,6 @@ module names them:
 * :class:`UnreadableImageError`: an image file that cannot be decoded (truncated download, not an
   image at all). :class:`ReadGuard` wraps a dataset; on a failed read it finds the sample and names
   its file, through the wrappers the trial stacks on top of the image folders.
-* :func:`describe`: the one-line message the command line prints for a fault, including errors
-  that a data-loader worker process re-raised with its whole traceback in the message.
 * :class:`CheckpointWrites`: removes a checkpoint whose writing failed and turns the faults that end
   a run into :class:`RunFailed`, one message naming the last complete checkpoint.
 """
@@ -24,9 +22,9 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-import checkpoints
-from gcs_client import GCSError
-from utils import CommandError
+from runtime import checkpoints, nonfinite, replicas
+from runtime.gcs_client import GCSError
+from utils import CommandError, InputError, one_line
 
 
 class UnreadableImageError(RuntimeError):
@@ -114,8 +112,6 @@ DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0  # a healthy step, checkpoint or validation
 
 def collective_timeout() -> float:
     """Seconds a collective may wait for the other processes (``BYOL_COLLECTIVE_TIMEOUT``)."""
-    from utils import InputError
-
     text = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "")
     try:
         value = float(text) if text else DEFAULT_COLLECTIVE_TIMEOUT_S
@@ -149,13 +145,6 @@ def unanswered_ranks(wait_s: float = 5.0) -> List[int]:
         missing = [r for r in missing if not store.check([f"byol/alive/{r}"])]
         time.sleep(0.2)
     return missing
-
-
-def describe(error: BaseException) -> str:
-    """One line for the user: the last line of a worker's re-raised traceback, without the type."""
-    from utils import one_line
-
-    return one_line(error)
 
 
 class RunFailed(CommandError):
@@ -216,9 +205,6 @@ class CheckpointWrites:
 
     @contextlib.contextmanager
     def explained(self) -> Iterator[None]:
-        import model_def
-        import replicas
-
         try:
             yield
         except (checkpoints.IncompatibleCheckpointError, checkpoints.IncompleteCheckpointError) as error:
@@ -227,11 +213,11 @@ class CheckpointWrites:
             raise RunFailed(f"checkpoint {self.complete[0] if self.complete else '(being loaded)'!r} holds more than tensors and "
                             f"plain data, so it is not loaded (weights_only): {_unpickler_reason(error)}",
                             exit_code=2) from error
-        except model_def.NonFiniteLossError as error:  # names the step and the last good checkpoint
-            raise RunFailed(describe(error)) from error
+        except nonfinite.NonFiniteLossError as error:  # names the step and the last good checkpoint
+            raise RunFailed(one_line(error)) from error
         except (checkpoints.NonFiniteWeightsError, UnreadableImageError, GCSError,
                 replicas.ReplicaDivergenceError) as error:
-            raise RunFailed(f"{describe(error)} ({self._removed()}{self.last_complete()})") from error
+            raise RunFailed(f"{one_line(error)} ({self._removed()}{self.last_complete()})") from error
         except Exception as error:
             if self.failed is None and is_collective_timeout(error):
                 missing = unanswered_ranks()
@@ -241,7 +227,7 @@ class CheckpointWrites:
                                 f"{who}; the run ends ({self.last_complete()})") from error
             if self.failed is None:
                 raise
-            raise RunFailed(f"writing checkpoint {self.failed!r} failed: {describe(error)}. "
+            raise RunFailed(f"writing checkpoint {self.failed!r} failed: {one_line(error)}. "
                             f"{self._space(error)}T{self._removed()[1:]}{self.last_complete()}") from error
 
     def _space(self, error: BaseException) -> str:

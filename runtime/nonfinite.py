@@ -19,6 +19,10 @@ import torch.distributed as dist
 from determined import pytorch
 
 
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss; the last good checkpoint is left untouched."""
+
+
 class NonFiniteWatch:
     """Device-side record of the first global step whose loss was NaN or infinite."""
 

@@ -20,6 +20,7 @@ checkpointed (:func:`check_finite`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -456,3 +457,27 @@ def load_pretrained_encoder(encoder: torch.nn.Module, settings, context=None) ->
                          f"has backbone={settings.backbone!r}: set hyperparameters.backbone to {saved_backbone!r}")
     backbones.load_weights(encoder, settings.backbone, encoder_state(checkpoint, reference),
                            f"the encoder of pretrained checkpoint {reference!r}")
+
+
+def checkpoint_config(directory: str) -> tuple[Dict[str, Any], Dict[str, Any]]:
+    """``(hparams, experiment_config)`` saved with a trial checkpoint directory."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint {directory!r} is not a directory: pass a directory written by "
+                                f"model_def.py (<checkpoint-dir>/<uuid>) or fetched with `det checkpoint download`")
+    load_data = read_load_data(directory)
+    if not load_data.get("hparams") or not os.path.isfile(os.path.join(directory, STATE_FILE)):
+        raise FileNotFoundError(f"{directory!r} is not a checkpoint of this project's trial: it needs "
+                                f"load_data.json (with hparams) and {STATE_FILE}")
+    return copy.deepcopy(load_data["hparams"]), copy.deepcopy(load_data.get("experiment_config") or {})
+
+
+def load_encoder(directory: str, backbone_name: str) -> torch.nn.Module:
+    """The checkpoint's encoder in ``backbone.build_backbone(backbone_name)``; a clear error names
+    missing, unexpected and wrongly shaped tensors instead of loading partially."""
+    net = backbones.build_backbone(backbone_name)
+    state = encoder_state(read_checkpoint(directory), repr(directory))
+    try:
+        backbones.load_weights(net, backbone_name, state, f"the encoder of checkpoint {directory!r}")
+    except ValueError as error:
+        raise IncompatibleCheckpointError(f"{error}; was it written with another hyperparameters.backbone?") from None
+    return net

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from optim import scaled_learning_rate
-from sampling import epoch_permutation, mix_seed
+from runtime.sampling import epoch_permutation, mix_seed
+from runtime.progress import progress
 
 
 class LinearHeads(nn.Module):
@@ -114,8 +115,6 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
 def extract_features(encoder: nn.Module, loader: Iterable, device: torch.device,
                      preprocess: Optional[nn.Module] = None, desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features and labels for every batch of ``loader`` (encoder in eval mode)."""
-    from progress import progress
-
     was_training = encoder.training
     encoder.eval()
     features, labels = [], []
@@ -145,7 +144,6 @@ def train_heads_on_features(heads: LinearHeads, features: torch.Tensor, labels: 
     steps_per_epoch = features.shape[0] // batch_size
     total = steps_per_epoch * epochs
     step, last_loss = 0, float("nan")
-    from progress import progress
 
     for epoch in progress(range(epochs), f"linear heads ({len(learning_rates)} lr)", unit="epoch"):
         order = epoch_permutation(features.shape[0], mix_seed(seed, 17), epoch).to(features.device)

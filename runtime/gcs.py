@@ -35,8 +35,9 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
-from gcs_client import (IMAGE_EXTENSIONS, GCSError, make_client, make_retry,  # noqa: F401
+from runtime.gcs_client import (IMAGE_EXTENSIONS, GCSError, make_client, make_retry,  # noqa: F401
                         parse_gs_url, read_blob_list, write_atomically)
+from runtime import jpeg_decode
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,6 @@ class GCSSource:
 def _open_lazy(data: bytes, url: str) -> Image.Image:
     """The image's header parsed, pixels left to the transform (jpeg_decode.py), or
     CorruptImageError naming ``url``."""
-    import jpeg_decode
-
     try:
         return jpeg_decode.open_lazy(data)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

@@ -15,6 +15,7 @@ from typing import Any, Iterator, List, Sequence
 from torch.utils.data import ConcatDataset, Subset
 
 from utils import InputError
+from runtime.progress import progress
 
 
 class UnreadableFileError(InputError):
@@ -56,7 +57,6 @@ def check_image_headers(datasets: Sequence[Any], rank: int = 0, world_size: int 
     that fails raises :class:`UnreadableFileError` naming it. Returns the number checked."""
     from PIL import Image
 
-    from progress import progress
 
     files = image_files(datasets)[rank::world_size]
     for path in progress(files, "checking image files", unit="file", enabled=rank == 0 and len(files) > 1000):

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from runtime.progress import progress
 
 TEMPERATURE = 0.07
 DEFAULT_CHUNK = 65536
@@ -101,7 +102,6 @@ def knn_accuracy(bank_features: torch.Tensor, bank_labels: torch.Tensor, query_f
     if query_features.shape[0] == 0:
         raise ValueError("no query features to classify")
     classes = num_classes or int(max(bank_labels.max(), query_labels.max())) + 1
-    from progress import progress
 
     bank = FeatureBank(bank_features, bank_labels, classes)
     chunk = 1024

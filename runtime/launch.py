@@ -16,18 +16,19 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import determined as det
 import torch
 from determined import core, pytorch
 
-import checkpoints
-import faults
-import stops
-from faults import CheckpointWrites, RunFailed
-from utils import (ConfigError, Length, Settings, TrainingMode, apply_overrides, check_output_dir, check_output_file,
-                   load_config, parse_settings, run_command, slots_of)
+from runtime import checkpoints
+from runtime import faults
+from runtime import stops
+from runtime.faults import CheckpointWrites, RunFailed
+from runtime.settings import Length, Settings, TrainingMode, apply_overrides, load_config, parse_settings, slots_of
+from utils import ConfigError, check_output_dir, check_output_file, run_command
+from runtime import feature_probes, performance, plots
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -99,7 +100,6 @@ def choose_threads(settings: Settings, distributed: Optional[core.DistributedCon
     every sample's randomness is seeded by its index (sampling.py)."""
     import dataclasses
 
-    import performance
 
     processes = distributed.local_size if distributed else 1
     choice = performance.choose_threads(settings.data.num_workers, processes)
@@ -160,14 +160,12 @@ def periods(settings: Settings, steps_per_epoch: int):
     return unit(settings.validation_period), unit(settings.checkpoint_period)
 
 
-def run_trial(context: pytorch.PyTorchTrialContext, settings: Optional[Settings],
+def run_trial(make_trial: Callable, context: pytorch.PyTorchTrialContext, settings: Optional[Settings],
               latest_checkpoint: Optional[str], checkpoint_policy: Optional[str] = None):
     """Trains the trial. ``checkpoint_policy`` (Determined's 'all' | 'none'; default: 'all' when
     pretraining, 'none' for heads and fine-tuning, which validate every epoch and need only the
     periodic and final checkpoints)."""
-    import model_def
-
-    trial = model_def.BYOLTrial(context, settings)
+    trial = make_trial(context, settings)
     s = trial.settings
     validation_period, checkpoint_period = periods(s, trial.steps_per_epoch)
     if context.distributed.rank == 0:
@@ -205,21 +203,23 @@ def summary(trial, seconds: float) -> Dict[str, Any]:
     return metrics
 
 
-def main(argv=None) -> int:
+def main(argv, make_trial: Callable) -> int:
+    """The command line of the entry file (``model_def.main``): ``make_trial(context, settings)``
+    builds its trial (passed down, so this package never imports the entry file)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return run_command(_main, argv)  # one error path: 'error: ...', exit 2 for bad input (utils.py)
+    return run_command(lambda args: _main(args, make_trial), argv)  # one error path: 'error: ...', exit 2 for bad input (utils.py)
 
 
-def _main(argv) -> int:
+def _main(argv, make_trial: Callable) -> int:
     info = det.get_cluster_info()
     started = time.time()
     args = parse_args(argv)
     if info is not None and info.task_type == "TRIAL":
-        return run_on_cluster(info, args)
-    return local_main(args, started)
+        return run_on_cluster(info, args, make_trial)
+    return local_main(args, started, make_trial)
 
 
-def local_main(args: argparse.Namespace, started: float) -> int:
+def local_main(args: argparse.Namespace, started: float, make_trial: Callable) -> int:
     """The local run: every input checked (config, outputs, resume checkpoint) before any work."""
     config = load_config(args.config)
     hparams, data_section = overridden(config, args)
@@ -242,7 +242,8 @@ def local_main(args: argparse.Namespace, started: float) -> int:
     latest = os.path.abspath(args.resume_from) if args.resume_from else None
     writes = CheckpointWrites(latest, distributed.get_rank() if distributed else 0)
     with writes.explained():
-        train_and_report(config, settings, distributed, checkpoint_dir, latest, started, args.metrics_out, writes)
+        train_and_report(make_trial, config, settings, distributed, checkpoint_dir, latest, started,
+                         args.metrics_out, writes)
     return 0
 
 
@@ -263,7 +264,7 @@ def cluster_flag_error(args: argparse.Namespace) -> Optional[str]:
             f"resuming: the master's latest checkpoint)")
 
 
-def run_on_cluster(info: "det.ClusterInfo", args: argparse.Namespace) -> int:
+def run_on_cluster(info: "det.ClusterInfo", args: argparse.Namespace, make_trial: Callable) -> int:
     """The trial as the master configured it: its hyperparameters (``pytorch.init(hparams=...)``,
     as Determined's own launch does; without them the trial cannot read its settings and every
     checkpoint's load_data.json would record ``"hparams": null``), the expanded experiment config
@@ -274,27 +275,27 @@ def run_on_cluster(info: "det.ClusterInfo", args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     with pytorch.init(hparams=info.trial.hparams) as context:
-        run_trial(context, None, info.latest_checkpoint)
+        run_trial(make_trial, context, None, info.latest_checkpoint)
     return 0
 
 
-def train_and_report(exp_conf: Dict[str, Any], settings: Settings, distributed, checkpoint_dir: str,
+def train_and_report(make_trial: Callable, exp_conf: Dict[str, Any], settings: Settings, distributed, checkpoint_dir: str,
                      latest: Optional[str], started: float, metrics_out: Optional[str] = None,
-                     writes: Optional[CheckpointWrites] = None, describe=None) -> Dict[str, Any]:
-    """Trains in local mode, then prints the summary (plus ``describe(settings, metrics)``) and
+                     writes: Optional[CheckpointWrites] = None, result_line=None) -> Dict[str, Any]:
+    """Trains in local mode, then prints the summary (plus ``result_line(settings, metrics)``) and
     writes the metrics JSON and the curves' PNG beside it (rank 0). Returns the final metrics."""
     stops.REQUEST.install()  # SIGTERM / SIGINT: finish the step, checkpoint, exit (stops.py)
     try:
         with local_trial_context(exp_conf["hyperparameters"], exp_conf, distributed, checkpoint_dir,
                                  writes) as context:
-            trial = run_trial(context, settings, latest)
+            trial = run_trial(make_trial, context, settings, latest)
             if stops.REQUEST.requested and trial.global_step < trial.total_steps:
                 raise stopped(trial, checkpoint_dir)
             metrics = summary(trial, time.time() - started)
         if context.distributed.rank == 0:
             print_summary(trial, metrics)
-            if describe is not None:
-                print(describe(settings, metrics), flush=True)
+            if result_line is not None:
+                print(result_line(settings, metrics), flush=True)
             if metrics_out:
                 os.makedirs(os.path.dirname(os.path.abspath(metrics_out)), exist_ok=True)
                 with open(metrics_out, "w") as handle:
@@ -362,8 +363,6 @@ def check_not_copied_into_itself(checkpoint_dir: str) -> None:
 
 def write_plot(trial, metrics_out: str) -> Optional[str]:
     """Loss, learning-rate and accuracy curves next to the metrics file (``plots.py``)."""
-    import plots
-
     history = getattr(trial, "metrics_history", None)
     if history is None:
         return None
@@ -386,9 +385,7 @@ def print_summary(trial, metrics: Dict[str, Any]) -> None:
         lines.append(f"[byol] weighted {trial.settings.classifier.knn_k}-NN on frozen features: test accuracy "
                      f"{metrics['knn_accuracy']:.4f}")
     if "representation_probe" in metrics:
-        import probes
-
-        lines.append(probes.format_comparison(metrics["representation_probe"]))
+        lines.append(feature_probes.format_comparison(metrics["representation_probe"]))
     if metrics.get("last_checkpoint"):
         lines.append(f"[byol] last checkpoint: {metrics['last_checkpoint']}")
     print("\n".join(lines), flush=True)

@@ -15,9 +15,11 @@ from torch.utils.data import Subset, ConcatDataset, DataLoader, Dataset
 
 import augment
 import data
-import stops
-from sampling import GlobalBatchSampler, SeededTransformDataset, ShardSampler
-from utils import ConfigError, Settings
+from runtime import stops
+from runtime.sampling import GlobalBatchSampler, SeededTransformDataset, ShardSampler
+from runtime.settings import Settings
+from utils import ConfigError
+from runtime import jpeg_decode
 
 VALIDATION_TAG, TEST_TAG = 0, 1
 
@@ -39,7 +41,8 @@ def base_dataset(settings: Settings, split: data.Split, lazy: bool = False) -> D
     gcs = None
     try:
         if cfg.gcs is not None:
-            import gcs as gcs_module
+            # Lazy: google-cloud-storage (a heavy import) loads only for runs with a data.gcs section.
+            from runtime import gcs as gcs_module
 
             gcs = gcs_module.GCSSource(cfg.gcs.bucket, cfg.gcs.train_blob_list, cfg.gcs.val_blob_list,
                                        cfg.gcs.cache_dir, cfg.gcs.max_in_flight, cfg.gcs.retry_deadline,
@@ -141,7 +144,6 @@ def training_dataset(settings: Settings, image_size: int, pretraining: bool) -> 
         if decode == "pil":
             transform = augment.TwoViewTransform(image_size, view1, view2)
         else:  # jpeg_decode.py: decode only what the crops need, or on the training device
-            import jpeg_decode
 
             kind = jpeg_decode.DraftTwoViewTransform if decode == "draft" else jpeg_decode.EncodedTwoViewTransform
             transform = kind(image_size, view1, view2)

@@ -24,8 +24,13 @@ from typing import Dict, Sequence
 import torch
 
 import data
-from evaluate_result import EvaluationError, checkpoint_config, load_encoder
-from utils import TrainingMode, apply_overrides, check_output_file, parse_settings
+from runtime.checkpoints import checkpoint_config, load_encoder
+from runtime.settings import TrainingMode, apply_overrides, parse_settings
+from utils import InputError, check_output_file
+import augment
+from runtime import checkpoints, knn, loaders
+from runtime.progress import progress
+from runtime.sampling import SeededTransformDataset
 
 FEATURE_FILE_FORMAT = "byol-features-v1"
 PIXEL_SIZE = 32  # the PCA-of-pixels baseline works on at most 32x32 images
@@ -35,12 +40,7 @@ def extract_feature_file(directory: str, out: str, sets: Sequence[str] = (), bat
     """Frozen features, labels and small pixel copies of CLS_TRAIN, CLS_VALIDATION and TEST."""
     import torch.nn.functional as F
 
-    import augment
-    import loaders
-    from sampling import SeededTransformDataset
 
-    import checkpoints
-    from progress import progress
 
     check_output_file(out, "--out")
     checkpoints.verify_checkpoint(directory)  # complete and unchanged, before anything else
@@ -85,10 +85,10 @@ def read_feature_file(path: str) -> Dict:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise EvaluationError(f"features file {path!r} cannot be read ({' '.join(str(error).split())[:200]}); "
+        raise InputError(f"features file {path!r} cannot be read ({' '.join(str(error).split())[:200]}); "
                               f"write it again with `evaluate_result.py features`") from None
     if not isinstance(content, dict) or content.get("format") != FEATURE_FILE_FORMAT:
-        raise EvaluationError(f"{path!r} is not a features file of `evaluate_result.py features` "
+        raise InputError(f"{path!r} is not a features file of `evaluate_result.py features` "
                               f"(expected format {FEATURE_FILE_FORMAT!r})")
     return content
 
@@ -170,7 +170,6 @@ def run_probes(content: Dict, k: int = 20, temperature: float = 0.07) -> Dict[st
     """kNN and logistic regression on the encoder's features and on PCA of the pixels."""
     from sklearn.decomposition import PCA
 
-    import knn
 
     splits = content["splits"]
     names = (data.Split.CLS_TRAIN.value, data.Split.CLS_VALIDATION.value, data.Split.TEST.value)
@@ -180,7 +179,6 @@ def run_probes(content: Dict, k: int = 20, temperature: float = 0.07) -> Dict[st
     dims = min(encoder[names[0]][0].shape[1], pixels[names[0]][0].shape[1], pixels[names[0]][0].shape[0])
     pca = PCA(n_components=dims, random_state=0).fit(pixels[names[0]][0])
     pixels = {name: (pca.transform(x), y) for name, (x, y) in pixels.items()}
-    from progress import progress
 
     results = {}
     for label, sets in progress((("encoder", encoder), (f"pca{dims}_pixels", pixels)), "probes", total=2,

@@ -19,12 +19,14 @@ import torch
 from determined import pytorch
 
 import backbone as backbones
-import classifier
-import faults
-import knn
-import loaders
+from runtime import classifier
+from runtime import faults
+from runtime import knn
+from runtime import loaders
 from reducers import ValidatedAccuracyReducer, WeightedMeanReducer
-from sampling import ShardSampler, mix_seed
+from runtime.sampling import ShardSampler, mix_seed
+from data import Split
+from runtime import feature_probes
 
 # Seed streams of the trial's randomness (mix_seed(seed, step, stream)).
 EVALUATION_VIEWS_STREAM = -3
@@ -102,8 +104,6 @@ class ValidationMixin:
     def representation_splits(self, encoder: Optional[torch.nn.Module]) -> Dict[str, tuple]:
         """``{split: (x, y)}`` numpy arrays for CLS_TRAIN, CLS_VALIDATION and TEST (gathered from
         every rank in dataset order): the frozen features of ``encoder``, or raw pixels (None)."""
-        from data import Split
-
         s = self.settings
         if encoder is not None:
             encoder.eval()
@@ -129,11 +129,9 @@ class ValidationMixin:
 
     def compare_representations(self) -> Dict[str, Dict[str, float]]:
         """After pretraining: the BYOL encoder, a randomly initialised one and raw pixels, each read
-        out by the same probe that is fair to all of them (``probes.compare_representations``:
+        out by the same probe that is fair to all of them (``feature_probes.compare_representations``:
         standardised features, logistic regression, C chosen on CLS_VALIDATION), with all labels
         and with 5 and 10 labels per class. Runs on every rank (collectives); rank 0 probes."""
-        import probes
-
         s = self.settings
         torch.manual_seed(mix_seed(s.seed, 99))
         random_encoder = backbones.build_backbone(s.backbone).to(self.device)
@@ -143,7 +141,7 @@ class ValidationMixin:
         self.learner.online_encoder.train()
         if self.rank != 0:
             return {}
-        return probes.compare_representations(representations, seed=s.seed)
+        return feature_probes.compare_representations(representations, seed=s.seed)
 
     # ------------------------------------------------------------------ reducers and the loop
     @property

@@ -1,0 +1,405 @@
+"""Typed experiment settings: the ``hyperparameters`` and ``data`` sections of a config yaml,
+checked before any work starts.
+
+Every bad value gets a one-line :class:`utils.ConfigError` naming the key, the value and what is
+allowed. Defaults follow the paper (section 3.3, appendix C) where it gives one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+import augment
+import backbone
+import data
+from utils import ConfigError
+
+# Top-level sections of a Determined experiment config (0.38, expconf/v0/experiment.json); anything
+# else is a misspelling (``datasets:`` for ``data:``) and is refused like an unknown key.
+EXPERIMENT_SECTIONS = (
+    "bind_mounts", "checkpoint_policy", "checkpoint_storage", "data", "data_layer", "debug", "description",
+    "entrypoint", "environment", "hyperparameters", "integrations", "internal", "labels", "log_policies",
+    "max_restarts", "min_checkpoint_period", "min_validation_period", "name", "optimizations", "pbs",
+    "perform_initial_validation", "preemption_timeout", "profiling", "project", "records_per_epoch",
+    "reproducibility", "resources", "retention_policy", "scheduling_unit", "searcher", "security", "slurm",
+    "tensorboard_storage", "workspace")
+
+
+class TrainingMode(str, enum.Enum):
+    SELF_SUPERVISED = "SELF_SUPERVISED"  # BYOL pretraining (section 3)
+    CLASSIFIER_ONLY = "CLASSIFIER_ONLY"  # linear heads on a frozen encoder (appendix C.1)
+    FINE_TUNE = "FINE_TUNE"              # encoder trained together with the heads (appendix C.2)
+
+
+@dataclass(frozen=True)
+class Length:
+    """A training length or period, in ``batches`` (global steps) or ``epochs``."""
+
+    batches: Optional[int] = None
+    epochs: Optional[int] = None
+
+    def to_batches(self, steps_per_epoch: int) -> int:
+        return self.batches if self.batches is not None else self.epochs * steps_per_epoch
+
+    def __str__(self) -> str:
+        return f"{self.batches} batches" if self.batches is not None else f"{self.epochs} epochs"
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class GCSSettings:
+    bucket: str
+    train_blob_list: str
+    val_blob_list: str
+    cache_dir: Optional[str] = None
+    max_in_flight: int = 64
+    retry_deadline: float = 300.0          # seconds of retrying one image's transient errors
+    startup_retry_deadline: float = 30.0   # seconds of retrying the start-up checks (bucket, blob lists)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    dataset: str = "digits"
+    root: str = "data"
+    download: bool = False
+    validation_size: int = 200        # held out of the labelled training set (CLS_VALIDATION)
+    num_workers: int = 2
+    gcs: Optional[GCSSettings] = None
+    decode: str = "pil"               # pil | draft | device: how training JPEGs are decoded (jpeg_decode.py)
+
+
+@dataclass(frozen=True)
+class ClassifierSettings:
+    """Linear evaluation (appendix C.1): one head per learning rate, SGD with Nesterov momentum."""
+
+    learning_rates: tuple[float, ...] = (0.4, 0.3, 0.2, 0.1, 0.05)
+    train_epochs: int = 10
+    batch_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    logit_clip: Optional[float] = None      # logits -> c * tanh(logits / c)
+    logit_regularization: float = 0.0       # + lambda * mean squared logit
+    augmentation: str = "none"              # none | crop_flip | variant
+    encoder_lr: float = 0.0                 # FINE_TUNE only: (base) learning rate of the encoder
+    label_fraction: Optional[float] = None  # CLASSIFIER_ONLY / FINE_TUNE: seeded fraction of each class
+    label_list: Optional[str] = None        # ... or a file listing the labelled images (SimCLR's lists)
+    knn_k: int = 0                          # >0: report a weighted cosine kNN accuracy at validation
+
+
+@dataclass(frozen=True)
+class Settings:
+    training_mode: TrainingMode = TrainingMode.SELF_SUPERVISED
+    seed: int = 0
+    backbone: str = "small_cnn"
+    backbone_weights: Optional[str] = None
+    image_size: int = 32
+    global_batch_size: int = 256
+    train_length: Length = Length(epochs=10)
+    warmup_epochs: float = 10.0
+    base_lr: float = 0.2
+    weight_decay: float = 1.5e-6
+    momentum: float = 0.9
+    lars_eta: float = 1e-3
+    tau_base: float = 0.996
+    projection_size: int = 256
+    projection_hidden_size: int = 4096
+    sync_batch_norm: bool = False
+    precision: str = "fp32"                      # fp32 | bf16 (autocast of the forward passes)
+    channels_last: Optional[bool] = None         # null: on for CUDA, off on CPU
+    compile: bool = False                        # torch.compile the forward passes
+    finite_check_period: int = 50                # steps between non-finite loss checks (host reads)
+    validation_period: Optional[Length] = None
+    checkpoint_period: Optional[Length] = None
+    classifier_validation: bool = True
+    compare_random_init: bool = False            # after training, the same probe on a random encoder
+    pretrained_checkpoint: Optional[str] = None   # CLASSIFIER_ONLY / FINE_TUNE: the BYOL checkpoint
+    augmentation: dict = field(default_factory=dict)   # {'view1': {...}, 'view2': {...}} overrides
+    classifier: ClassifierSettings = ClassifierSettings()
+    data: DataSettings = DataSettings()
+
+    def as_hparams(self) -> dict:
+        """Plain JSON-able dict of the hyperparameters (for logs and checkpoints)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"config key {key!r} has value {value!r}: {allowed}")
+
+
+def _check_keys(section: dict, cls, prefix: str) -> None:
+    if not isinstance(section, dict):
+        _fail(prefix.rstrip("."), section, "expected a mapping")
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in section:
+        if key not in known:
+            _fail(prefix + key, section[key], f"unknown key; known keys: {', '.join(sorted(known))}")
+
+
+def _number(section: dict, key: str, prefix: str, kind=float, minimum=None, maximum=None,
+            exclusive_min=False, optional=False):
+    value = section[key]
+    if value is None and optional:
+        return None
+    if kind is float and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads 1e-1 (no dot) as a string; it is the number the user meant.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, float) and not math.isfinite(value):
+        _fail(prefix + key, value, "must be a finite number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        _fail(prefix + key, value, f"expected {'an integer' if kind is int else 'a number'}")
+    if minimum is not None and (value <= minimum if exclusive_min else value < minimum):
+        _fail(prefix + key, value, f"must be {'>' if exclusive_min else '>='} {minimum}")
+    if maximum is not None and value > maximum:
+        _fail(prefix + key, value, f"must be <= {maximum}")
+    return kind(value)
+
+
+def parse_length(value: Any, key: str, optional: bool = True) -> Optional[Length]:
+    if value is None and optional:
+        return None
+    if isinstance(value, dict) and set(value) == {"batches", "epochs"}:
+        _fail(key, value, "give one unit, {batches: N} or {epochs: N}, not both (--set " + key.split(".", 1)[-1]
+              + ".batches=N replaces the whole length)")
+    if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in ("batches", "epochs"):
+        _fail(key, value, "expected {batches: N} or {epochs: N}")
+    unit, amount = next(iter(value.items()))
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount < (0 if key.endswith("train_length") else 1):
+        _fail(f"{key}.{unit}", amount, "must be a whole number >= " + ("0" if key.endswith("train_length") else "1"))
+    return Length(**{unit: amount})
+
+
+def _parse_data(section: dict) -> DataSettings:
+    prefix = "data."
+    _check_keys(section, DataSettings, prefix)
+    values = {**dataclasses.asdict(DataSettings()), **section}
+    if values["dataset"] not in data.DATASET_NAMES:
+        _fail(prefix + "dataset", values["dataset"], f"known datasets: {', '.join(data.DATASET_NAMES)}")
+    if not isinstance(values["root"], str) or not values["root"]:
+        _fail(prefix + "root", values["root"], "expected a directory path")
+    values["validation_size"] = _number(values, "validation_size", prefix, int, minimum=1)
+    values["num_workers"] = _number(values, "num_workers", prefix, int, minimum=0)
+    if values["decode"] not in ("pil", "draft", "device"):
+        _fail(prefix + "decode", values["decode"], "allowed: pil, draft, device")
+    if values["decode"] != "pil" and values["dataset"] not in ("imagenet", "custom"):
+        _fail(prefix + "decode", values["decode"], f"draft and device decode JPEG files: dataset imagenet or custom, "
+              f"not {values['dataset']} (use pil)")
+    if not isinstance(values["download"], bool):
+        _fail(prefix + "download", values["download"], "expected true or false")
+    gcs = values.get("gcs")
+    if gcs is not None:
+        _check_keys(gcs, GCSSettings, prefix + "gcs.")
+        for key in ("bucket", "train_blob_list", "val_blob_list"):
+            if not isinstance(gcs.get(key), str) or not gcs.get(key):
+                _fail(f"{prefix}gcs.{key}", gcs.get(key), "required: a non-empty string")
+        if values["dataset"] != "imagenet":
+            _fail(prefix + "gcs", gcs, "streaming from Cloud Storage is supported for dataset: imagenet")
+        if gcs["bucket"].startswith("gs://") or "/" in gcs["bucket"]:
+            _fail(prefix + "gcs.bucket", gcs["bucket"], "expected a bare bucket name, e.g. my-imagenet (no gs://, no /)")
+        gcs = {**dataclasses.asdict(GCSSettings("b", "t", "v")), **gcs}
+        gcs["max_in_flight"] = _number(gcs, "max_in_flight", prefix + "gcs.", int, minimum=1)
+        for key in ("retry_deadline", "startup_retry_deadline"):
+            gcs[key] = _number(gcs, key, prefix + "gcs.", minimum=0, exclusive_min=True)
+        values["gcs"] = GCSSettings(**gcs)
+    return DataSettings(**values)
+
+
+def _parse_classifier(section: dict) -> ClassifierSettings:
+    prefix = "hyperparameters.classifier."
+    _check_keys(section, ClassifierSettings, prefix)
+    values = {**dataclasses.asdict(ClassifierSettings()), **section}
+    rates = values["learning_rates"]
+    if isinstance(rates, (list, tuple)):
+        rates = [_number({"rate": r}, "rate", prefix + "learning_rates.") if isinstance(r, str) else r for r in rates]
+    if not isinstance(rates, (list, tuple)) or not rates:
+        _fail(prefix + "learning_rates", rates, "expected a non-empty list of positive numbers")
+    if any(isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0 or not math.isfinite(r) for r in rates):
+        _fail(prefix + "learning_rates", rates, "every learning rate must be a positive number")
+    if len(set(rates)) != len(rates):
+        _fail(prefix + "learning_rates", rates, "learning rates must not repeat")
+    values["learning_rates"] = tuple(float(r) for r in rates)
+    values["train_epochs"] = _number(values, "train_epochs", prefix, int, minimum=0)
+    values["batch_size"] = _number(values, "batch_size", prefix, int, minimum=1)
+    values["momentum"] = _number(values, "momentum", prefix, minimum=0, maximum=1)
+    values["weight_decay"] = _number(values, "weight_decay", prefix, minimum=0)
+    values["logit_clip"] = _number(values, "logit_clip", prefix, minimum=0, exclusive_min=True, optional=True)
+    values["logit_regularization"] = _number(values, "logit_regularization", prefix, minimum=0)
+    values["encoder_lr"] = _number(values, "encoder_lr", prefix, minimum=0)
+    values["knn_k"] = _number(values, "knn_k", prefix, int, minimum=0)
+    values["label_fraction"] = _number(values, "label_fraction", prefix, minimum=0, exclusive_min=True, maximum=1,
+                                       optional=True)
+    if values["label_list"] is not None:
+        if not isinstance(values["label_list"], str) or not os.path.isfile(values["label_list"]):
+            _fail(prefix + "label_list", values["label_list"], "expected an existing file listing the labelled images")
+        if values["label_fraction"] is not None:
+            _fail(prefix + "label_fraction", values["label_fraction"], "give label_list or label_fraction, not both")
+    if values["augmentation"] not in ("none", "crop_flip", "variant"):
+        _fail(prefix + "augmentation", values["augmentation"], "allowed: none, crop_flip, variant")
+    return ClassifierSettings(**values)
+
+
+def parse_settings(hyperparameters: dict, data_section: Optional[dict] = None, slots: int = 1) -> Settings:
+    """Checks the ``hyperparameters`` (and ``data``) sections into :class:`Settings`."""
+    prefix = "hyperparameters."
+    hyperparameters = dict(hyperparameters or {})
+    hyperparameters.pop("global_batch_size_per_slot", None)
+    _check_keys(hyperparameters, Settings, prefix)
+    if "data" in hyperparameters and data_section:
+        _fail(prefix + "data", hyperparameters["data"], "give the data section once (top level or in hyperparameters)")
+    data_section = hyperparameters.pop("data", None) or data_section or {}
+    values = {f.name: getattr(Settings(), f.name) for f in dataclasses.fields(Settings)}
+    values.update(hyperparameters)
+    try:
+        values["training_mode"] = TrainingMode(values["training_mode"])
+    except ValueError:
+        _fail(prefix + "training_mode", values["training_mode"],
+              f"allowed: {', '.join(m.value for m in TrainingMode)}")
+    try:
+        backbone.check_backbone_name(values["backbone"])
+    except ValueError as error:
+        raise ConfigError(f"config key 'hyperparameters.backbone': {error}") from None
+    for key in ("seed",):
+        values[key] = _number(values, key, prefix, int, minimum=0)
+    values["image_size"] = _number(values, "image_size", prefix, int, minimum=8)
+    values["global_batch_size"] = _number(values, "global_batch_size", prefix, int, minimum=2)
+    if values["global_batch_size"] % slots:
+        _fail(prefix + "global_batch_size", values["global_batch_size"],
+              f"must be divisible by the number of slots ({slots})")
+    if values["global_batch_size"] // slots < 2:
+        _fail(prefix + "global_batch_size", values["global_batch_size"],
+              "batch norm needs at least 2 images per slot")
+    if isinstance(values["train_length"], Length):
+        pass
+    else:
+        values["train_length"] = parse_length(values["train_length"], prefix + "train_length", optional=False)
+    for key in ("validation_period", "checkpoint_period"):
+        if not isinstance(values[key], Length):
+            values[key] = parse_length(values[key], prefix + key)
+    values["warmup_epochs"] = _number(values, "warmup_epochs", prefix, minimum=0)
+    values["base_lr"] = _number(values, "base_lr", prefix, minimum=0, exclusive_min=True)
+    values["weight_decay"] = _number(values, "weight_decay", prefix, minimum=0)
+    values["momentum"] = _number(values, "momentum", prefix, minimum=0, maximum=1)
+    values["lars_eta"] = _number(values, "lars_eta", prefix, minimum=0, exclusive_min=True)
+    values["tau_base"] = _number(values, "tau_base", prefix, minimum=0, maximum=1)
+    values["projection_size"] = _number(values, "projection_size", prefix, int, minimum=1)
+    values["projection_hidden_size"] = _number(values, "projection_hidden_size", prefix, int, minimum=1)
+    if values["precision"] not in PRECISIONS:
+        _fail(prefix + "precision", values["precision"], f"allowed: {', '.join(PRECISIONS)}")
+    if values["channels_last"] is not None and not isinstance(values["channels_last"], bool):
+        _fail(prefix + "channels_last", values["channels_last"], "expected true, false or null (on for CUDA)")
+    values["finite_check_period"] = _number(values, "finite_check_period", prefix, int, minimum=1)
+    for key in ("sync_batch_norm", "classifier_validation", "compare_random_init", "compile"):
+        if not isinstance(values[key], bool):
+            _fail(prefix + key, values[key], "expected true or false")
+    augmentation = values["augmentation"] or {}
+    if not isinstance(augmentation, dict) or set(augmentation) - {"view1", "view2"}:
+        _fail(prefix + "augmentation", augmentation, "expected a mapping with keys view1 and/or view2")
+    for view in augmentation:
+        try:
+            augment.ViewAugmentation.from_dict(augmentation[view] or {})
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"config key '{prefix}augmentation.{view}': {error}") from None
+    values["augmentation"] = augmentation
+    if not isinstance(values["classifier"], ClassifierSettings):
+        values["classifier"] = _parse_classifier(values["classifier"] or {})
+    values["data"] = _parse_data(data_section)
+    if values["training_mode"] != TrainingMode.SELF_SUPERVISED and not values["pretrained_checkpoint"]:
+        _fail(prefix + "pretrained_checkpoint", values["pretrained_checkpoint"],
+              f"{values['training_mode'].value} needs the BYOL checkpoint to load (a directory or storage id)")
+    if values["training_mode"] == TrainingMode.FINE_TUNE:
+        # One encoder is shared by all heads: with several head learning rates the encoder would be
+        # trained by the sum of their losses, and no head would be the run its learning rate names.
+        rates = values["classifier"].learning_rates
+        if len(rates) != 1:
+            _fail(prefix + "classifier.learning_rates", list(rates),
+                  "FINE_TUNE trains the encoder with the head, so it takes exactly one learning rate "
+                  "(sweep learning rates with separate trials)")
+        if values["classifier"].encoder_lr <= 0:
+            _fail(prefix + "classifier.encoder_lr", values["classifier"].encoder_lr,
+                  "FINE_TUNE needs an encoder learning rate > 0 (for a frozen encoder use CLASSIFIER_ONLY)")
+    if values["backbone_weights"] and not os.path.isfile(values["backbone_weights"]):
+        _fail(prefix + "backbone_weights", values["backbone_weights"], "file does not exist")
+    return Settings(**values)
+
+
+def load_config(path: str) -> dict:
+    """Reads an experiment yaml; a missing file or bad yaml gets a clear error."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path) as handle:
+        try:
+            config = yaml.safe_load(handle)
+        except yaml.YAMLError as error:
+            detail = " ".join(str(error).split())  # yaml's message spans lines; errors are one line
+            raise ConfigError(f"config file {path!r} is not valid yaml: {detail}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("hyperparameters"), dict):
+        raise ConfigError(f"config file {path!r} has no 'hyperparameters' mapping")
+    check_sections(config, path)
+    return config
+
+
+def check_sections(config: dict, where: str) -> None:
+    """Refuses top-level sections that a Determined experiment config does not have."""
+    for key in config:
+        if key not in EXPERIMENT_SECTIONS:
+            near = difflib.get_close_matches(str(key), EXPERIMENT_SECTIONS, n=1, cutoff=0.6)
+            raise ConfigError(f"config file {where!r} has unknown top-level section {key!r}"
+                              + (f" (did you mean {near[0]!r}?)" if near else "")
+                              + f"; known sections: {', '.join(EXPERIMENT_SECTIONS)}")
+
+
+def slots_of(config: dict) -> int:
+    return int((config.get("resources") or {}).get("slots_per_trial", 1))
+
+
+def load_settings(path: str, slots: Optional[int] = None) -> Settings:
+    config = load_config(path)
+    return parse_settings(config["hyperparameters"], config.get("data"), slots or slots_of(config))
+
+
+def apply_overrides(hparams: dict, data_section: dict, items) -> None:
+    """``--set a.b=value`` (a yaml value) into the hyperparameters, ``--set data.x=value`` into the
+    data section, in place."""
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. backbone=resnet18_cifar or data.root=/data")
+        target, parts = hparams, key.split(".")
+        if parts[0] == "data":
+            target, parts = data_section, parts[1:]
+        for depth, part in enumerate(parts[:-1]):
+            if target is hparams and depth == 0 and part in LENGTH_KEYS:
+                target[part] = {}  # a length has one unit: --set checkpoint_period.batches=10 replaces it
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a mapping")
+        try:
+            target[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            detail = " ".join(str(error).split())
+            raise ConfigError(f"--set {item!r}: the value {value!r} is not valid yaml ({detail}); quote strings "
+                              f"and close brackets, e.g. --set 'classifier.learning_rates=[0.1, 0.05]'") from None
+
+
+LENGTH_KEYS = ("train_length", "validation_period", "checkpoint_period")
