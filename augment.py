@@ -40,6 +40,11 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode, v2
 
+# ImageNet's channel statistics: normalisation of ImageNet and custom folders (data.py) and of the
+# library's default augmentation.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 _PROBABILITIES = ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p")
 _STRENGTHS = ("brightness", "contrast", "saturation")
 _PAIRS = ("crop_scale", "blur_sigma")
@@ -113,6 +118,33 @@ class ViewAugmentation:
 def paper_view_augmentations() -> Tuple[ViewAugmentation, ViewAugmentation]:
     """T and T' of table 6: they differ in blur (1.0 vs 0.1) and solarization (0.0 vs 0.2)."""
     return ViewAugmentation(), ViewAugmentation(blur_p=0.1, solarize_p=0.2)
+
+
+class ViewSettingsError(ValueError):
+    """A bad ``augmentation`` section of a config; ``view`` names the view (or None for the section)."""
+
+    def __init__(self, message: str, view: Optional[str] = None):
+        super().__init__(message)
+        self.view = view
+
+
+def view_augmentations(overrides: Optional[Mapping[str, Any]] = None) -> Tuple[ViewAugmentation, ViewAugmentation]:
+    """The config's ``augmentation`` section (``{'view1': {...}, 'view2': {...}}``), parsed in this
+    one place: table 6's T and T' with each view's overrides applied (missing keys keep that view's
+    table 6 value). Raises :class:`ViewSettingsError` naming the view and the bad key or value."""
+    overrides = overrides or {}
+    if not isinstance(overrides, Mapping) or set(overrides) - {"view1", "view2"}:
+        raise ViewSettingsError("expected a mapping with keys view1 and/or view2")
+    views = []
+    for name, default in zip(("view1", "view2"), paper_view_augmentations()):
+        given = overrides.get(name) or {}
+        try:
+            if not isinstance(given, Mapping):
+                raise TypeError(f"augmentation settings must be a mapping, got {type(given).__name__}")
+            views.append(ViewAugmentation.from_dict({**dataclasses.asdict(default), **given}) if given else default)
+        except (ValueError, TypeError) as error:
+            raise ViewSettingsError(str(error), name) from None
+    return views[0], views[1]
 
 
 # ----------------------------------------------------------------- per image, in data-loader workers
@@ -444,3 +476,65 @@ def _to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list:
     if device.type == "cuda":
         tensors = [t.pin_memory() for t in tensors]
     return [t.to(device, non_blocking=True) for t in tensors]
+
+
+# ----------------------------------------------------------------------------- the library's default
+# ``byol.BYOL(net, image_size)(images)`` augments both views itself, batched on the images' device:
+# the crop and flip per sample with one roi_align, then the photometric part above.
+def random_resized_crop_boxes(batch: int, height: int, width: int, scale=(0.08, 1.0),
+                              ratio=(3 / 4, 4 / 3), generator=None, device=None) -> torch.Tensor:
+    """One random crop box (x1, y1, x2, y2) per sample, with area share in ``scale`` and aspect ratio
+    in ``ratio`` (log-uniform), as in the paper's table 6 random crop. Boxes are clipped to the image."""
+    area = torch.empty(batch, device=device).uniform_(*scale, generator=generator) * height * width
+    log_ratio = torch.empty(batch, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]),
+                                                           generator=generator)
+    aspect = torch.exp(log_ratio)
+    crop_w = torch.sqrt(area * aspect).clamp(1, width)
+    crop_h = torch.sqrt(area / aspect).clamp(1, height)
+    x1 = torch.rand(batch, device=device, generator=generator) * (width - crop_w)
+    y1 = torch.rand(batch, device=device, generator=generator) * (height - crop_h)
+    return torch.stack([x1, y1, x1 + crop_w, y1 + crop_h], dim=1)
+
+
+class BatchedCropFlip(nn.Module):
+    """Per-sample random resized crop and horizontal flip of a whole batch at once.
+
+    ``torchvision.ops.roi_align`` crops and bilinearly resizes every sample's own box in one call;
+    that is why this is ours rather than torchvision's ``RandomResizedCrop``, which draws one crop per
+    call (the Determined trial crops per image in data-loader workers instead, :func:`geometric_transform`).
+    """
+
+    def __init__(self, image_size: int, scale=(0.08, 1.0), flip_p: float = 0.5):
+        super().__init__()
+        self.image_size, self.scale, self.flip_p = image_size, tuple(scale), flip_p
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from torchvision.ops import roi_align
+
+        batch, _, height, width = images.shape
+        boxes = random_resized_crop_boxes(batch, height, width, self.scale, device=images.device)
+        rois = torch.cat([torch.arange(batch, device=images.device, dtype=boxes.dtype)[:, None], boxes], 1)
+        crops = roi_align(images.float(), rois, output_size=self.image_size, aligned=True)
+        flip = torch.rand(batch, device=images.device) < self.flip_p
+        crops = torch.where(flip[:, None, None, None], crops.flip(-1), crops)
+        return crops.round().clamp(0, 255).to(torch.uint8) if not images.is_floating_point() else crops
+
+
+def default_augmentation(image_size: int, view: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A batched version of the paper's table 6 pipeline (view 1 or 2) for ``learner(images)`` calls.
+
+    Takes float images in [0, 1] or uint8 batches; returns normalised floats (ImageNet statistics).
+    """
+    settings = paper_view_augmentations()[view - 1]
+    return nn.Sequential(
+        _ToUint8(),
+        BatchedCropFlip(image_size, settings.crop_scale, settings.flip_p),
+        PhotometricAugment(settings, IMAGENET_MEAN, IMAGENET_STD, image_size),
+    )
+
+
+class _ToUint8(nn.Module):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.is_floating_point():
+            return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+        return images

@@ -27,13 +27,14 @@ pretraining at little cost (``num_classes``; its loss is returned separately and
 from __future__ import annotations
 
 import copy
-import math
 from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-import augment
+
+from augment import default_augmentation
+from optim import cosine_schedule
 
 
 def mlp(in_features: int, hidden_size: int, out_features: int) -> nn.Sequential:
@@ -85,12 +86,8 @@ def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
             torch._foreach_copy_(target_buffers, online_buffers)
 
 
-def cosine_ema_tau(step: int, total_steps: int, tau_base: float = 0.996) -> float:
-    """Section 3.2: tau_k = 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2, reaching 1 at k = K."""
-    if total_steps <= 0:
-        return 1.0
-    progress = min(max(step, 0), total_steps) / total_steps
-    return 1.0 - (1.0 - tau_base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+def cosine_ema_tau(step: int, total_steps: int, tau_base: float = 0.996) -> float:  # TEMPORARY
+    return cosine_schedule(step, total_steps, tau_base, 1.0) if total_steps > 0 else 1.0
 
 
 class RepresentationExtractor(nn.Module):
@@ -142,75 +139,12 @@ class RepresentationExtractor(nn.Module):
         return torch.flatten(captured, 1)
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def random_resized_crop_boxes(batch: int, height: int, width: int, scale=(0.08, 1.0),
-                              ratio=(3 / 4, 4 / 3), generator=None, device=None) -> torch.Tensor:
-    """One random crop box (x1, y1, x2, y2) per sample, with area share in ``scale`` and aspect ratio
-    in ``ratio`` (log-uniform), as in the paper's table 6 random crop. Boxes are clipped to the image."""
-    area = torch.empty(batch, device=device).uniform_(*scale, generator=generator) * height * width
-    log_ratio = torch.empty(batch, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]),
-                                                           generator=generator)
-    aspect = torch.exp(log_ratio)
-    crop_w = torch.sqrt(area * aspect).clamp(1, width)
-    crop_h = torch.sqrt(area / aspect).clamp(1, height)
-    x1 = torch.rand(batch, device=device, generator=generator) * (width - crop_w)
-    y1 = torch.rand(batch, device=device, generator=generator) * (height - crop_h)
-    return torch.stack([x1, y1, x1 + crop_w, y1 + crop_h], dim=1)
-
-
-class BatchedCropFlip(nn.Module):
-    """Per-sample random resized crop and horizontal flip of a whole batch at once.
-
-    ``torchvision.ops.roi_align`` crops and bilinearly resizes every sample's own box in one call;
-    that is why this is ours rather than torchvision's ``RandomResizedCrop``, which draws one crop per
-    call (the Determined trial crops per image in data-loader workers instead, see ``augment.py``).
-    """
-
-    def __init__(self, image_size: int, scale=(0.08, 1.0), flip_p: float = 0.5):
-        super().__init__()
-        self.image_size, self.scale, self.flip_p = image_size, tuple(scale), flip_p
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from torchvision.ops import roi_align
-
-        batch, _, height, width = images.shape
-        boxes = random_resized_crop_boxes(batch, height, width, self.scale, device=images.device)
-        rois = torch.cat([torch.arange(batch, device=images.device, dtype=boxes.dtype)[:, None], boxes], 1)
-        crops = roi_align(images.float(), rois, output_size=self.image_size, aligned=True)
-        flip = torch.rand(batch, device=images.device) < self.flip_p
-        crops = torch.where(flip[:, None, None, None], crops.flip(-1), crops)
-        return crops.round().clamp(0, 255).to(torch.uint8) if not images.is_floating_point() else crops
-
-
-def default_augmentation(image_size: int, view: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A batched version of the paper's table 6 pipeline (view 1 or 2) for ``learner(images)`` calls.
-
-    Takes float images in [0, 1] or uint8 batches; returns normalised floats (ImageNet statistics).
-    """
-    settings = augment.paper_view_augmentations()[view - 1]
-    return nn.Sequential(
-        _ToUint8(),
-        BatchedCropFlip(image_size, settings.crop_scale, settings.flip_p),
-        augment.PhotometricAugment(settings, IMAGENET_MEAN, IMAGENET_STD, image_size),
-    )
-
-
-class _ToUint8(nn.Module):
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.is_floating_point():
-            return (images.clamp(0, 1) * 255).round().to(torch.uint8)
-        return images
-
-
 class BYOL(nn.Module):
     """Online network (encoder, projector, predictor) plus its EMA target (section 3.1).
 
     Arguments follow the widely used byol-pytorch interface: ``projection_size`` (256),
     ``projection_hidden_size`` (4096), ``moving_average_decay`` (tau, 0.99 there; the paper's
-    tau_base is 0.996 with a cosine schedule, see :func:`cosine_ema_tau`), ``augment_fn`` and
+    tau_base is 0.996 with a cosine schedule, see ``optim.cosine_schedule``), ``augment_fn`` and
     ``augment_fn2`` (batched callables used by ``forward(images)``).
     """
 
@@ -337,8 +271,8 @@ def train(learner: BYOL, dataloader: Iterable, optimizer: torch.optim.Optimizer,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            tau = (cosine_ema_tau(step, total_steps, learner.moving_average_decay)
-                   if total_steps else learner.moving_average_decay)
+            # Section 3.2: tau from tau_base to 1 (optim.cosine_schedule).
+            tau = cosine_schedule(step, total_steps, learner.moving_average_decay, 1.0)
             learner.update_moving_average(tau)
             losses.append(loss.item())
             if log_every and step % log_every == 0:

@@ -31,7 +31,10 @@ import torch.utils.data
 import torchvision
 from filelock import FileLock
 from PIL import Image
+
+from augment import IMAGENET_MEAN, IMAGENET_STD
 from runtime import jpeg_decode
+from runtime.sampling import SeedStream
 
 
 class Split(str, enum.Enum):
@@ -55,8 +58,6 @@ class DatasetInfo:
     std: Tuple[float, float, float]
 
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 # EMNIST statistics (approximate, byclass training set; all splits are close to it).
 _EMNIST_MEAN, _EMNIST_STD = (0.1736,) * 3, (0.3317,) * 3
 _EMNIST_CLASSES = {"byclass": 62, "bymerge": 47, "balanced": 47, "letters": 26, "digits": 10, "mnist": 10}
@@ -64,18 +65,16 @@ _EMNIST_CLASSES = {"byclass": 62, "bymerge": 47, "balanced": 47, "letters": 26, 
 _INFOS = {
     "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "stl10": DatasetInfo("stl10", 10, 3, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
-    "imagenet": DatasetInfo("imagenet", 1000, 3, 224, _IMAGENET_MEAN, _IMAGENET_STD),
+    "imagenet": DatasetInfo("imagenet", 1000, 3, 224, IMAGENET_MEAN, IMAGENET_STD),
     **{f"emnist_{split}": DatasetInfo(f"emnist_{split}", n, 1, 28, _EMNIST_MEAN, _EMNIST_STD)
        for split, n in _EMNIST_CLASSES.items()},
-    "custom": DatasetInfo("custom", 0, 3, 224, _IMAGENET_MEAN, _IMAGENET_STD),
+    "custom": DatasetInfo("custom", 0, 3, 224, IMAGENET_MEAN, IMAGENET_STD),
     # scikit-learn's load_digits scaled to 0..255 (statistics computed over all 1797 images).
     "digits": DatasetInfo("digits", 10, 1, 8, (0.3053,) * 3, (0.3759,) * 3),
 }
 DATASET_NAMES: Tuple[str, ...] = tuple(_INFOS)
 
 _DIGITS_TEST_FRACTION = 0.2
-# Independent random streams per purpose, all derived from the one user seed.
-_STREAM_TEST_SPLIT, _STREAM_VALIDATION, _STREAM_LABEL_SUBSET = 1, 2, 3
 
 
 def _check_name(name: str) -> None:
@@ -261,8 +260,8 @@ def _image_folders(root: str, name: str, train: bool, transform: _PrepareImage, 
     return _FolderWithClasses(existing[0], class_to_idx, transform)
 
 
-def _rng(seed: int, stream: int) -> np.random.Generator:
-    return np.random.default_rng([seed, stream])
+def _rng(seed: int, stream: SeedStream) -> np.random.Generator:
+    return np.random.default_rng([seed, int(stream)])
 
 
 def split_labelled(num_labelled: int, validation_size: int, seed: int) -> Tuple[List[int], List[int]]:
@@ -271,7 +270,7 @@ def split_labelled(num_labelled: int, validation_size: int, seed: int) -> Tuple[
     if not 0 < validation_size < num_labelled:
         raise ValueError(f"validation_size must be > 0 and < the {num_labelled} labelled training images, "
                          f"got {validation_size}")
-    order = _rng(seed, _STREAM_VALIDATION).permutation(num_labelled)
+    order = _rng(seed, SeedStream.VALIDATION_SPLIT).permutation(num_labelled)
     return sorted(order[validation_size:].tolist()), sorted(order[:validation_size].tolist())
 
 
@@ -281,7 +280,7 @@ def _digits(split: Split, transform: _PrepareImage, validation_size: int, seed: 
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
     full = _ArrayImages(images, digits.target, transform)
-    order = _rng(seed, _STREAM_TEST_SPLIT).permutation(len(full))
+    order = _rng(seed, SeedStream.TEST_SPLIT).permutation(len(full))
     num_test = int(round(_DIGITS_TEST_FRACTION * len(full)))
     test, train = sorted(order[:num_test].tolist()), sorted(order[num_test:].tolist())
     if split is Split.TEST:
@@ -296,9 +295,8 @@ def _digits(split: Split, transform: _PrepareImage, validation_size: int, seed: 
 def _gcs_imagenet(split: Split, source: Any, transform: Optional[Callable], lazy: bool = False):
     """ImageNet streamed from Cloud Storage; the val folder is labelled with the train classes."""
     gcs_module = importlib.import_module("runtime.gcs")  # lazy: needs google-cloud-storage
-    options = dict(cache_dir=source.cache_dir, max_in_flight=getattr(source, "max_in_flight", 64),
-                   retry_deadline=getattr(source, "retry_deadline", 300.0),
-                   startup_retry_deadline=getattr(source, "startup_retry_deadline", 30.0))
+    options = dict(cache_dir=source.cache_dir, max_in_flight=source.max_in_flight, retry_deadline=source.retry_deadline,
+                   startup_retry_deadline=source.startup_retry_deadline)
     train = gcs_module.GCSImageFolder(source.bucket, source.train_blob_list, transform=transform, **options)
     train.lazy = lazy and split is Split.TRAIN
     if split is not Split.TEST:
@@ -403,7 +401,7 @@ def labelled_subset(dataset: torch.utils.data.Dataset, fraction: Optional[float]
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
     labels = np.asarray(dataset_labels(dataset))
-    rng = _rng(seed, _STREAM_LABEL_SUBSET)
+    rng = _rng(seed, SeedStream.LABEL_SUBSET)
     chosen: List[int] = []
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)

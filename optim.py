@@ -2,8 +2,11 @@
 
 - LARS (You et al. 2017) with trust coefficient 1e-3, momentum 0.9 and weight decay 1.5e-6; biases
   and batch-norm parameters are excluded from both weight decay and the LARS adaptation.
-- Learning rate: ``base_lr * global_batch / 256``, linear warm-up, then cosine decay to zero.
-- EMA decay tau is scheduled in ``byol.cosine_ema_tau``.
+- One schedule, :func:`cosine_schedule`, for every value that changes with the step: the learning
+  rate (``base_lr * global_batch / 256``, linear warm-up, cosine decay to zero), the EMA decay tau
+  (section 3.2, cosine from tau_base to 1) and the linear-evaluation heads' learning rates
+  (appendix C.1, cosine to zero); :func:`apply_schedule` is the one place that sets an optimiser's
+  learning rates from it.
 
 Schedules are pure functions of the global step and the total step count, so a resumed run
 continues them exactly.
@@ -11,7 +14,7 @@ continues them exactly.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -82,16 +85,19 @@ def is_excluded(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or name.endswith(".bias")
 
 
-def lars_param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Two groups: weights (decayed, LARS-adapted) and biases/batch-norm (neither)."""
+def lars_param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
+                      peak_lr: Optional[float] = None) -> list[dict]:
+    """Two groups: weights (decayed, LARS-adapted) and biases/batch-norm (neither); ``peak_lr`` is
+    the peak of their learning-rate schedule (:func:`apply_schedule`)."""
     adapted, excluded = [], []
     for name, param in named_parameters:
         if not param.requires_grad:
             continue
         (excluded if is_excluded(name, param) else adapted).append(param)
+    peak = {} if peak_lr is None else {"lr": peak_lr, "initial_lr": peak_lr}
     return [
-        {"params": adapted, "weight_decay": weight_decay, "lars_adaptation": True},
-        {"params": excluded, "weight_decay": 0.0, "lars_adaptation": False},
+        {"params": adapted, "weight_decay": weight_decay, "lars_adaptation": True, **peak},
+        {"params": excluded, "weight_decay": 0.0, "lars_adaptation": False, **peak},
     ]
 
 
@@ -100,19 +106,43 @@ def scaled_learning_rate(base_lr: float, global_batch_size: int) -> float:
     return base_lr * global_batch_size / 256
 
 
-def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
-    """Linear warm-up from 0 to ``peak_lr`` over ``warmup_steps``, then cosine decay to 0 at
-    ``total_steps`` (section 3.3: 10 warm-up epochs, cosine decay without restarts)."""
+def cosine_schedule(step: int, total_steps: int, start: float, end: float = 0.0, warmup_steps: int = 0) -> float:
+    """The value at global ``step`` of a schedule over ``total_steps``: a linear warm-up from 0 to
+    ``start`` over ``warmup_steps``, then a half cosine from ``start`` to ``end`` at ``total_steps``
+    (held there after). One function drives every schedule, as DINO drives its learning rate,
+    weight decay and momentum from one cosine scheduler:
+
+    * learning rate (section 3.3): ``start`` = base_lr x batch / 256, ``end`` 0, 10 warm-up epochs;
+    * EMA decay (section 3.2): ``start`` = tau_base, ``end`` 1, no warm-up, i.e.
+      tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2;
+    * linear-evaluation heads (appendix C.1): ``start`` = their scaled rate, ``end`` 0.
+
+    Without steps to schedule (``total_steps <= 0``) the value is ``start``."""
     if total_steps <= 0:
-        return peak_lr
+        return start
     step = min(max(step, 0), total_steps)
     if warmup_steps > 0 and step < warmup_steps:
-        return peak_lr * step / warmup_steps
-    decay_steps = max(total_steps - warmup_steps, 1)
-    progress = (step - warmup_steps) / decay_steps
-    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return start * step / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return end - (end - start) * (1.0 + math.cos(math.pi * progress)) / 2.0
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def apply_schedule(optimizer: torch.optim.Optimizer, step: int, total_steps: int, warmup_steps: int = 0) -> float:
+    """Sets each parameter group's learning rate to :func:`cosine_schedule` of its own peak
+    (``group["initial_lr"]``, set when the groups are built) at ``step``; returns the first
+    group's."""
+    for group in optimizer.param_groups:
+        if "initial_lr" not in group:
+            raise KeyError("every parameter group needs its peak learning rate as 'initial_lr' "
+                           "(optim.lars_param_groups(..., peak_lr=...), classifier.heads_optimizer)")
+        group["lr"] = cosine_schedule(step, total_steps, group["initial_lr"], 0.0, warmup_steps)
+    return optimizer.param_groups[0]["lr"]
+
+
+def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:  # TEMPORARY
+    return cosine_schedule(step, total_steps, peak_lr, 0.0, warmup_steps)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:  # TEMPORARY
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -5,7 +5,7 @@ through the online network and forward through the target; its views come from t
 augmentations. Rows (images per second; one image = one source image, i.e. two views):
 
 * ``ours library``: ``byol.BYOL`` as a library (README "Using the method as a library"):
-  ``learner(images)`` augments both views itself (``byol.default_augmentation``: batched crop and
+  ``learner(images)`` augments both views itself (``augment.default_augmentation``: batched crop and
   photometric ops on the device), SGD with momentum, EMA update; "no aug" passes prepared views.
 * ``ours trial step``: ``model_def.BYOLTrial.train_batch`` (photometric views of the global batch,
   LARS, EMA, the non-finite watch): what a Determined run executes per step; the crops are made
@@ -60,7 +60,8 @@ import augment  # noqa: E402
 import backbone as backbones  # noqa: E402
 from runtime import jpeg_decode  # noqa: E402
 from runtime import performance  # noqa: E402
-from byol import BYOL, IMAGENET_MEAN, IMAGENET_STD, default_augmentation  # noqa: E402
+from augment import IMAGENET_MEAN, IMAGENET_STD, default_augmentation  # noqa: E402
+from byol import BYOL  # noqa: E402
 
 GROUPS = ("model", "augment", "decode")
 

@@ -13,7 +13,6 @@ in dataset order and trains identical heads, so results equal those of one proce
 """
 from __future__ import annotations
 
-import math
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -21,8 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from optim import scaled_learning_rate
-from runtime.sampling import epoch_permutation, mix_seed
+from optim import apply_schedule, scaled_learning_rate
+from runtime.sampling import SeedStream, epoch_permutation, mix_seed
 from runtime.progress import progress
 
 
@@ -51,6 +50,10 @@ class LinearHeads(nn.Module):
         return logits
 
 
+def set_cosine_lr(optimizer, step: int, total_steps: int) -> None:  # TEMPORARY until the trial split lands
+    apply_schedule(optimizer, step, total_steps)
+
+
 def heads_loss(logits: torch.Tensor, labels: torch.Tensor, logit_regularization: float = 0.0) -> torch.Tensor:
     """Sum over heads of the mean cross-entropy (+ ``logit_regularization`` x mean squared logit).
 
@@ -73,19 +76,6 @@ def heads_optimizer(heads: LinearHeads, learning_rates: Sequence[float], batch_s
     groups += list(extra_groups)
     return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum, nesterov=momentum > 0,
                            weight_decay=weight_decay)
-
-
-def cosine_scale(step: int, total_steps: int) -> float:
-    """Cosine decay factor from 1 to 0 over ``total_steps``."""
-    if total_steps <= 0:
-        return 1.0
-    return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-
-
-def set_cosine_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int) -> None:
-    scale = cosine_scale(step, total_steps)
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * scale
 
 
 def correct_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[list[int], list[int]]:
@@ -146,11 +136,11 @@ def train_heads_on_features(heads: LinearHeads, features: torch.Tensor, labels: 
     step, last_loss = 0, float("nan")
 
     for epoch in progress(range(epochs), f"linear heads ({len(learning_rates)} lr)", unit="epoch"):
-        order = epoch_permutation(features.shape[0], mix_seed(seed, 17), epoch).to(features.device)
+        order = epoch_permutation(features.shape[0], mix_seed(seed, SeedStream.HEAD_FEATURE_ORDER), epoch).to(features.device)
         running = 0.0
         for start in range(0, steps_per_epoch * batch_size, batch_size):
             index = order[start:start + batch_size]
-            set_cosine_lr(optimizer, step, total)
+            apply_schedule(optimizer, step, total)
             loss = heads_loss(heads(features[index]), labels[index], logit_regularization)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

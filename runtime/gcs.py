@@ -27,7 +27,6 @@ import os
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -35,7 +34,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
-from runtime.gcs_client import (IMAGE_EXTENSIONS, GCSError, make_client, make_retry,  # noqa: F401
+from runtime.gcs_client import (IMAGE_EXTENSIONS, GCSError, GCSSource, make_client, make_retry,  # noqa: F401
                         parse_gs_url, read_blob_list, write_atomically)
 from runtime import jpeg_decode
 
@@ -47,34 +46,6 @@ os.register_at_fork(after_in_child=lambda: globals().update(_LOCK=threading.Lock
 
 class CorruptImageError(ValueError):
     """An object was downloaded but is not a decodable image."""
-
-
-@dataclass(frozen=True)
-class GCSSource:
-    """Where the ImageNet images live: a bucket plus train/validation blob lists.
-
-    Blob lists are ``gs://bucket/path`` URLs or local paths; ``cache_dir`` optionally caches
-    fetched images on local disk (shared by all processes on a node).
-    """
-
-    bucket: str
-    train_blob_list: str
-    val_blob_list: str
-    cache_dir: Optional[str] = None
-    max_in_flight: int = 64
-    retry_deadline: float = 300.0
-    startup_retry_deadline: float = 30.0
-
-    def __post_init__(self):
-        if self.max_in_flight < 1:
-            raise ValueError(f"GCSSource.max_in_flight must be >= 1, got {self.max_in_flight}")
-        if not self.bucket or self.bucket.startswith("gs://") or "/" in self.bucket:
-            raise ValueError(f"GCSSource.bucket must be a bare bucket name like 'my-imagenet', "
-                             f"got {self.bucket!r}")
-        for field in ("train_blob_list", "val_blob_list"):
-            if not getattr(self, field):
-                raise ValueError(f"GCSSource.{field} must be a gs://bucket/path URL or a local "
-                                 f"path of a blob list (see generate_blob_list.py)")
 
 
 def _open_lazy(data: bytes, url: str) -> Image.Image:
@@ -127,11 +98,11 @@ class GCSImageFolder(torch.utils.data.Dataset):
     """
 
     def __init__(self, bucket: str, blob_list: str, transform: Optional[Callable] = None,
-                 cache_dir: Optional[str] = None, max_in_flight: int = 64,
+                 cache_dir: Optional[str] = None, max_in_flight: int = GCSSource.max_in_flight,
                  client: ClientArg = None, indices: Optional[Sequence[int]] = None, *,
-                 classes: Optional[Sequence[str]] = None, retry_deadline: float = 300.0,
+                 classes: Optional[Sequence[str]] = None, retry_deadline: float = GCSSource.retry_deadline,
                  retry_initial_delay: float = 1.0, timeout: float = 60.0,
-                 check_bucket: bool = True, startup_retry_deadline: float = 30.0):
+                 check_bucket: bool = True, startup_retry_deadline: float = GCSSource.startup_retry_deadline):
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.bucket, self.blob_list, self.transform = bucket, blob_list, transform

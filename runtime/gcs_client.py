@@ -12,9 +12,39 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from typing import Optional
 
 from utils import CommandError
+
+
+@dataclass(frozen=True)
+class GCSSource:
+    """Where the ImageNet images live: a bucket plus train/validation blob lists (the ``data.gcs``
+    section of a config, parsed by ``runtime.settings``; the one place of its defaults).
+
+    Blob lists are ``gs://bucket/path`` URLs or local paths; ``cache_dir`` optionally caches
+    fetched images on local disk (shared by all processes on a node).
+    """
+
+    bucket: str
+    train_blob_list: str
+    val_blob_list: str
+    cache_dir: Optional[str] = None
+    max_in_flight: int = 64               # downloads in flight per data-loader worker
+    retry_deadline: float = 300.0         # seconds of retrying one image's transient errors
+    startup_retry_deadline: float = 30.0  # seconds of retrying the start-up checks (bucket, blob lists)
+
+    def __post_init__(self):
+        if self.max_in_flight < 1:
+            raise ValueError(f"GCSSource.max_in_flight must be >= 1, got {self.max_in_flight}")
+        if not self.bucket or self.bucket.startswith("gs://") or "/" in self.bucket:
+            raise ValueError(f"GCSSource.bucket must be a bare bucket name like 'my-imagenet', "
+                             f"got {self.bucket!r}")
+        for field in ("train_blob_list", "val_blob_list"):
+            if not getattr(self, field):
+                raise ValueError(f"GCSSource.{field} must be a gs://bucket/path URL or a local "
+                                 f"path of a blob list (see generate_blob_list.py)")
 
 log = logging.getLogger(__name__)
 

@@ -229,8 +229,7 @@ def local_main(args: argparse.Namespace, started: float, make_trial: Callable) -
     if slots_of(config) != slots and slots > 1 and distributed.get_rank() == 0:
         print(f"[byol] note: the config asks for {slots_of(config)} slots; running {slots} local processes",
               flush=True)
-    # sync_batch_norm defaults to on for several processes (global-batch statistics, section 3.3).
-    settings = parse_settings({"sync_batch_norm": slots > 1, **hparams}, data_section, slots)
+    settings = parse_settings(hparams, data_section, slots)
     if args.resume_from:  # only a completely written, unchanged checkpoint (checkpoints.py)
         checkpoints.verify_checkpoint(args.resume_from)
     checkpoint_dir = os.path.abspath(args.checkpoint_dir or default_checkpoint_dir(config)

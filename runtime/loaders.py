@@ -6,7 +6,6 @@ section 3.3 and appendix B). Order and randomness come from ``sampling`` so that
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
@@ -24,32 +23,17 @@ from runtime import jpeg_decode
 VALIDATION_TAG, TEST_TAG = 0, 1
 
 
-def view_augmentations(settings: Settings) -> tuple[augment.ViewAugmentation, augment.ViewAugmentation]:
-    """The paper's table 6 pipelines with the config's per-view overrides applied."""
-    defaults = augment.paper_view_augmentations()
-    views = []
-    for name, default in zip(("view1", "view2"), defaults):
-        overrides = settings.augmentation.get(name) or {}
-        merged = {**dataclasses.asdict(default), **overrides} if overrides else None
-        views.append(augment.ViewAugmentation.from_dict(merged) if merged else default)
-    return views[0], views[1]
+def view_augmentations(settings):  # TEMPORARY until the trial split lands
+    return settings.views
 
 
 def base_dataset(settings: Settings, split: data.Split, lazy: bool = False) -> Dataset:
     """The raw split: ``(PIL image, label)`` items (``lazy``: opened, not decoded)."""
     cfg = settings.data
-    gcs = None
     try:
-        if cfg.gcs is not None:
-            # Lazy: google-cloud-storage (a heavy import) loads only for runs with a data.gcs section.
-            from runtime import gcs as gcs_module
-
-            gcs = gcs_module.GCSSource(cfg.gcs.bucket, cfg.gcs.train_blob_list, cfg.gcs.val_blob_list,
-                                       cfg.gcs.cache_dir, cfg.gcs.max_in_flight, cfg.gcs.retry_deadline,
-                                       cfg.gcs.startup_retry_deadline)
         return data.build_dataset(cfg.dataset, split, root=cfg.root, transform=None,
                                   validation_size=cfg.validation_size, seed=settings.seed,
-                                  download=cfg.download, gcs=gcs, lazy=lazy)
+                                  download=cfg.download, gcs=cfg.gcs, lazy=lazy)
     except ValueError as error:  # the data section does not fit the files (validation_size, class folders, ...)
         if isinstance(error, ConfigError):
             raise
@@ -139,7 +123,7 @@ def training_dataset(settings: Settings, image_size: int, pretraining: bool) -> 
     """TRAIN with two geometric views (pretraining), or CLS_TRAIN (its labelled subset with
     ``classifier.label_fraction`` / ``label_list``) with the classifier transform."""
     if pretraining:
-        view1, view2 = view_augmentations(settings)
+        view1, view2 = settings.views
         decode = settings.data.decode
         if decode == "pil":
             transform = augment.TwoViewTransform(image_size, view1, view2)
@@ -152,7 +136,7 @@ def training_dataset(settings: Settings, image_size: int, pretraining: bool) -> 
     if mode == "crop_flip":
         transform = augment.crop_flip_transform(image_size)
     elif mode == "variant":  # appendix C.1 variant: reuse the pretraining augmentations (view 1)
-        transform = augment.geometric_transform(image_size, view_augmentations(settings)[0])
+        transform = augment.geometric_transform(image_size, settings.views[0])
     else:
         transform = evaluation_transform(settings, image_size)
     labelled = data.labelled_subset(base_dataset(settings, data.Split.CLS_TRAIN), settings.classifier.label_fraction,

@@ -17,12 +17,34 @@ interrupted. Determined's own sampler restarts its position after a local resume
 """
 from __future__ import annotations
 
+import enum
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
 _MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant, mixes seeds apart
+
+
+class SeedStream(enum.IntEnum):
+    """Every stream of the project's randomness, in one table. Each draw is seeded by the run's
+    ``seed`` and its stream (and, for the trial's streams, the global step:
+    ``mix_seed(seed, step, stream)``), so two streams never share random numbers and every draw is
+    the same after a resume and for any number of processes. The values are those the streams had
+    before this table existed (changing one changes that stream's random numbers)."""
+
+    # data.py's splits: numpy generators seeded by [seed, stream]
+    TEST_SPLIT = 1          # the held-out TEST part of datasets without an official test set
+    VALIDATION_SPLIT = 2    # CLS_VALIDATION, held out of the labelled training set
+    LABEL_SUBSET = 3        # classifier.label_fraction: the labelled images of semi-supervised runs
+    # the trial, per global step: torch generators seeded by mix_seed(seed, step, stream)
+    VIEW1 = 1               # photometric parameters of the first view (table 6)
+    VIEW2 = 2               # ... of the second view
+    HEAD_VARIANT = 4        # head training with the pretraining augmentations (classifier.augmentation)
+    EVALUATION_VIEWS = -3   # the views of the validation BYOL loss
+    # once per run: mix_seed(seed, stream)
+    HEAD_FEATURE_ORDER = 17  # order of the features when linear-evaluation heads train on them
+    RANDOM_ENCODER = 99      # the randomly initialised encoder of the representation comparison
 
 
 def mix_seed(*parts: int) -> int:
@@ -34,7 +56,7 @@ def mix_seed(*parts: int) -> int:
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(mix_seed(seed, epoch))
+    generator = torch.Generator().manual_seed(mix_seed(seed, epoch))  # data order: (seed, epoch)
     return torch.randperm(num_samples, generator=generator)
 
 

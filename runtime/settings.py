@@ -19,6 +19,7 @@ import yaml
 import augment
 import backbone
 import data
+from runtime.gcs_client import GCSSource
 from utils import ConfigError
 
 # Top-level sections of a Determined experiment config (0.38, expconf/v0/experiment.json); anything
@@ -56,24 +57,13 @@ PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
-class GCSSettings:
-    bucket: str
-    train_blob_list: str
-    val_blob_list: str
-    cache_dir: Optional[str] = None
-    max_in_flight: int = 64
-    retry_deadline: float = 300.0          # seconds of retrying one image's transient errors
-    startup_retry_deadline: float = 30.0   # seconds of retrying the start-up checks (bucket, blob lists)
-
-
-@dataclass(frozen=True)
 class DataSettings:
     dataset: str = "digits"
     root: str = "data"
     download: bool = False
     validation_size: int = 200        # held out of the labelled training set (CLS_VALIDATION)
     num_workers: int = 2
-    gcs: Optional[GCSSettings] = None
+    gcs: Optional[GCSSource] = None
     decode: str = "pil"               # pil | draft | device: how training JPEGs are decoded (jpeg_decode.py)
 
 
@@ -125,10 +115,17 @@ class Settings:
     augmentation: dict = field(default_factory=dict)   # {'view1': {...}, 'view2': {...}} overrides
     classifier: ClassifierSettings = ClassifierSettings()
     data: DataSettings = DataSettings()
+    # The two views' augmentations (table 6 with the overrides above), parsed once by augment.py.
+    views: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "views", augment.view_augmentations(self.augmentation))
 
     def as_hparams(self) -> dict:
         """Plain JSON-able dict of the hyperparameters (for logs and checkpoints)."""
-        return _plain(dataclasses.asdict(self))
+        values = dataclasses.asdict(self)
+        values.pop("views")
+        return _plain(values)
 
 
 def _plain(value: Any) -> Any:
@@ -148,7 +145,7 @@ def _fail(key: str, value: Any, allowed: str) -> None:
 def _check_keys(section: dict, cls, prefix: str) -> None:
     if not isinstance(section, dict):
         _fail(prefix.rstrip("."), section, "expected a mapping")
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
     for key in section:
         if key not in known:
             _fail(prefix + key, section[key], f"unknown key; known keys: {', '.join(sorted(known))}")
@@ -209,7 +206,7 @@ def _parse_data(section: dict) -> DataSettings:
         _fail(prefix + "download", values["download"], "expected true or false")
     gcs = values.get("gcs")
     if gcs is not None:
-        _check_keys(gcs, GCSSettings, prefix + "gcs.")
+        _check_keys(gcs, GCSSource, prefix + "gcs.")
         for key in ("bucket", "train_blob_list", "val_blob_list"):
             if not isinstance(gcs.get(key), str) or not gcs.get(key):
                 _fail(f"{prefix}gcs.{key}", gcs.get(key), "required: a non-empty string")
@@ -217,11 +214,11 @@ def _parse_data(section: dict) -> DataSettings:
             _fail(prefix + "gcs", gcs, "streaming from Cloud Storage is supported for dataset: imagenet")
         if gcs["bucket"].startswith("gs://") or "/" in gcs["bucket"]:
             _fail(prefix + "gcs.bucket", gcs["bucket"], "expected a bare bucket name, e.g. my-imagenet (no gs://, no /)")
-        gcs = {**dataclasses.asdict(GCSSettings("b", "t", "v")), **gcs}
+        gcs = {**{f.name: f.default for f in dataclasses.fields(GCSSource) if f.default is not dataclasses.MISSING}, **gcs}
         gcs["max_in_flight"] = _number(gcs, "max_in_flight", prefix + "gcs.", int, minimum=1)
         for key in ("retry_deadline", "startup_retry_deadline"):
             gcs[key] = _number(gcs, key, prefix + "gcs.", minimum=0, exclusive_min=True)
-        values["gcs"] = GCSSettings(**gcs)
+        values["gcs"] = GCSSource(**gcs)
     return DataSettings(**values)
 
 
@@ -268,7 +265,10 @@ def parse_settings(hyperparameters: dict, data_section: Optional[dict] = None, s
     if "data" in hyperparameters and data_section:
         _fail(prefix + "data", hyperparameters["data"], "give the data section once (top level or in hyperparameters)")
     data_section = hyperparameters.pop("data", None) or data_section or {}
-    values = {f.name: getattr(Settings(), f.name) for f in dataclasses.fields(Settings)}
+    values = {f.name: getattr(Settings(), f.name) for f in dataclasses.fields(Settings) if f.init}
+    # Batch norm over the global batch (section 3.3) by default: synchronised when there are several
+    # processes, unless the config says sync_batch_norm: false. The one place of this default.
+    values["sync_batch_norm"] = slots > 1
     values.update(hyperparameters)
     try:
         values["training_mode"] = TrainingMode(values["training_mode"])
@@ -312,15 +312,7 @@ def parse_settings(hyperparameters: dict, data_section: Optional[dict] = None, s
     for key in ("sync_batch_norm", "classifier_validation", "compare_random_init", "compile"):
         if not isinstance(values[key], bool):
             _fail(prefix + key, values[key], "expected true or false")
-    augmentation = values["augmentation"] or {}
-    if not isinstance(augmentation, dict) or set(augmentation) - {"view1", "view2"}:
-        _fail(prefix + "augmentation", augmentation, "expected a mapping with keys view1 and/or view2")
-    for view in augmentation:
-        try:
-            augment.ViewAugmentation.from_dict(augmentation[view] or {})
-        except (ValueError, TypeError) as error:
-            raise ConfigError(f"config key '{prefix}augmentation.{view}': {error}") from None
-    values["augmentation"] = augmentation
+    values["augmentation"] = values["augmentation"] or {}
     if not isinstance(values["classifier"], ClassifierSettings):
         values["classifier"] = _parse_classifier(values["classifier"] or {})
     values["data"] = _parse_data(data_section)
@@ -340,7 +332,12 @@ def parse_settings(hyperparameters: dict, data_section: Optional[dict] = None, s
                   "FINE_TUNE needs an encoder learning rate > 0 (for a frozen encoder use CLASSIFIER_ONLY)")
     if values["backbone_weights"] and not os.path.isfile(values["backbone_weights"]):
         _fail(prefix + "backbone_weights", values["backbone_weights"], "file does not exist")
-    return Settings(**values)
+    try:
+        return Settings(**values)
+    except augment.ViewSettingsError as error:  # the views are parsed by augment.view_augmentations
+        if error.view is None:
+            _fail(prefix + "augmentation", values["augmentation"], str(error))
+        raise ConfigError(f"config key '{prefix}augmentation.{error.view}': {error}") from None
 
 
 def load_config(path: str) -> dict:

@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import byol
-from byol import BYOL, cosine_ema_tau, ema_update, regression_loss
+from byol import BYOL, ema_update, regression_loss
+from optim import cosine_schedule
 
 
 def tiny_net() -> nn.Module:
@@ -147,12 +148,18 @@ def test_update_moving_average_default_decay_and_explicit_tau():
     assert all(not p.requires_grad for p in learner.target_parameters())
 
 
-def test_cosine_ema_tau_schedule():
-    assert cosine_ema_tau(0, 1000, 0.996) == pytest.approx(0.996)
-    assert cosine_ema_tau(500, 1000, 0.996) == pytest.approx(1 - 0.004 / 2)
-    assert cosine_ema_tau(1000, 1000, 0.996) == pytest.approx(1.0)
-    assert cosine_ema_tau(250, 1000, 0.99) == pytest.approx(1 - 0.01 * (math.cos(math.pi / 4) + 1) / 2)
-    taus = [cosine_ema_tau(k, 100, 0.9) for k in range(101)]
+def ema_tau(step: int, total: int, tau_base: float) -> float:
+    """Section 3.2 as the paper writes it: tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2."""
+    return 1.0 - (1.0 - tau_base) * (math.cos(math.pi * step / total) + 1.0) / 2.0
+
+
+def test_ema_tau_schedule_is_the_papers():
+    assert cosine_schedule(0, 1000, 0.996, 1.0) == pytest.approx(0.996)
+    assert cosine_schedule(500, 1000, 0.996, 1.0) == pytest.approx(1 - 0.004 / 2)
+    assert cosine_schedule(1000, 1000, 0.996, 1.0) == pytest.approx(1.0)
+    for step in (0, 1, 250, 777, 1000):
+        assert cosine_schedule(step, 1000, 0.99, 1.0) == pytest.approx(ema_tau(step, 1000, 0.99), abs=1e-15)
+    taus = [cosine_schedule(k, 100, 0.9, 1.0) for k in range(101)]
     assert all(a <= b for a, b in zip(taus, taus[1:]))
 
 

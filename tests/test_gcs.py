@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader
 
 from runtime import gcs
-from runtime.gcs import CorruptImageError, GCSError, GCSImageFolder, GCSSource
+from runtime.gcs import CorruptImageError, GCSError, GCSImageFolder
+from runtime.gcs_client import GCSSource
 from gcs_fixtures import (ImageBucket, fault_proxy, gcs_admin_client, gcs_emulator,  # noqa: F401,F811
                           gcs_env, imagenet_bucket)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from optim import LARS, is_excluded, lars_param_groups, scaled_learning_rate, set_learning_rate, warmup_cosine_lr
+from optim import LARS, apply_schedule, cosine_schedule, is_excluded, lars_param_groups, scaled_learning_rate
 
 
 def lars_update_by_hand(w, g, m, lr, momentum, wd, eta, adapt=True):
@@ -121,6 +121,10 @@ def test_lars_skips_parameters_without_gradient_and_rejects_bad_settings():
         LARS([param], lr=0.1, eta=0)
 
 
+def warmup_cosine_lr(step, total, warmup, peak):
+    return cosine_schedule(step, total, peak, 0.0, warmup)
+
+
 def test_warmup_cosine_lr():
     peak, total, warmup = 2.0, 110, 10
     assert warmup_cosine_lr(0, total, warmup, peak) == 0.0
@@ -137,14 +141,25 @@ def test_warmup_cosine_lr():
     assert warmup_cosine_lr(50, 100, 0, peak) == pytest.approx(peak / 2)
 
 
-def test_scaled_learning_rate_and_set_learning_rate():
+def test_scaled_learning_rate_and_apply_schedule():
     assert scaled_learning_rate(0.2, 4096) == pytest.approx(3.2)
     assert scaled_learning_rate(0.2, 256) == pytest.approx(0.2)
     assert scaled_learning_rate(1.0, 128) == pytest.approx(0.5)
     model = small_model()
-    optimizer = LARS(lars_param_groups(model.named_parameters(), 1e-6), lr=0.1)
-    set_learning_rate(optimizer, 0.7)
-    assert [group["lr"] for group in optimizer.param_groups] == [0.7, 0.7]
+    optimizer = LARS(lars_param_groups(model.named_parameters(), 1e-6, peak_lr=0.8), lr=0.1)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.8, 0.8]  # the groups' own peak
+    assert apply_schedule(optimizer, 5, 110, warmup_steps=10) == pytest.approx(0.4)
+    assert [group["lr"] for group in optimizer.param_groups] == [pytest.approx(0.4)] * 2
+    optimizer.param_groups[1]["initial_lr"] = 0.2  # each group follows its own peak
+    apply_schedule(optimizer, 60, 110, warmup_steps=10)
+    assert [group["lr"] for group in optimizer.param_groups] == [pytest.approx(0.4), pytest.approx(0.1)]
+    without_peak = LARS(lars_param_groups(model.named_parameters(), 1e-6), lr=0.1)
+    with pytest.raises(KeyError, match="initial_lr"):
+        apply_schedule(without_peak, 0, 10)
+
+
+def test_schedule_without_steps_is_its_start():
+    assert cosine_schedule(0, 0, 0.7) == 0.7 and cosine_schedule(3, 0, 0.996, 1.0) == 0.996
 
 
 def lars_step_one_tensor_at_a_time(optimizer: LARS) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import augment
+import optim
 from runtime import classifier
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "deepmind_byol.npz"
@@ -97,5 +98,5 @@ def test_linear_evaluation_learning_rate_matches_reference(ref):
     heads = classifier.LinearHeads(4, 3, 1)
     optimizer = classifier.heads_optimizer(heads, [0.2], batch_size=1024)
     for step, expected in zip(ref["eval_lr/steps"], ref["eval_lr/values"]):
-        classifier.set_cosine_lr(optimizer, int(step), total)
+        optim.apply_schedule(optimizer, int(step), total)
         assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, abs=1e-6)

@@ -5,6 +5,7 @@ import os
 import pytest
 import yaml
 
+import augment
 from runtime import settings as settings_module
 from runtime.settings import Length, TrainingMode, load_settings, parse_settings
 from utils import ConfigError
@@ -201,3 +202,26 @@ def test_labelled_subset_settings_are_checked(tmp_path):
         parse_settings({"classifier": {"label_list": str(tmp_path / "missing.txt")}})
     with pytest.raises(ConfigError, match="not both"):
         parse_settings({"classifier": {"label_list": str(listing), "label_fraction": 0.1}})
+
+
+def test_sync_batch_norm_defaults_on_for_several_processes_in_one_place():
+    """The default is set by parse_settings alone (section 3.3: batch statistics of the global
+    batch); an explicit value wins."""
+    assert parse_settings({}, None, slots=1).sync_batch_norm is False
+    assert parse_settings({"global_batch_size": 8}, None, slots=2).sync_batch_norm is True
+    assert parse_settings({"global_batch_size": 8, "sync_batch_norm": False}, None, slots=2).sync_batch_norm is False
+
+
+def test_view_augmentations_are_parsed_once_with_each_views_defaults():
+    """settings.views is table 6 with the config's overrides, keeping view 2's own defaults
+    (blur 0.1, solarize 0.2) for keys the config does not give."""
+    settings = parse_settings({"augmentation": {"view2": {"flip_p": 0.0}}})
+    view1, view2 = settings.views
+    paper1, paper2 = augment.paper_view_augmentations()
+    assert view1 == paper1
+    assert (view2.flip_p, view2.blur_p, view2.solarize_p) == (0.0, paper2.blur_p, paper2.solarize_p)
+    assert "views" not in settings.as_hparams()
+    with pytest.raises(ConfigError, match=r"augmentation\.view1'.*unknown augmentation setting"):
+        parse_settings({"augmentation": {"view1": {"blurr_p": 0.5}}})
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_settings({"views": []})
