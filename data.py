@@ -19,6 +19,7 @@ through torchvision's own download code under a :class:`filelock.FileLock` in ``
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import importlib
@@ -34,7 +35,9 @@ from PIL import Image
 
 from augment import IMAGENET_MEAN, IMAGENET_STD
 from runtime import jpeg_decode
+from runtime.gcs_client import GCSSource, parse_gcs_section
 from runtime.sampling import SeedStream
+from utils import check_keys, checked_number, reject
 
 
 class Split(str, enum.Enum):
@@ -73,6 +76,43 @@ _INFOS = {
     "digits": DatasetInfo("digits", 10, 1, 8, (0.3053,) * 3, (0.3759,) * 3),
 }
 DATASET_NAMES: Tuple[str, ...] = tuple(_INFOS)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The config's ``data`` section: which dataset, where, how it is loaded."""
+
+    dataset: str = "digits"
+    root: str = "data"
+    download: bool = False
+    validation_size: int = 200        # held out of the labelled training set (CLS_VALIDATION)
+    num_workers: int = 2
+    gcs: Optional[GCSSource] = None
+    decode: str = "pil"               # pil | draft | device: how training JPEGs are decoded (jpeg_decode.py)
+
+
+def parse_data_section(section: dict) -> DataSettings:
+    """The config's ``data`` section, checked into :class:`DataSettings` (a one-line ``ConfigError``
+    names any bad key or value)."""
+    prefix = "data."
+    check_keys(section, DataSettings, prefix)
+    values = {**dataclasses.asdict(DataSettings()), **section}
+    if values["dataset"] not in DATASET_NAMES:
+        reject(prefix + "dataset", values["dataset"], f"known datasets: {', '.join(DATASET_NAMES)}")
+    if not isinstance(values["root"], str) or not values["root"]:
+        reject(prefix + "root", values["root"], "expected a directory path")
+    values["validation_size"] = checked_number(values, "validation_size", prefix, int, minimum=1)
+    values["num_workers"] = checked_number(values, "num_workers", prefix, int, minimum=0)
+    if values["decode"] not in ("pil", "draft", "device"):
+        reject(prefix + "decode", values["decode"], "allowed: pil, draft, device")
+    if values["decode"] != "pil" and values["dataset"] not in ("imagenet", "custom"):
+        reject(prefix + "decode", values["decode"], f"draft and device decode JPEG files: dataset imagenet or custom, "
+              f"not {values['dataset']} (use pil)")
+    if not isinstance(values["download"], bool):
+        reject(prefix + "download", values["download"], "expected true or false")
+    if values.get("gcs") is not None:
+        values["gcs"] = parse_gcs_section(values["gcs"], prefix + "gcs.", values["dataset"])
+    return DataSettings(**values)
 
 _DIGITS_TEST_FRACTION = 0.2
 

@@ -4,14 +4,11 @@
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 import os
 import sys
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import yaml
 
 
 class CommandError(Exception):
@@ -32,6 +29,46 @@ class InputError(CommandError, ValueError):
 
 class ConfigError(InputError):
     """A configuration value is not allowed; the message names the key and what would be right."""
+
+
+# ----------------------------------------------------------------------------- config values
+# Shared by the sections' owners (runtime/settings.py, data.py, runtime/classifier.py, runtime/gcs_client.py).
+def reject(key: str, value: Any, allowed: str) -> None:
+    """Raises the one-line :class:`ConfigError` naming a config ``key``, its ``value`` and what is allowed."""
+    raise ConfigError(f"config key {key!r} has value {value!r}: {allowed}")
+
+
+def check_keys(section: dict, cls, prefix: str) -> None:
+    """``section`` is a mapping whose keys are fields of the dataclass ``cls`` (``prefix``: its place in the config)."""
+    if not isinstance(section, dict):
+        reject(prefix.rstrip("."), section, "expected a mapping")
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in section:
+        if key not in known:
+            reject(prefix + key, section[key], f"unknown key; known keys: {', '.join(sorted(known))}")
+
+
+def checked_number(section: dict, key: str, prefix: str, kind=float, minimum=None, maximum=None,
+                   exclusive_min=False, optional=False):
+    """``section[key]`` as a finite ``kind`` within the bounds, or a :class:`ConfigError`."""
+    value = section[key]
+    if value is None and optional:
+        return None
+    if kind is float and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads 1e-1 (no dot) as a string; it is the number the user meant.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, float) and not math.isfinite(value):
+        reject(prefix + key, value, "must be a finite number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        reject(prefix + key, value, f"expected {'an integer' if kind is int else 'a number'}")
+    if minimum is not None and (value <= minimum if exclusive_min else value < minimum):
+        reject(prefix + key, value, f"must be {'>' if exclusive_min else '>='} {minimum}")
+    if maximum is not None and value > maximum:
+        reject(prefix + key, value, f"must be <= {maximum}")
+    return kind(value)
 
 
 # ----------------------------------------------------------------------------- the error path

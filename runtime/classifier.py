@@ -13,6 +13,10 @@ in dataset order and trains identical heads, so results equal those of one proce
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -22,7 +26,61 @@ from torch import nn
 
 from optim import apply_schedule, scaled_learning_rate
 from runtime.sampling import SeedStream, epoch_permutation, mix_seed
+from utils import check_keys, checked_number, reject
 from runtime.progress import progress
+
+
+@dataclass(frozen=True)
+class ClassifierSettings:
+    """Linear evaluation (appendix C.1): one head per learning rate, SGD with Nesterov momentum."""
+
+    learning_rates: tuple[float, ...] = (0.4, 0.3, 0.2, 0.1, 0.05)
+    train_epochs: int = 10
+    batch_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    logit_clip: Optional[float] = None      # logits -> c * tanh(logits / c)
+    logit_regularization: float = 0.0       # + lambda * mean squared logit
+    augmentation: str = "none"              # none | crop_flip | variant
+    encoder_lr: float = 0.0                 # FINE_TUNE only: (base) learning rate of the encoder
+    label_fraction: Optional[float] = None  # CLASSIFIER_ONLY / FINE_TUNE: seeded fraction of each class
+    label_list: Optional[str] = None        # ... or a file listing the labelled images (SimCLR's lists)
+    knn_k: int = 0                          # >0: report a weighted cosine kNN accuracy at validation
+
+
+def parse_classifier_section(section: dict) -> ClassifierSettings:
+    """The ``hyperparameters.classifier`` section, checked into :class:`ClassifierSettings`."""
+    prefix = "hyperparameters.classifier."
+    check_keys(section, ClassifierSettings, prefix)
+    values = {**dataclasses.asdict(ClassifierSettings()), **section}
+    rates = values["learning_rates"]
+    if isinstance(rates, (list, tuple)):
+        rates = [checked_number({"rate": r}, "rate", prefix + "learning_rates.") if isinstance(r, str) else r for r in rates]
+    if not isinstance(rates, (list, tuple)) or not rates:
+        reject(prefix + "learning_rates", rates, "expected a non-empty list of positive numbers")
+    if any(isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0 or not math.isfinite(r) for r in rates):
+        reject(prefix + "learning_rates", rates, "every learning rate must be a positive number")
+    if len(set(rates)) != len(rates):
+        reject(prefix + "learning_rates", rates, "learning rates must not repeat")
+    values["learning_rates"] = tuple(float(r) for r in rates)
+    values["train_epochs"] = checked_number(values, "train_epochs", prefix, int, minimum=0)
+    values["batch_size"] = checked_number(values, "batch_size", prefix, int, minimum=1)
+    values["momentum"] = checked_number(values, "momentum", prefix, minimum=0, maximum=1)
+    values["weight_decay"] = checked_number(values, "weight_decay", prefix, minimum=0)
+    values["logit_clip"] = checked_number(values, "logit_clip", prefix, minimum=0, exclusive_min=True, optional=True)
+    values["logit_regularization"] = checked_number(values, "logit_regularization", prefix, minimum=0)
+    values["encoder_lr"] = checked_number(values, "encoder_lr", prefix, minimum=0)
+    values["knn_k"] = checked_number(values, "knn_k", prefix, int, minimum=0)
+    values["label_fraction"] = checked_number(values, "label_fraction", prefix, minimum=0, exclusive_min=True, maximum=1,
+                                       optional=True)
+    if values["label_list"] is not None:
+        if not isinstance(values["label_list"], str) or not os.path.isfile(values["label_list"]):
+            reject(prefix + "label_list", values["label_list"], "expected an existing file listing the labelled images")
+        if values["label_fraction"] is not None:
+            reject(prefix + "label_fraction", values["label_fraction"], "give label_list or label_fraction, not both")
+    if values["augmentation"] not in ("none", "crop_flip", "variant"):
+        reject(prefix + "augmentation", values["augmentation"], "allowed: none, crop_flip, variant")
+    return ClassifierSettings(**values)
 
 
 class LinearHeads(nn.Module):

@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from utils import CommandError
+from utils import CommandError, check_keys, checked_number, reject
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,24 @@ class GCSSource:
             if not getattr(self, field):
                 raise ValueError(f"GCSSource.{field} must be a gs://bucket/path URL or a local "
                                  f"path of a blob list (see generate_blob_list.py)")
+
+
+def parse_gcs_section(gcs: dict, prefix: str, dataset: str) -> GCSSource:
+    """The ``data.gcs`` section of a config (``prefix``: its place there), checked into a
+    :class:`GCSSource`; every bad value is a one-line ``ConfigError``."""
+    check_keys(gcs, GCSSource, prefix)
+    for key in ("bucket", "train_blob_list", "val_blob_list"):
+        if not isinstance(gcs.get(key), str) or not gcs.get(key):
+            reject(f"{prefix}{key}", gcs.get(key), "required: a non-empty string")
+    if dataset != "imagenet":
+        reject(prefix.rstrip("."), gcs, "streaming from Cloud Storage is supported for dataset: imagenet")
+    if gcs["bucket"].startswith("gs://") or "/" in gcs["bucket"]:
+        reject(prefix + "bucket", gcs["bucket"], "expected a bare bucket name, e.g. my-imagenet (no gs://, no /)")
+    gcs = {**{f.name: f.default for f in dataclasses.fields(GCSSource) if f.default is not dataclasses.MISSING}, **gcs}
+    gcs["max_in_flight"] = checked_number(gcs, "max_in_flight", prefix, int, minimum=1)
+    for key in ("retry_deadline", "startup_retry_deadline"):
+        gcs[key] = checked_number(gcs, key, prefix, minimum=0, exclusive_min=True)
+    return GCSSource(**gcs)
 
 log = logging.getLogger(__name__)
 

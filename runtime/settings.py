@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -18,9 +17,9 @@ import yaml
 
 import augment
 import backbone
-import data
-from runtime.gcs_client import GCSSource
-from utils import ConfigError
+from data import DataSettings, parse_data_section
+from runtime.classifier import ClassifierSettings, parse_classifier_section
+from utils import ConfigError, check_keys, checked_number, reject
 
 # Top-level sections of a Determined experiment config (0.38, expconf/v0/experiment.json); anything
 # else is a misspelling (``datasets:`` for ``data:``) and is refused like an unknown key.
@@ -54,35 +53,6 @@ class Length:
 
 
 PRECISIONS = ("fp32", "bf16")
-
-
-@dataclass(frozen=True)
-class DataSettings:
-    dataset: str = "digits"
-    root: str = "data"
-    download: bool = False
-    validation_size: int = 200        # held out of the labelled training set (CLS_VALIDATION)
-    num_workers: int = 2
-    gcs: Optional[GCSSource] = None
-    decode: str = "pil"               # pil | draft | device: how training JPEGs are decoded (jpeg_decode.py)
-
-
-@dataclass(frozen=True)
-class ClassifierSettings:
-    """Linear evaluation (appendix C.1): one head per learning rate, SGD with Nesterov momentum."""
-
-    learning_rates: tuple[float, ...] = (0.4, 0.3, 0.2, 0.1, 0.05)
-    train_epochs: int = 10
-    batch_size: int = 256
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    logit_clip: Optional[float] = None      # logits -> c * tanh(logits / c)
-    logit_regularization: float = 0.0       # + lambda * mean squared logit
-    augmentation: str = "none"              # none | crop_flip | variant
-    encoder_lr: float = 0.0                 # FINE_TUNE only: (base) learning rate of the encoder
-    label_fraction: Optional[float] = None  # CLASSIFIER_ONLY / FINE_TUNE: seeded fraction of each class
-    label_list: Optional[str] = None        # ... or a file listing the labelled images (SimCLR's lists)
-    knn_k: int = 0                          # >0: report a weighted cosine kNN accuracy at validation
 
 
 @dataclass(frozen=True)
@@ -138,122 +108,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _fail(key: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"config key {key!r} has value {value!r}: {allowed}")
-
-
-def _check_keys(section: dict, cls, prefix: str) -> None:
-    if not isinstance(section, dict):
-        _fail(prefix.rstrip("."), section, "expected a mapping")
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
-    for key in section:
-        if key not in known:
-            _fail(prefix + key, section[key], f"unknown key; known keys: {', '.join(sorted(known))}")
-
-
-def _number(section: dict, key: str, prefix: str, kind=float, minimum=None, maximum=None,
-            exclusive_min=False, optional=False):
-    value = section[key]
-    if value is None and optional:
-        return None
-    if kind is float and isinstance(value, str):
-        # YAML 1.1 (PyYAML) reads 1e-1 (no dot) as a string; it is the number the user meant.
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(value, float) and not math.isfinite(value):
-        _fail(prefix + key, value, "must be a finite number")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        _fail(prefix + key, value, f"expected {'an integer' if kind is int else 'a number'}")
-    if minimum is not None and (value <= minimum if exclusive_min else value < minimum):
-        _fail(prefix + key, value, f"must be {'>' if exclusive_min else '>='} {minimum}")
-    if maximum is not None and value > maximum:
-        _fail(prefix + key, value, f"must be <= {maximum}")
-    return kind(value)
-
-
 def parse_length(value: Any, key: str, optional: bool = True) -> Optional[Length]:
     if value is None and optional:
         return None
     if isinstance(value, dict) and set(value) == {"batches", "epochs"}:
-        _fail(key, value, "give one unit, {batches: N} or {epochs: N}, not both (--set " + key.split(".", 1)[-1]
+        reject(key, value, "give one unit, {batches: N} or {epochs: N}, not both (--set " + key.split(".", 1)[-1]
               + ".batches=N replaces the whole length)")
     if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in ("batches", "epochs"):
-        _fail(key, value, "expected {batches: N} or {epochs: N}")
+        reject(key, value, "expected {batches: N} or {epochs: N}")
     unit, amount = next(iter(value.items()))
     if isinstance(amount, bool) or not isinstance(amount, int) or amount < (0 if key.endswith("train_length") else 1):
-        _fail(f"{key}.{unit}", amount, "must be a whole number >= " + ("0" if key.endswith("train_length") else "1"))
+        reject(f"{key}.{unit}", amount, "must be a whole number >= " + ("0" if key.endswith("train_length") else "1"))
     return Length(**{unit: amount})
-
-
-def _parse_data(section: dict) -> DataSettings:
-    prefix = "data."
-    _check_keys(section, DataSettings, prefix)
-    values = {**dataclasses.asdict(DataSettings()), **section}
-    if values["dataset"] not in data.DATASET_NAMES:
-        _fail(prefix + "dataset", values["dataset"], f"known datasets: {', '.join(data.DATASET_NAMES)}")
-    if not isinstance(values["root"], str) or not values["root"]:
-        _fail(prefix + "root", values["root"], "expected a directory path")
-    values["validation_size"] = _number(values, "validation_size", prefix, int, minimum=1)
-    values["num_workers"] = _number(values, "num_workers", prefix, int, minimum=0)
-    if values["decode"] not in ("pil", "draft", "device"):
-        _fail(prefix + "decode", values["decode"], "allowed: pil, draft, device")
-    if values["decode"] != "pil" and values["dataset"] not in ("imagenet", "custom"):
-        _fail(prefix + "decode", values["decode"], f"draft and device decode JPEG files: dataset imagenet or custom, "
-              f"not {values['dataset']} (use pil)")
-    if not isinstance(values["download"], bool):
-        _fail(prefix + "download", values["download"], "expected true or false")
-    gcs = values.get("gcs")
-    if gcs is not None:
-        _check_keys(gcs, GCSSource, prefix + "gcs.")
-        for key in ("bucket", "train_blob_list", "val_blob_list"):
-            if not isinstance(gcs.get(key), str) or not gcs.get(key):
-                _fail(f"{prefix}gcs.{key}", gcs.get(key), "required: a non-empty string")
-        if values["dataset"] != "imagenet":
-            _fail(prefix + "gcs", gcs, "streaming from Cloud Storage is supported for dataset: imagenet")
-        if gcs["bucket"].startswith("gs://") or "/" in gcs["bucket"]:
-            _fail(prefix + "gcs.bucket", gcs["bucket"], "expected a bare bucket name, e.g. my-imagenet (no gs://, no /)")
-        gcs = {**{f.name: f.default for f in dataclasses.fields(GCSSource) if f.default is not dataclasses.MISSING}, **gcs}
-        gcs["max_in_flight"] = _number(gcs, "max_in_flight", prefix + "gcs.", int, minimum=1)
-        for key in ("retry_deadline", "startup_retry_deadline"):
-            gcs[key] = _number(gcs, key, prefix + "gcs.", minimum=0, exclusive_min=True)
-        values["gcs"] = GCSSource(**gcs)
-    return DataSettings(**values)
-
-
-def _parse_classifier(section: dict) -> ClassifierSettings:
-    prefix = "hyperparameters.classifier."
-    _check_keys(section, ClassifierSettings, prefix)
-    values = {**dataclasses.asdict(ClassifierSettings()), **section}
-    rates = values["learning_rates"]
-    if isinstance(rates, (list, tuple)):
-        rates = [_number({"rate": r}, "rate", prefix + "learning_rates.") if isinstance(r, str) else r for r in rates]
-    if not isinstance(rates, (list, tuple)) or not rates:
-        _fail(prefix + "learning_rates", rates, "expected a non-empty list of positive numbers")
-    if any(isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0 or not math.isfinite(r) for r in rates):
-        _fail(prefix + "learning_rates", rates, "every learning rate must be a positive number")
-    if len(set(rates)) != len(rates):
-        _fail(prefix + "learning_rates", rates, "learning rates must not repeat")
-    values["learning_rates"] = tuple(float(r) for r in rates)
-    values["train_epochs"] = _number(values, "train_epochs", prefix, int, minimum=0)
-    values["batch_size"] = _number(values, "batch_size", prefix, int, minimum=1)
-    values["momentum"] = _number(values, "momentum", prefix, minimum=0, maximum=1)
-    values["weight_decay"] = _number(values, "weight_decay", prefix, minimum=0)
-    values["logit_clip"] = _number(values, "logit_clip", prefix, minimum=0, exclusive_min=True, optional=True)
-    values["logit_regularization"] = _number(values, "logit_regularization", prefix, minimum=0)
-    values["encoder_lr"] = _number(values, "encoder_lr", prefix, minimum=0)
-    values["knn_k"] = _number(values, "knn_k", prefix, int, minimum=0)
-    values["label_fraction"] = _number(values, "label_fraction", prefix, minimum=0, exclusive_min=True, maximum=1,
-                                       optional=True)
-    if values["label_list"] is not None:
-        if not isinstance(values["label_list"], str) or not os.path.isfile(values["label_list"]):
-            _fail(prefix + "label_list", values["label_list"], "expected an existing file listing the labelled images")
-        if values["label_fraction"] is not None:
-            _fail(prefix + "label_fraction", values["label_fraction"], "give label_list or label_fraction, not both")
-    if values["augmentation"] not in ("none", "crop_flip", "variant"):
-        _fail(prefix + "augmentation", values["augmentation"], "allowed: none, crop_flip, variant")
-    return ClassifierSettings(**values)
 
 
 def parse_settings(hyperparameters: dict, data_section: Optional[dict] = None, slots: int = 1) -> Settings:
@@ -261,9 +127,9 @@ def parse_settings(hyperparameters: dict, data_section: Optional[dict] = None, s
     prefix = "hyperparameters."
     hyperparameters = dict(hyperparameters or {})
     hyperparameters.pop("global_batch_size_per_slot", None)
-    _check_keys(hyperparameters, Settings, prefix)
+    check_keys(hyperparameters, Settings, prefix)
     if "data" in hyperparameters and data_section:
-        _fail(prefix + "data", hyperparameters["data"], "give the data section once (top level or in hyperparameters)")
+        reject(prefix + "data", hyperparameters["data"], "give the data section once (top level or in hyperparameters)")
     data_section = hyperparameters.pop("data", None) or data_section or {}
     values = {f.name: getattr(Settings(), f.name) for f in dataclasses.fields(Settings) if f.init}
     # Batch norm over the global batch (section 3.3) by default: synchronised when there are several
@@ -273,21 +139,21 @@ def parse_settings(hyperparameters: dict, data_section: Optional[dict] = None, s
     try:
         values["training_mode"] = TrainingMode(values["training_mode"])
     except ValueError:
-        _fail(prefix + "training_mode", values["training_mode"],
+        reject(prefix + "training_mode", values["training_mode"],
               f"allowed: {', '.join(m.value for m in TrainingMode)}")
     try:
         backbone.check_backbone_name(values["backbone"])
     except ValueError as error:
         raise ConfigError(f"config key 'hyperparameters.backbone': {error}") from None
     for key in ("seed",):
-        values[key] = _number(values, key, prefix, int, minimum=0)
-    values["image_size"] = _number(values, "image_size", prefix, int, minimum=8)
-    values["global_batch_size"] = _number(values, "global_batch_size", prefix, int, minimum=2)
+        values[key] = checked_number(values, key, prefix, int, minimum=0)
+    values["image_size"] = checked_number(values, "image_size", prefix, int, minimum=8)
+    values["global_batch_size"] = checked_number(values, "global_batch_size", prefix, int, minimum=2)
     if values["global_batch_size"] % slots:
-        _fail(prefix + "global_batch_size", values["global_batch_size"],
+        reject(prefix + "global_batch_size", values["global_batch_size"],
               f"must be divisible by the number of slots ({slots})")
     if values["global_batch_size"] // slots < 2:
-        _fail(prefix + "global_batch_size", values["global_batch_size"],
+        reject(prefix + "global_batch_size", values["global_batch_size"],
               "batch norm needs at least 2 images per slot")
     if isinstance(values["train_length"], Length):
         pass
@@ -296,47 +162,47 @@ def parse_settings(hyperparameters: dict, data_section: Optional[dict] = None, s
     for key in ("validation_period", "checkpoint_period"):
         if not isinstance(values[key], Length):
             values[key] = parse_length(values[key], prefix + key)
-    values["warmup_epochs"] = _number(values, "warmup_epochs", prefix, minimum=0)
-    values["base_lr"] = _number(values, "base_lr", prefix, minimum=0, exclusive_min=True)
-    values["weight_decay"] = _number(values, "weight_decay", prefix, minimum=0)
-    values["momentum"] = _number(values, "momentum", prefix, minimum=0, maximum=1)
-    values["lars_eta"] = _number(values, "lars_eta", prefix, minimum=0, exclusive_min=True)
-    values["tau_base"] = _number(values, "tau_base", prefix, minimum=0, maximum=1)
-    values["projection_size"] = _number(values, "projection_size", prefix, int, minimum=1)
-    values["projection_hidden_size"] = _number(values, "projection_hidden_size", prefix, int, minimum=1)
+    values["warmup_epochs"] = checked_number(values, "warmup_epochs", prefix, minimum=0)
+    values["base_lr"] = checked_number(values, "base_lr", prefix, minimum=0, exclusive_min=True)
+    values["weight_decay"] = checked_number(values, "weight_decay", prefix, minimum=0)
+    values["momentum"] = checked_number(values, "momentum", prefix, minimum=0, maximum=1)
+    values["lars_eta"] = checked_number(values, "lars_eta", prefix, minimum=0, exclusive_min=True)
+    values["tau_base"] = checked_number(values, "tau_base", prefix, minimum=0, maximum=1)
+    values["projection_size"] = checked_number(values, "projection_size", prefix, int, minimum=1)
+    values["projection_hidden_size"] = checked_number(values, "projection_hidden_size", prefix, int, minimum=1)
     if values["precision"] not in PRECISIONS:
-        _fail(prefix + "precision", values["precision"], f"allowed: {', '.join(PRECISIONS)}")
+        reject(prefix + "precision", values["precision"], f"allowed: {', '.join(PRECISIONS)}")
     if values["channels_last"] is not None and not isinstance(values["channels_last"], bool):
-        _fail(prefix + "channels_last", values["channels_last"], "expected true, false or null (on for CUDA)")
-    values["finite_check_period"] = _number(values, "finite_check_period", prefix, int, minimum=1)
+        reject(prefix + "channels_last", values["channels_last"], "expected true, false or null (on for CUDA)")
+    values["finite_check_period"] = checked_number(values, "finite_check_period", prefix, int, minimum=1)
     for key in ("sync_batch_norm", "classifier_validation", "compare_random_init", "compile"):
         if not isinstance(values[key], bool):
-            _fail(prefix + key, values[key], "expected true or false")
+            reject(prefix + key, values[key], "expected true or false")
     values["augmentation"] = values["augmentation"] or {}
     if not isinstance(values["classifier"], ClassifierSettings):
-        values["classifier"] = _parse_classifier(values["classifier"] or {})
-    values["data"] = _parse_data(data_section)
+        values["classifier"] = parse_classifier_section(values["classifier"] or {})
+    values["data"] = parse_data_section(data_section)
     if values["training_mode"] != TrainingMode.SELF_SUPERVISED and not values["pretrained_checkpoint"]:
-        _fail(prefix + "pretrained_checkpoint", values["pretrained_checkpoint"],
+        reject(prefix + "pretrained_checkpoint", values["pretrained_checkpoint"],
               f"{values['training_mode'].value} needs the BYOL checkpoint to load (a directory or storage id)")
     if values["training_mode"] == TrainingMode.FINE_TUNE:
         # One encoder is shared by all heads: with several head learning rates the encoder would be
         # trained by the sum of their losses, and no head would be the run its learning rate names.
         rates = values["classifier"].learning_rates
         if len(rates) != 1:
-            _fail(prefix + "classifier.learning_rates", list(rates),
+            reject(prefix + "classifier.learning_rates", list(rates),
                   "FINE_TUNE trains the encoder with the head, so it takes exactly one learning rate "
                   "(sweep learning rates with separate trials)")
         if values["classifier"].encoder_lr <= 0:
-            _fail(prefix + "classifier.encoder_lr", values["classifier"].encoder_lr,
+            reject(prefix + "classifier.encoder_lr", values["classifier"].encoder_lr,
                   "FINE_TUNE needs an encoder learning rate > 0 (for a frozen encoder use CLASSIFIER_ONLY)")
     if values["backbone_weights"] and not os.path.isfile(values["backbone_weights"]):
-        _fail(prefix + "backbone_weights", values["backbone_weights"], "file does not exist")
+        reject(prefix + "backbone_weights", values["backbone_weights"], "file does not exist")
     try:
         return Settings(**values)
     except augment.ViewSettingsError as error:  # the views are parsed by augment.view_augmentations
         if error.view is None:
-            _fail(prefix + "augmentation", values["augmentation"], str(error))
+            reject(prefix + "augmentation", values["augmentation"], str(error))
         raise ConfigError(f"config key '{prefix}augmentation.{error.view}': {error}") from None
 
 
