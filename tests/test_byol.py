@@ -2,6 +2,7 @@
 (section 3.2) and the byol-pytorch-style wrapper around torchvision ResNets."""
 import math
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -378,3 +379,15 @@ def test_per_view_statistics_with_synchronised_batch_norm(tmp_path):
     from run_helpers import ROOT, run_on_two_ranks
 
     run_on_two_ranks(tmp_path, "per_view.py", PER_VIEW_SYNC_BN.format(root=ROOT))
+
+
+@pytest.mark.slow
+def test_readme_library_example_runs(tmp_path, monkeypatch):
+    """The README's "Using the method as a library" example, as written, trains one step and saves
+    the network (the default batched augmentation now lives in augment.py)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Using the method as a library", 1)[1]
+    example = section.split("```python", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "README.md", "exec"), {})
+    assert (tmp_path / "improved-net.pt").stat().st_size > 1_000_000
