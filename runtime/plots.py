@@ -1,7 +1,7 @@
 """Training curves of a local run: loss, learning rate and accuracy, as one PNG.
 
 On a cluster Determined's web UI draws these from the reported metrics. Off a cluster the trial
-records the same metrics with :class:`MetricsHistory` (a harness callback) and the runner draws
+records the same metrics with :class:`MetricsHistory` (a harness callback) and runtime/launch.py draws
 them next to its metrics file with :func:`write_metrics_plot`. What is drawn follows the paper
 (Grill et al. 2020, arXiv 2006.07733): the BYOL loss of eq. (2)/(4) and the schedules of
 section 3.3 (learning rate; EMA rate tau) during pretraining, and the linear-evaluation accuracy

@@ -405,13 +405,13 @@ def test_unreachable_endpoint_fails_fast_with_progress(tmp_path, monkeypatch, ca
     caplog_lines = []
     handler = logging.Handler()
     handler.emit = lambda record: caplog_lines.append(record.getMessage())
-    logging.getLogger("gcs_client").addHandler(handler)
+    logging.getLogger("runtime.gcs_client").addHandler(handler)
     try:
         started = time.monotonic()
         code = gbl.main(["--bucket", "b", "--output", str(tmp_path / "list.txt"), "--retry-deadline", "3"])
         took = time.monotonic() - started
     finally:
-        logging.getLogger("gcs_client").removeHandler(handler)
+        logging.getLogger("runtime.gcs_client").removeHandler(handler)
     err = capsys.readouterr().err
     assert_one_line_error(code, err, "cannot list gs://b/", "3 s of retries", exit_code=1)
     assert took < 30
@@ -439,7 +439,7 @@ def test_failing_object_is_retried_with_progress_lines(imagenet_bucket, fault_pr
                         retry_initial_delay=0.01, retry_deadline=1.0, timeout=5.0)
     fault_proxy.set_faults(error_rate=1.0)
     url = ds.object_url(2)
-    with caplog.at_level("WARNING", logger="gcs_client"):
+    with caplog.at_level("WARNING", logger="runtime.gcs_client"):
         with pytest.raises(GCSError, match=f"giving up on {url} .*1 s \\(data.gcs.retry_deadline\\)"):
             ds[2]
     assert any(f"retrying {url} (2nd try, 503" in message for message in caplog.messages), caplog.messages
