@@ -191,7 +191,10 @@ def run_trial(make_trial: Callable, context: pytorch.PyTorchTrialContext, settin
     return trial
 
 
-def summary(trial, seconds: float) -> Dict[str, Any]:
+def final_metrics(trial, seconds: float) -> Dict[str, Any]:
+    """The run's final metrics: the last validation's, the step reached, the time and the last
+    checkpoint; after pretraining with ``compare_random_init``, first the comparison of the BYOL
+    encoder with a random one and raw pixels, which trains feature probes (every rank takes part)."""
     metrics = {key: value for key, value in trial.evaluation.last_validation.items()
                if isinstance(value, (int, float))}
     if trial.pretraining and trial.settings.compare_random_init:
@@ -291,7 +294,7 @@ def train_and_report(make_trial: Callable, exp_conf: Dict[str, Any], settings: S
             trial = run_trial(make_trial, context, settings, latest)
             if stops.REQUEST.requested and trial.global_step < trial.total_steps:
                 raise stopped(trial, checkpoint_dir)
-            metrics = summary(trial, time.time() - started)
+            metrics = final_metrics(trial, time.time() - started)
         if context.distributed.rank == 0:
             print_summary(trial, metrics)
             if result_line is not None:
