@@ -357,7 +357,7 @@ def encoder_state(checkpoint: Dict[str, Any], where: str) -> Dict[str, torch.Ten
 
 
 # Settings that may differ on resume without changing what the resumed steps compute: how often to
-# validate or checkpoint, the probes' read-out, where the data lives and how it is loaded.
+# validate or checkpoint, the linear evaluation's read-out, where the data lives and how it is loaded.
 RESUME_FREE_KEYS = ("train_length", "validation_period", "checkpoint_period", "classifier_validation",
                     "compare_random_init", "classifier", "data.root", "data.download", "data.num_workers",
                     "data.gcs.cache_dir", "data.gcs.max_in_flight", "data.gcs.retry_deadline")

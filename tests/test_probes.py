@@ -1,4 +1,4 @@
-"""probes.py on a synthetic features file: kNN and logistic regression beside PCA of pixels."""
+"""runtime/feature_probes.py on a synthetic features file: kNN and logistic regression beside PCA of pixels."""
 import torch
 
 import evaluate_result
