@@ -405,13 +405,13 @@ def test_unreachable_endpoint_fails_fast_with_progress(tmp_path, monkeypatch, ca
     caplog_lines = []
     handler = logging.Handler()
     handler.emit = lambda record: caplog_lines.append(record.getMessage())
-    logging.getLogger("gcs_client").addHandler(handler)
+    logging.getLogger("runtime.gcs_client").addHandler(handler)
     try:
         started = time.monotonic()
         code = gbl.main(["--bucket", "b", "--output", str(tmp_path / "list.txt"), "--retry-deadline", "3"])
         took = time.monotonic() - started
     finally:
-        logging.getLogger("gcs_client").removeHandler(handler)
+        logging.getLogger("runtime.gcs_client").removeHandler(handler)
     err = capsys.readouterr().err
     assert_one_line_error(code, err, "cannot list gs://b/", "3 s of retries", exit_code=1)
     assert took < 30
