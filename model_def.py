@@ -397,7 +397,8 @@ class BYOLTrial(TrialBase):
         return loss, loss + classifier_loss, metrics
 
     def after_step(self, step: int) -> Dict[str, Any]:
-        tau = cosine_ema_tau(step, self.total_steps, self.settings.tau_base)
+        s = self.settings
+        tau = cosine_ema_tau(step, self.total_steps, s.tau_base)
         self.learner.update_moving_average(tau)
         if self.world_size > 1 and not self.synced_batch_norm:
             # Per-process batch statistics: keep rank 0's, so replicas stay identical (replicas.py).
