@@ -27,7 +27,7 @@ otherwise unless ``--classifier-train-epochs`` says, one run per learning rate o
     python evaluate_result.py features --checkpoint DIR --out FEATURES.pt
     python evaluate_result.py probe --features FEATURES.pt [--k 20]
         Fast iteration (``runtime/feature_probes.py``): frozen features of the classifier splits, then a weighted
-        cosine kNN (``knn.py``) and logistic regression, beside the same probes on PCA of pixels.
+        cosine kNN (``runtime/knn.py``) and logistic regression, beside the same probes on PCA of pixels.
 """
 from __future__ import annotations
 

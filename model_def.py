@@ -1,10 +1,13 @@
-"""The BYOL experiment as a Determined PyTorchTrial, and the script that runs it.
+"""The BYOL experiment as Determined PyTorchTrials, and the script that runs it.
 
-Modes (``hyperparameters.training_mode``):
-  SELF_SUPERVISED  BYOL pretraining (section 3): LARS, cosine learning rate and EMA schedules; before
-                   each validation fresh linear heads are trained on frozen features (appendix C.1).
-  CLASSIFIER_ONLY  linear heads on a frozen encoder loaded from a BYOL checkpoint (appendix C.1).
-  FINE_TUNE        encoder and head trained together (appendix C.2).
+Modes (``hyperparameters.training_mode``), each run by a trial class built by :func:`build_trial`
+on the shared :class:`TrialBase`:
+  SELF_SUPERVISED  :class:`BYOLTrial`: BYOL pretraining (section 3): LARS, cosine learning rate and EMA
+                   schedules; before each validation fresh linear-evaluation heads are trained on
+                   frozen features (appendix C.1, ``runtime/linear_eval.py``).
+  CLASSIFIER_ONLY  :class:`HeadsTrial`: linear heads on a frozen encoder loaded from a BYOL checkpoint
+                   (appendix C.1).
+  FINE_TUNE        :class:`HeadsTrial`: encoder and head trained together (appendix C.2).
 
 Run it locally (Determined's Trainer in local mode) or on a cluster (the experiment's entrypoint):
     python model_def.py --config config/local-digits.yaml [--epochs N | --batches N]
@@ -16,7 +19,7 @@ import contextlib
 import itertools
 import sys
 import time
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 from determined import pytorch
@@ -30,7 +33,7 @@ import optim
 from runtime import checkpoints, launch
 from runtime import faults
 from runtime import jpeg_decode
-from runtime import knn
+from runtime import linear_eval
 from runtime import nonfinite
 from runtime import performance
 from runtime import plots
@@ -43,7 +46,6 @@ from runtime.sampling import GlobalBatchSampler, mix_seed
 from reducers import DeviceLossReducer
 from runtime.settings import Settings, TrainingMode, parse_settings
 from utils import ConfigError
-from runtime.linear_eval import ValidationMixin
 
 # Seed streams of the trial's randomness (mix_seed(seed, step, stream)); validation.py has its own.
 VIEW1_STREAM, VIEW2_STREAM, VARIANT_STREAM = 1, 2, 4
@@ -87,21 +89,33 @@ class BatchesUntil:
         return itertools.islice(iter(self.sampler), max(self.stop - self.sampler.start_step, 0))
 
 
-class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
-    """BYOL pretraining, or linear heads / fine-tuning on its encoder (see the module docstring).
+class TrialBase(pytorch.PyTorchTrial):
+    """What the two trials share: settings, datasets and the resumable sampler, the encoder and the
+    linear heads' initial weights, normalisation and photometric modules, seeded randomness, the
+    deferred non-finite check, the replica check, throughput printing, the data loaders, the
+    trial's own checkpointed state and its :class:`linear_eval.LinearEvaluation` (``self.evaluation``).
 
     Exact resume: everything random (data order, crops, photometric views) is a pure function of
     ``(seed, global step, sample)``, and the global step travels in the checkpoint
-    (``checkpoints.TrialStateCallback``); the harness's own ``batch_idx`` is not used.
+    (``checkpoints.TrialStateCallback``, through :meth:`state_to_save` / :meth:`restore_state`);
+    the harness's own ``batch_idx`` is not used.
+
+    A subclass builds its wrapped model and optimiser (:meth:`build_model`), names what linear
+    evaluation reads out (:meth:`readout`) and computes each step's loss (:meth:`step_loss`).
     """
 
-    def __init__(self, context: pytorch.PyTorchTrialContext, settings: Optional[Settings] = None) -> None:
+    pretraining: bool = False  # SELF_SUPERVISED (BYOLTrial) or not (HeadsTrial); read-only
+    modes: tuple = ()  # the training modes this class runs
+    batch_key = ""  # the hyperparameter that sets the global batch
+
+    def __init__(self, context: pytorch.PyTorchTrialContext, settings: Settings) -> None:
+        if settings.training_mode not in self.modes:
+            raise ValueError(f"{type(self).__name__} runs {[m.value for m in self.modes]}, not "
+                             f"{settings.training_mode.value}: build the trial with model_def.build_trial")
         self.context = context
         self.rank = context.distributed.rank
         self.world_size = context.distributed.size
-        # sync_batch_norm defaults to on for several processes (global-batch statistics, section 3.3).
-        self.settings = settings or parse_settings({"sync_batch_norm": self.world_size > 1, **context.get_hparams()},
-                                                   context.get_data_config(), self.world_size)
+        self.settings = settings
         s = self.settings
         context.experimental.disable_dataset_reproducibility_checks()  # our own resumable sampler
         # Batches reach the device through our own non-blocking copies (loaders.prefetch_to_device
@@ -112,28 +126,23 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
         self.channels_last = performance.use_channels_last(s.channels_last, self.device)
         self.finite_watch = nonfinite.NonFiniteWatch(s.finite_check_period)
         self.info = data.dataset_info(s.data.dataset, s.data.root)
-        self.pretraining = s.training_mode == TrainingMode.SELF_SUPERVISED
         # Datasets are built (and checked) here, before any training work starts.
         # ReadGuard: an undecodable image ends the run with its file name (faults.py).
         self.train_dataset = faults.ReadGuard(loaders.training_dataset(s, s.image_size, self.pretraining))
-        self.eval_dataset = faults.ReadGuard(loaders.evaluation_dataset(s, s.image_size))
+        eval_dataset = faults.ReadGuard(loaders.evaluation_dataset(s, s.image_size))
         # Every split's image files open (a header check) before the first step (preflight.py).
-        preflight.check_image_headers([self.train_dataset, self.eval_dataset], self.rank, self.world_size)
+        preflight.check_image_headers([self.train_dataset, eval_dataset], self.rank, self.world_size)
         note = preflight.dataset_classes_note(self.info.num_classes, f"dataset {s.data.dataset!r}")
         if note and self.rank == 0:
             print(note, flush=True)
         try:
             self.steps_per_epoch = len(self._sampler(0))
         except ValueError as error:  # fewer images than one global batch
-            key = "global_batch_size" if self.pretraining else "classifier.batch_size"
-            raise ConfigError(f"config key 'hyperparameters.{key}': {error}") from None
+            raise ConfigError(f"config key 'hyperparameters.{self.batch_key}': {error}") from None
         self.total_steps = s.train_length.to_batches(self.steps_per_epoch)
         self.global_step = 0
         self.last_checkpoint: Optional[str] = None
         self.last_checkpoint_path: Optional[str] = None  # chief: directory of the last complete checkpoint
-        self.last_validation: Dict[str, Any] = {}
-        self.knn_bank: Optional[knn.FeatureBank] = None  # CLS_TRAIN features, during validation only
-        self._view_parameters: tuple = (None, None)  # (step, per-view parameters for the evaluation set)
         self._last_print = self._last_time = time.time()
 
         torch.manual_seed(s.seed)  # identical initial weights on every rank
@@ -141,38 +150,7 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
         feature_size = backbones.feature_size(s.backbone)
         self.heads = classifier.LinearHeads(feature_size, self.info.num_classes,
                                             len(s.classifier.learning_rates), s.classifier.logit_clip)
-        if self.pretraining:
-            # The reference's online classifier on sg(y): a training metric at every step (byol.py).
-            learner = BYOL(encoder, s.image_size, hidden_layer=None, projection_size=s.projection_size,
-                           projection_hidden_size=s.projection_hidden_size, feature_size=feature_size,
-                           num_classes=self.info.num_classes)
-            if self.synced_batch_norm:
-                # Global-batch statistics in encoder, projector and predictor (online and target):
-                # one all_reduce per layer, on every device (sync_batchnorm.py).
-                learner = sync_batchnorm.convert_sync_batchnorm(learner)
-            if self.channels_last:
-                learner = performance.to_channels_last(learner)
-            self.model = context.wrap_model(learner)
-            self.heads.to(self.device)
-            self.peak_lr = optim.scaled_learning_rate(s.base_lr, s.global_batch_size)
-            groups = optim.lars_param_groups(
-                ((n, p) for n, p in learner.named_parameters() if not n.startswith("target_")), s.weight_decay)
-            self.optimizer = context.wrap_optimizer(
-                optim.LARS(groups, lr=self.peak_lr, momentum=s.momentum, weight_decay=s.weight_decay, eta=s.lars_eta))
-        else:
-            checkpoints.load_pretrained_encoder(encoder, s, context)
-            fine_tune = s.training_mode == TrainingMode.FINE_TUNE
-            if fine_tune and self.synced_batch_norm:  # a frozen encoder (CLASSIFIER_ONLY) keeps eval-mode BN
-                encoder = sync_batchnorm.convert_sync_batchnorm(encoder)
-            if self.channels_last:
-                encoder = performance.to_channels_last(encoder)
-            self.model = context.wrap_model(EncoderWithHeads(encoder, self.heads, fine_tune))
-            encoder_lr = optim.scaled_learning_rate(s.classifier.encoder_lr, s.classifier.batch_size)
-            extra = ([{"params": list(encoder.parameters()), "lr": encoder_lr, "initial_lr": encoder_lr}]
-                     if fine_tune else [])
-            self.optimizer = context.wrap_optimizer(classifier.heads_optimizer(
-                self.heads, s.classifier.learning_rates, s.classifier.batch_size, s.classifier.momentum,
-                s.classifier.weight_decay, extra))
+        self.model, self.optimizer = self.build_model(encoder, feature_size)
         view1, view2 = loaders.view_augmentations(s)
         self.augment1 = self._photometric(view1)
         self.augment2 = self._photometric(view2)
@@ -182,10 +160,40 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
         self.model_call = performance.maybe_compile(self.model, s.compile)
         self._augment_calls = {module: performance.maybe_compile(module, s.compile)
                                for module in (self.augment1, self.augment2)}
-        self.register_reducers()
+        self.evaluation = linear_eval.LinearEvaluation(
+            settings=s, context=context, device=self.device, rank=self.rank, world_size=self.world_size,
+            dataset=eval_dataset, normalize=self.normalize, augmentations=(self.augment1, self.augment2),
+            num_classes=self.info.num_classes, global_step=lambda: self.global_step, seeded=self.seeded,
+            **self.readout())
         # The training loss stays on the device and is read once per reporting period (reducers.py).
         self.loss_reducer = context.wrap_reducer(DeviceLossReducer(), name="loss", for_training=True,
                                                  for_validation=False)
+
+    # ----------------------------------------------------------------- what a subclass defines
+    @property
+    def global_batch_size(self) -> int:
+        """Images per step, over all processes."""
+        raise NotImplementedError
+
+    def build_model(self, encoder: torch.nn.Module, feature_size: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """The wrapped model and optimiser, from the freshly initialised ``encoder``."""
+        raise NotImplementedError
+
+    def readout(self) -> Dict[str, torch.nn.Module]:
+        """What linear evaluation reads out (the read-out arguments of ``LinearEvaluation``)."""
+        raise NotImplementedError
+
+    def step_loss(self, batch: Any, step: int) -> tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]:
+        """``(loss, what backward gets, metrics)`` of global step ``step``; sets the learning rate."""
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> Dict[str, Any]:
+        """Work after the optimiser step of global step ``step``; returns more metrics."""
+        return {}
+
+    def training_collate(self) -> Optional[Callable]:
+        """The training loader's collate function (None: PyTorch's default)."""
+        return None
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -197,13 +205,8 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
 
     def _sampler(self, start_step: int) -> GlobalBatchSampler:
         s = self.settings
-        batch = s.global_batch_size if self.pretraining else s.classifier.batch_size
-        return GlobalBatchSampler(len(self.train_dataset), batch, self.rank, self.world_size,
+        return GlobalBatchSampler(len(self.train_dataset), self.global_batch_size, self.rank, self.world_size,
                                   seed=s.seed, start_step=start_step)
-
-    @property
-    def learner(self) -> BYOL:
-        return getattr(self.model, "module", self.model)
 
     @contextlib.contextmanager
     def seeded(self, stream: int) -> Iterator[None]:
@@ -233,69 +236,53 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
     def build_training_data_loader(self):
         # The data ends at the last step: in local mode the harness counts its period boundaries from
         # 0 again after a resume, and would otherwise train on to the next one past max_length.
-        encoded = self.pretraining and self.settings.data.decode == "device"  # workers deliver JPEG bytes
         return loaders.LazyTrainingLoader(self.train_dataset,
                                           lambda: BatchesUntil(self._sampler(self.global_step), self.total_steps),
-                                          self.settings.data.num_workers, self.device,
-                                          jpeg_decode.collate_encoded if encoded else None)
+                                          self.settings.data.num_workers, self.device, self.training_collate())
+
+    def build_validation_data_loader(self):
+        return self.evaluation.data_loader()
 
     def build_callbacks(self) -> Dict[str, pytorch.PyTorchCallback]:
         self.metrics_history = plots.MetricsHistory(self)  # drawn by the runner (plots.py)
         return {"finite_check": nonfinite.FiniteCheckCallback(self), "byol_state": checkpoints.TrialStateCallback(self),
+                "linear_evaluation": linear_eval.LinearEvaluationCallback(self.evaluation),
                 "metrics_history": self.metrics_history}
+
+    # ----------------------------------------------------------------- checkpointed state
+    def state_to_save(self) -> Dict[str, Any]:
+        """What a checkpoint holds of this trial beyond the harness's models and optimisers."""
+        return {"global_step": self.global_step, "heads": self.heads.state_dict()}
+
+    def restore_state(self, state: Dict[str, Any]) -> None:
+        """The inverse of :meth:`state_to_save` (the global step as the state callback decided it)."""
+        self.heads.load_state_dict(state["heads"])
+        self.global_step = int(state["global_step"])
+
+    def checkpoint_written(self, directory: str) -> None:
+        """Chief: ``directory`` is now the last complete checkpoint (or the one resumed from)."""
+        self.last_checkpoint_path = directory
+
+    def checkpoint_uploaded(self, uuid: str) -> None:
+        """Every rank, after each checkpoint: its id, and the replica check."""
+        self.last_checkpoint = uuid
+        self.check_replicas(uuid)  # every rank: identical networks, or a clear error
 
     # ----------------------------------------------------------------- training
     def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> Dict[str, Any]:
         # batch_idx restarts at 0 after a local resume; self.global_step is restored from checkpoints.
-        s = self.settings
         step = self.global_step
-        if self.pretraining:
-            views, labels = batch
-            if isinstance(views, jpeg_decode.EncodedBatch):  # data.decode: device (jpeg_decode.py)
-                views = views.decode(s.image_size, self.device)
-            view1, view2 = views
-            lr = optim.warmup_cosine_lr(step, self.total_steps, round(s.warmup_epochs * self.steps_per_epoch),
-                                        self.peak_lr)
-            optim.set_learning_rate(self.optimizer, lr)
-            view1 = self.augment_global(self.augment1, self.to_device(view1), VIEW1_STREAM)
-            view2 = self.augment_global(self.augment2, self.to_device(view2), VIEW2_STREAM)
-            with performance.autocast(self.device, s.precision):
-                loss, classifier_loss, classifier_accuracy = self.model_call(view1, view2,
-                                                                             labels=self.to_device(labels))
-        else:
-            images, labels = batch
-            classifier.set_cosine_lr(self.optimizer, step, self.total_steps)
-            lr = self.optimizer.param_groups[0]["lr"]
-            images = self.to_device(images)
-            if s.classifier.augmentation == "variant":  # appendix C.1: the pretraining augmentations
-                images = self.augment_global(self.augment1, images, VARIANT_STREAM)
-            else:
-                images = self.normalize(images)
-                images = performance.images_channels_last(images) if self.channels_last else images
-            with performance.autocast(self.device, s.precision):
-                logits = self.model_call(images)
-            loss = classifier.heads_loss(logits.float(), self.to_device(labels), s.classifier.logit_regularization)
+        loss, backward_loss, metrics = self.step_loss(batch, step)
         # The loss is read on the host only every finite_check_period steps and at the end of each
         # training workload (before any validation or checkpoint), together with a stop request
         # (SIGTERM/SIGINT, stops.py): nonfinite.py. One process needs no agreement to stop.
         self.finite_watch.record(loss, step)
         if self.finite_watch.due(step) or (self.world_size == 1 and stops.REQUEST.requested):
             self.check_finite_loss()  # before this step's update: every rank stops at the same step
-        # The online classifier's loss trains only the classifier (its input is sg(y)).
-        self.context.backward(loss + classifier_loss if self.pretraining else loss)
+        self.context.backward(backward_loss)
         self.context.step_optimizer(self.optimizer)
         self.loss_reducer.update(loss)
-        metrics = {"lr": lr}
-        if self.pretraining:
-            # Accuracy on this training batch's labelled images (STL-10's unlabeled ones are skipped).
-            metrics["online_classifier_accuracy"] = classifier_accuracy.detach()
-            metrics["online_classifier_loss"] = classifier_loss.detach()
-            tau = cosine_ema_tau(step, self.total_steps, s.tau_base)
-            self.learner.update_moving_average(tau)
-            if self.world_size > 1 and not self.synced_batch_norm:
-                # Per-process batch statistics: keep rank 0's, so replicas stay identical (replicas.py).
-                replicas.broadcast_buffers(self.learner)
-            metrics["tau"] = tau
+        metrics.update(self.after_step(step))
         self.global_step += 1
         metrics["images_per_second"] = self._throughput(loss)
         return metrics
@@ -327,8 +314,7 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
 
     def _throughput(self, loss: torch.Tensor) -> float:
         now = time.time()
-        batch = self.settings.global_batch_size if self.pretraining else self.settings.classifier.batch_size
-        rate = batch / max(now - self._last_time, 1e-9)
+        rate = self.global_batch_size / max(now - self._last_time, 1e-9)
         self._last_time = now
         if self.rank == 0 and (now - self._last_print > 5 or self.global_step in (1, self.total_steps)):
             self._last_print = now
@@ -337,9 +323,147 @@ class BYOLTrial(ValidationMixin, pytorch.PyTorchTrial):
                   f"{rate:.0f} images/s", flush=True)
         return rate
 
-def build_trial(context: pytorch.PyTorchTrialContext, settings: Optional[Settings] = None) -> BYOLTrial:
-    """The trial for ``context`` (and ``settings``, or those of its hyperparameters)."""
-    return BYOLTrial(context, settings)
+    # ----------------------------------------------------------------- validation (linear_eval.py)
+    def evaluation_reducer(self):
+        return self.evaluation.evaluation_reducer()
+
+    def evaluate_batch(self, batch: Any, batch_idx: int) -> Dict[str, Any]:
+        return self.evaluation.evaluate_batch(batch, batch_idx)
+
+
+class BYOLTrial(TrialBase):
+    """SELF_SUPERVISED: BYOL pretraining (section 3) with LARS, the cosine learning-rate and EMA
+    schedules (section 3.3) and the reference's online classifier on sg(y) as a training metric;
+    before each validation fresh linear-evaluation heads are trained on frozen features (appendix C.1)."""
+
+    pretraining = True
+    modes = (TrainingMode.SELF_SUPERVISED,)
+    batch_key = "global_batch_size"
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.settings.global_batch_size
+
+    @property
+    def learner(self) -> BYOL:
+        return getattr(self.model, "module", self.model)
+
+    def build_model(self, encoder: torch.nn.Module, feature_size: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        s, context = self.settings, self.context
+        # The reference's online classifier on sg(y): a training metric at every step (byol.py).
+        learner = BYOL(encoder, s.image_size, hidden_layer=None, projection_size=s.projection_size,
+                       projection_hidden_size=s.projection_hidden_size, feature_size=feature_size,
+                       num_classes=self.info.num_classes)
+        if self.synced_batch_norm:
+            # Global-batch statistics in encoder, projector and predictor (online and target):
+            # one all_reduce per layer, on every device (sync_batchnorm.py).
+            learner = sync_batchnorm.convert_sync_batchnorm(learner)
+        if self.channels_last:
+            learner = performance.to_channels_last(learner)
+        model = context.wrap_model(learner)
+        self.heads.to(self.device)
+        self.peak_lr = optim.scaled_learning_rate(s.base_lr, s.global_batch_size)
+        groups = optim.lars_param_groups(
+            ((n, p) for n, p in learner.named_parameters() if not n.startswith("target_")), s.weight_decay)
+        optimizer = context.wrap_optimizer(
+            optim.LARS(groups, lr=self.peak_lr, momentum=s.momentum, weight_decay=s.weight_decay, eta=s.lars_eta))
+        return model, optimizer
+
+    def readout(self) -> Dict[str, torch.nn.Module]:
+        return {"learner": self.learner, "heads": self.heads}
+
+    def training_collate(self) -> Optional[Callable]:
+        # data.decode: device: the workers deliver JPEG bytes, decoded in step_loss (jpeg_decode.py)
+        return jpeg_decode.collate_encoded if self.settings.data.decode == "device" else None
+
+    def step_loss(self, batch: Any, step: int) -> tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]:
+        s = self.settings
+        views, labels = batch
+        if isinstance(views, jpeg_decode.EncodedBatch):  # data.decode: device (jpeg_decode.py)
+            views = views.decode(s.image_size, self.device)
+        view1, view2 = views
+        lr = optim.warmup_cosine_lr(step, self.total_steps, round(s.warmup_epochs * self.steps_per_epoch),
+                                    self.peak_lr)
+        optim.set_learning_rate(self.optimizer, lr)
+        view1 = self.augment_global(self.augment1, self.to_device(view1), VIEW1_STREAM)
+        view2 = self.augment_global(self.augment2, self.to_device(view2), VIEW2_STREAM)
+        with performance.autocast(self.device, s.precision):
+            loss, classifier_loss, classifier_accuracy = self.model_call(view1, view2,
+                                                                         labels=self.to_device(labels))
+        # Accuracy on this training batch's labelled images (STL-10's unlabeled ones are skipped).
+        metrics = {"lr": lr, "online_classifier_accuracy": classifier_accuracy.detach(),
+                   "online_classifier_loss": classifier_loss.detach()}
+        # The online classifier's loss trains only the classifier (its input is sg(y)).
+        return loss, loss + classifier_loss, metrics
+
+    def after_step(self, step: int) -> Dict[str, Any]:
+        s = self.settings
+        tau = cosine_ema_tau(step, self.total_steps, s.tau_base)
+        self.learner.update_moving_average(tau)
+        if self.world_size > 1 and not self.synced_batch_norm:
+            # Per-process batch statistics: keep rank 0's, so replicas stay identical (replicas.py).
+            replicas.broadcast_buffers(self.learner)
+        return {"tau": tau}
+
+
+class HeadsTrial(TrialBase):
+    """CLASSIFIER_ONLY: linear heads on a frozen encoder loaded from a BYOL checkpoint (appendix C.1);
+    FINE_TUNE: encoder and head trained together (appendix C.2). One head per learning rate; the
+    harness trains them, and validation scores each (``linear_eval.LinearEvaluation``)."""
+
+    modes = (TrainingMode.CLASSIFIER_ONLY, TrainingMode.FINE_TUNE)
+    batch_key = "classifier.batch_size"
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.settings.classifier.batch_size
+
+    def build_model(self, encoder: torch.nn.Module, feature_size: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        s, context = self.settings, self.context
+        checkpoints.load_pretrained_encoder(encoder, s, context)
+        fine_tune = s.training_mode == TrainingMode.FINE_TUNE
+        if fine_tune and self.synced_batch_norm:  # a frozen encoder (CLASSIFIER_ONLY) keeps eval-mode BN
+            encoder = sync_batchnorm.convert_sync_batchnorm(encoder)
+        if self.channels_last:
+            encoder = performance.to_channels_last(encoder)
+        model = context.wrap_model(EncoderWithHeads(encoder, self.heads, fine_tune))
+        encoder_lr = optim.scaled_learning_rate(s.classifier.encoder_lr, s.classifier.batch_size)
+        extra = ([{"params": list(encoder.parameters()), "lr": encoder_lr, "initial_lr": encoder_lr}]
+                 if fine_tune else [])
+        optimizer = context.wrap_optimizer(classifier.heads_optimizer(
+            self.heads, s.classifier.learning_rates, s.classifier.batch_size, s.classifier.momentum,
+            s.classifier.weight_decay, extra))
+        return model, optimizer
+
+    def readout(self) -> Dict[str, torch.nn.Module]:
+        return {"model": self.model}
+
+    def step_loss(self, batch: Any, step: int) -> tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]:
+        s = self.settings
+        images, labels = batch
+        classifier.set_cosine_lr(self.optimizer, step, self.total_steps)
+        lr = self.optimizer.param_groups[0]["lr"]
+        images = self.to_device(images)
+        if s.classifier.augmentation == "variant":  # appendix C.1: the pretraining augmentations
+            images = self.augment_global(self.augment1, images, VARIANT_STREAM)
+        else:
+            images = self.normalize(images)
+            images = performance.images_channels_last(images) if self.channels_last else images
+        with performance.autocast(self.device, s.precision):
+            logits = self.model_call(images)
+        loss = classifier.heads_loss(logits.float(), self.to_device(labels), s.classifier.logit_regularization)
+        return loss, loss, {"lr": lr}
+
+
+def build_trial(context: pytorch.PyTorchTrialContext, settings: Optional[Settings] = None) -> TrialBase:
+    """The trial for ``context`` (and ``settings``, or those of its hyperparameters): a
+    :class:`BYOLTrial` for SELF_SUPERVISED, a :class:`HeadsTrial` for CLASSIFIER_ONLY and FINE_TUNE."""
+    world_size = context.distributed.size
+    # sync_batch_norm defaults to on for several processes (global-batch statistics, section 3.3).
+    settings = settings or parse_settings({"sync_batch_norm": world_size > 1, **context.get_hparams()},
+                                          context.get_data_config(), world_size)
+    trial_class = BYOLTrial if settings.training_mode == TrainingMode.SELF_SUPERVISED else HeadsTrial
+    return trial_class(context, settings)
 
 
 def main(argv=None) -> int:

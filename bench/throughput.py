@@ -7,9 +7,10 @@ augmentations. Rows (images per second; one image = one source image, i.e. two v
 * ``ours library``: ``byol.BYOL`` as a library (README "Using the method as a library"):
   ``learner(images)`` augments both views itself (``augment.default_augmentation``: batched crop and
   photometric ops on the device), SGD with momentum, EMA update; "no aug" passes prepared views.
-* ``ours trial step``: ``model_def.BYOLTrial.train_batch`` (photometric views of the global batch,
-  LARS, EMA, the non-finite watch): what a Determined run executes per step; the crops are made
-  per image in data-loader workers and timed in the augmentation rows. "no aug" skips the
+* ``ours trial step``: ``model_def.BYOLTrial.train_batch`` (its ``step_loss`` and ``after_step``:
+  photometric views of the global batch, LARS, EMA; the non-finite watch): what a Determined run
+  executes per step; the crops are made per image in data-loader workers and timed in the
+  augmentation rows. "no aug" skips the
   photometric ops (normalisation only).
 * ``byol-pytorch``: ``byol_pytorch.BYOL`` with its defaults (its batch-level augmentation, which
   draws one set of parameters per batch, and its simplicial embedding), same backbone, projector

@@ -1,8 +1,9 @@
 """What a checkpoint holds beyond the harness's own state, and loading checkpoints safely.
 
 The Determined harness saves the wrapped models, optimisers (LARS momentum) and its RNG states.
-:class:`TrialStateCallback` adds what exact resume needs on top: the global step (which fixes the
-data position and every schedule), the classifier heads, and a fingerprint of the settings that
+:class:`TrialStateCallback` adds what exact resume needs on top, the trial's own state
+(``trial.state_to_save()``: the global step, which fixes the data position and every schedule, and
+the linear heads), and a fingerprint of the settings that
 decide tensor shapes, so that resuming from an incompatible checkpoint fails with a message naming
 the setting instead of a wall of shape errors.
 
@@ -35,8 +36,6 @@ import backbone as backbones
 from utils import InputError
 
 STATE_FILE = "state_dict.pth"
-SHOWN_METRICS = ("test_accuracy", "validation_accuracy", "test_top5_accuracy", "best_classifier_lr",
-                 "knn_accuracy", "validation_byol_loss")
 FINGERPRINT_KEYS = ("backbone", "projection_size", "projection_hidden_size", "num_classes",
                     "classifier_heads", "training_mode")
 
@@ -122,7 +121,11 @@ def check_compatible(saved: Dict[str, Any], current: Dict[str, Any], where: str)
 
 
 class TrialStateCallback(pytorch.PyTorchCallback):
-    """Saves and restores the trial's own state; trains probe heads before each validation."""
+    """Saves and restores the trial's own state (``trial.state_to_save()`` / ``trial.restore_state``)
+    with a fingerprint of its settings, checked before a checkpoint's models load; refuses to
+    checkpoint non-finite weights, marks each written checkpoint complete, and tells the trial where
+    its checkpoints are (``trial.checkpoint_written`` / ``trial.checkpoint_uploaded``, which checks the
+    replicas). A warm start (another trial's checkpoint) restores its weights at global step 0."""
 
     def __init__(self, trial) -> None:
         self.trial = trial
@@ -132,11 +135,10 @@ class TrialStateCallback(pytorch.PyTorchCallback):
         if checkpoint_uuid:
             self.checkpoint_where = str(checkpoint_uuid)
             if os.path.isdir(str(checkpoint_uuid)):  # local resume: the last good checkpoint until a new one
-                self.trial.last_checkpoint_path = str(checkpoint_uuid)
+                self.trial.checkpoint_written(str(checkpoint_uuid))
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"global_step": self.trial.global_step, "heads": self.trial.heads.state_dict(),
-                "fingerprint": fingerprint(self.trial)}
+        return {**self.trial.state_to_save(), "fingerprint": fingerprint(self.trial)}
 
     def on_checkpoint_load_start(self, checkpoint: Dict[str, Any]) -> None:
         # Runs before the harness loads the models: compare settings first.
@@ -144,19 +146,16 @@ class TrialStateCallback(pytorch.PyTorchCallback):
         check_compatible(saved.get("fingerprint", {}), fingerprint(self.trial), self.checkpoint_where)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.trial.heads.load_state_dict(state["heads"])
         saved_step = int(state["global_step"])
-        if saved_step > 0 and is_warm_start():
-            # Another trial's checkpoint (searcher.source_checkpoint_uuid / source_trial_id): its
-            # weights are the starting point, but this trial trains its own full length from step 0,
-            # as the master counts it (resuming at saved_step would end the data at once while the
-            # harness keeps asking for batches up to its max_length).
-            self.trial.global_step = 0
-            if self.trial.rank == 0:
-                print(f"[byol] warm start from checkpoint {self.checkpoint_where} (trained {saved_step} steps): "
-                      f"its weights, this trial's schedule from step 0", flush=True)
-        else:
-            self.trial.global_step = saved_step
+        # Another trial's checkpoint (searcher.source_checkpoint_uuid / source_trial_id): its
+        # weights are the starting point, but this trial trains its own full length from step 0,
+        # as the master counts it (resuming at saved_step would end the data at once while the
+        # harness keeps asking for batches up to its max_length).
+        warm_start = saved_step > 0 and is_warm_start()
+        self.trial.restore_state({**state, "global_step": 0 if warm_start else saved_step})
+        if warm_start and self.trial.rank == 0:
+            print(f"[byol] warm start from checkpoint {self.checkpoint_where} (trained {saved_step} steps): "
+                  f"its weights, this trial's schedule from step 0", flush=True)
 
     def on_checkpoint_save_start(self, checkpoint: Dict[str, Any]) -> None:
         # Chief only, before anything is written: a diverged run must not replace good checkpoints.
@@ -167,23 +166,10 @@ class TrialStateCallback(pytorch.PyTorchCallback):
         write_complete_marker(checkpoint_dir, self.trial.global_step,
                               {"settings": self.trial.settings.as_hparams(), "total_steps": self.trial.total_steps,
                                "processes": self.trial.world_size})
-        self.trial.last_checkpoint_path = checkpoint_dir
+        self.trial.checkpoint_written(checkpoint_dir)
 
     def on_checkpoint_upload_end(self, uuid: str) -> None:
-        self.trial.last_checkpoint = uuid
-        self.trial.check_replicas(uuid)  # every rank: identical networks, or a clear error
-
-    def on_validation_start(self) -> None:
-        if self.trial.pretraining:
-            self.trial.prepare_probes()  # probe heads and/or the kNN bank, as configured
-
-    def on_validation_end(self, metrics: Dict[str, Any]) -> None:
-        self.trial.last_validation = dict(metrics)
-        if self.trial.rank == 0:
-            shown = {k: v for k, v in metrics.items() if k in SHOWN_METRICS and isinstance(v, (int, float))}
-            print(f"[validate] step {self.trial.global_step}: "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())), flush=True)
-        self.trial.knn_bank = None  # frees the CLS_TRAIN features until the next validation
+        self.trial.checkpoint_uploaded(uuid)  # every rank: records it and checks the replicas
 
 
 def is_warm_start() -> bool:
@@ -371,7 +357,7 @@ def encoder_state(checkpoint: Dict[str, Any], where: str) -> Dict[str, torch.Ten
 
 
 # Settings that may differ on resume without changing what the resumed steps compute: how often to
-# validate or checkpoint, the probes' read-out, where the data lives and how it is loaded.
+# validate or checkpoint, the linear evaluation's read-out, where the data lives and how it is loaded.
 RESUME_FREE_KEYS = ("train_length", "validation_period", "checkpoint_period", "classifier_validation",
                     "compare_random_init", "classifier", "data.root", "data.download", "data.num_workers",
                     "data.gcs.cache_dir", "data.gcs.max_in_flight", "data.gcs.retry_deadline")

@@ -171,11 +171,10 @@ def run_trial(make_trial: Callable, context: pytorch.PyTorchTrialContext, settin
     if context.distributed.rank == 0:
         print(f"[byol] {s.training_mode.value} on {s.data.dataset} with {s.backbone}: {trial.total_steps} steps "
               f"({trial.steps_per_epoch} per epoch), global batch "
-              f"{s.global_batch_size if trial.pretraining else s.classifier.batch_size}, "
+              f"{trial.global_batch_size}, "
               f"{context.distributed.size} process(es), device {trial.device}", flush=True)
         if context.distributed.size > 1:
-            batch = s.global_batch_size if trial.pretraining else s.classifier.batch_size
-            per_slot = batch // context.distributed.size
+            per_slot = trial.global_batch_size // context.distributed.size
             print(f"[byol] {per_slot} images per process; batch norm "
                   f"{'synchronised across' if trial.synced_batch_norm else 'per process (not synchronised) in'} "
                   f"{context.distributed.size} processes", flush=True)
@@ -192,10 +191,14 @@ def run_trial(make_trial: Callable, context: pytorch.PyTorchTrialContext, settin
     return trial
 
 
-def summary(trial, seconds: float) -> Dict[str, Any]:
-    metrics = {key: value for key, value in trial.last_validation.items() if isinstance(value, (int, float))}
+def final_metrics(trial, seconds: float) -> Dict[str, Any]:
+    """The run's final metrics: the last validation's, the step reached, the time and the last
+    checkpoint; after pretraining with ``compare_random_init``, first the comparison of the BYOL
+    encoder with a random one and raw pixels, which trains feature probes (every rank takes part)."""
+    metrics = {key: value for key, value in trial.evaluation.last_validation.items()
+               if isinstance(value, (int, float))}
     if trial.pretraining and trial.settings.compare_random_init:
-        comparison = trial.compare_representations()  # BYOL vs random init vs pixels, one fair probe
+        comparison = trial.evaluation.compare_representations()  # BYOL vs random init vs pixels, one fair probe
         if comparison:
             metrics["representation_probe"] = comparison
     metrics.update({"global_step": trial.global_step, "wall_seconds": round(seconds, 1),
@@ -290,7 +293,7 @@ def train_and_report(make_trial: Callable, exp_conf: Dict[str, Any], settings: S
             trial = run_trial(make_trial, context, settings, latest)
             if stops.REQUEST.requested and trial.global_step < trial.total_steps:
                 raise stopped(trial, checkpoint_dir)
-            metrics = summary(trial, time.time() - started)
+            metrics = final_metrics(trial, time.time() - started)
         if context.distributed.rank == 0:
             print_summary(trial, metrics)
             if result_line is not None:

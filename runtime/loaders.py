@@ -182,5 +182,6 @@ def sharded_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int
 
 
 def classifier_feature_dataset(settings: Settings, image_size: int) -> Dataset:
-    """CLS_TRAIN un-augmented, for the probe heads trained on cached features."""
+    """CLS_TRAIN un-augmented, for the linear-evaluation heads trained on cached features
+    (``linear_eval.LinearEvaluation``) and the representation comparison."""
     return SeededTransformDataset(base_dataset(settings, data.Split.CLS_TRAIN), evaluation_transform(settings, image_size))

@@ -5,7 +5,7 @@ step, and never checkpoint non-finite weights. Reading the loss on the host ever
 would stall a GPU once per step, so :class:`NonFiniteWatch` records, on the device, the first step
 whose loss was not finite, and the trial reads that record every ``finite_check_period`` steps and at
 the end of every training workload, i.e. before every validation and every checkpoint the harness
-takes (``TrialStateCallback.on_training_workload_end``). A stop request (SIGTERM/SIGINT,
+takes (``FiniteCheckCallback.on_training_workload_end``). A stop request (SIGTERM/SIGINT,
 ``stops.py``) travels in the same all_reduce, so with several processes a stop takes effect at the
 next check; one process stops after the current step. Checkpoint writing additionally checks the
 weights themselves (``checkpoints.check_finite``), whatever the period.

@@ -2,7 +2,7 @@
 
 BYOL with data parallelism (section 3.3: the paper trains on 512 TPU cores) relies on every replica
 holding the same online network, the same target network xi (updated by the EMA of section 3.1
-from the all-reduced online weights) and, in this project, the same linear probe heads. DDP keeps
+from the all-reduced online weights) and, in this project, the same linear-evaluation heads. DDP keeps
 the online parameters in step; batch-norm running statistics are per process unless batch norm is
 synchronised, so :func:`broadcast_buffers` copies rank 0's after every step in that case.
 
@@ -45,7 +45,7 @@ def state_digests(state: Mapping[str, torch.Tensor], prefix: str = "") -> Dict[s
 
 
 def trial_digests(models: Iterable[torch.nn.Module], heads: torch.nn.Module) -> Dict[str, str]:
-    """Digests of what a checkpoint holds: the wrapped model(s) and the probe heads."""
+    """Digests of what a checkpoint holds: the wrapped model(s) and the linear heads."""
     digests: Dict[str, str] = {}
     for index, model in enumerate(models):
         digests.update(state_digests(model.state_dict(), prefix="" if index == 0 else f"model{index}."))
