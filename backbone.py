@@ -114,7 +114,8 @@ def load_weights(net: nn.Module, name: str, state: dict, source: str) -> None:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = [f"{key} {tuple(getattr(state[key], 'shape', ()))} (model {tuple(value.shape)})"
-             for key, value in own.items() if key in state and tuple(getattr(state[key], "shape", ())) != tuple(value.shape)]
+             for key, value in own.items()
+             if key in state and tuple(getattr(state[key], "shape", ())) != tuple(value.shape)]
     if missing or unexpected or wrong:
         raise InputError(f"{source} does not fit backbone {name!r}: missing keys {missing[:5]}, "
                          f"unexpected keys {unexpected[:5]}, shapes differ for {wrong[:5]}")

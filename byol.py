@@ -86,10 +86,6 @@ def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
             torch._foreach_copy_(target_buffers, online_buffers)
 
 
-def cosine_ema_tau(step: int, total_steps: int, tau_base: float = 0.996) -> float:  # TEMPORARY
-    return cosine_schedule(step, total_steps, tau_base, 1.0) if total_steps > 0 else 1.0
-
-
 class RepresentationExtractor(nn.Module):
     """Runs any network and returns the flattened output of one of its layers (the representation y).
 

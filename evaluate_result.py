@@ -303,9 +303,10 @@ def evaluate_experiment(client, experiment_id: int, epochs: int, fine_tune: bool
     with contextlib.redirect_stdout(sys.stderr):  # the SDK's upload progress; stdout is the new id only
         created = client.create_experiment(config, model_dir or os.path.dirname(os.path.abspath(__file__)),
                                            project_id=getattr(experiment, "project_id", None))
+    chosen = ("chosen by --checkpoint-uuid" if checkpoint_uuid else "best by its searcher metric" if best
+              else "its final checkpoint")
     print(f"[eval] experiment {created.id} evaluates checkpoint {checkpoint.uuid} of experiment {experiment_id} "
-          f"({'chosen by --checkpoint-uuid' if checkpoint_uuid else 'best by its searcher metric' if best else 'its final checkpoint'})",
-          file=sys.stderr, flush=True)
+          f"({chosen})", file=sys.stderr, flush=True)
     return created.id
 
 
@@ -323,7 +324,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="fine-tuning head (base) learning rate (default: a run per rate of the paper's grid "
                              "0.01, 0.02, 0.05, 0.1, 0.005, chosen on CLS_VALIDATION)")
     parser.add_argument("--encoder-lr", type=float,
-                        help="fine-tuning encoder (base) learning rate (default: classifier.encoder_lr, else the head's)")
+                        help="fine-tuning encoder (base) learning rate (default: classifier.encoder_lr, "
+                             "else the head's)")
     parser.add_argument("--export-encoder", metavar="OUT.pt", help="write the encoder's state_dict and stop")
     parser.add_argument("--checkpoint-dir", help="local checkpoint storage (default: next to --checkpoint)")
     parser.add_argument("--metrics-out", help="write the final metrics as JSON (and curves as PNG) here")

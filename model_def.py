@@ -26,29 +26,29 @@ from determined import pytorch
 
 import augment
 import backbone as backbones
-from runtime import classifier
 import data
-from runtime import loaders
 import optim
-from runtime import checkpoints, launch
-from runtime import faults
-from runtime import jpeg_decode
-from runtime import linear_eval
-from runtime import nonfinite
-from runtime import performance
-from runtime import plots
-from runtime import preflight
-from runtime import replicas
-from runtime import stops
-from runtime import sync_batchnorm
-from byol import BYOL, cosine_ema_tau
-from runtime.sampling import GlobalBatchSampler, mix_seed
+from byol import BYOL
 from reducers import DeviceLossReducer
+from runtime import (
+    checkpoints,
+    classifier,
+    faults,
+    jpeg_decode,
+    launch,
+    linear_eval,
+    loaders,
+    nonfinite,
+    performance,
+    plots,
+    preflight,
+    replicas,
+    stops,
+    sync_batchnorm,
+)
+from runtime.sampling import GlobalBatchSampler, SeedStream, mix_seed
 from runtime.settings import Settings, TrainingMode, parse_settings
 from utils import ConfigError
-
-# Seed streams of the trial's randomness (mix_seed(seed, step, stream)); validation.py has its own.
-VIEW1_STREAM, VIEW2_STREAM, VARIANT_STREAM = 1, 2, 4
 
 checkpoints.allow_harness_checkpoints()
 
@@ -151,7 +151,7 @@ class TrialBase(pytorch.PyTorchTrial):
         self.heads = classifier.LinearHeads(feature_size, self.info.num_classes,
                                             len(s.classifier.learning_rates), s.classifier.logit_clip)
         self.model, self.optimizer = self.build_model(encoder, feature_size)
-        view1, view2 = loaders.view_augmentations(s)
+        view1, view2 = s.views
         self.augment1 = self._photometric(view1)
         self.augment2 = self._photometric(view2)
         self.normalize = augment.Normalize(self.info.mean, self.info.std).to(self.device)
@@ -364,7 +364,8 @@ class BYOLTrial(TrialBase):
         self.heads.to(self.device)
         self.peak_lr = optim.scaled_learning_rate(s.base_lr, s.global_batch_size)
         groups = optim.lars_param_groups(
-            ((n, p) for n, p in learner.named_parameters() if not n.startswith("target_")), s.weight_decay)
+            ((n, p) for n, p in learner.named_parameters() if not n.startswith("target_")), s.weight_decay,
+            peak_lr=self.peak_lr)
         optimizer = context.wrap_optimizer(
             optim.LARS(groups, lr=self.peak_lr, momentum=s.momentum, weight_decay=s.weight_decay, eta=s.lars_eta))
         return model, optimizer
@@ -382,11 +383,9 @@ class BYOLTrial(TrialBase):
         if isinstance(views, jpeg_decode.EncodedBatch):  # data.decode: device (jpeg_decode.py)
             views = views.decode(s.image_size, self.device)
         view1, view2 = views
-        lr = optim.warmup_cosine_lr(step, self.total_steps, round(s.warmup_epochs * self.steps_per_epoch),
-                                    self.peak_lr)
-        optim.set_learning_rate(self.optimizer, lr)
-        view1 = self.augment_global(self.augment1, self.to_device(view1), VIEW1_STREAM)
-        view2 = self.augment_global(self.augment2, self.to_device(view2), VIEW2_STREAM)
+        lr = optim.apply_schedule(self.optimizer, step, self.total_steps, round(s.warmup_epochs * self.steps_per_epoch))
+        view1 = self.augment_global(self.augment1, self.to_device(view1), SeedStream.VIEW1)
+        view2 = self.augment_global(self.augment2, self.to_device(view2), SeedStream.VIEW2)
         with performance.autocast(self.device, s.precision):
             loss, classifier_loss, classifier_accuracy = self.model_call(view1, view2,
                                                                          labels=self.to_device(labels))
@@ -398,7 +397,7 @@ class BYOLTrial(TrialBase):
 
     def after_step(self, step: int) -> Dict[str, Any]:
         s = self.settings
-        tau = cosine_ema_tau(step, self.total_steps, s.tau_base)
+        tau = optim.cosine_schedule(step, self.total_steps, s.tau_base, 1.0)  # section 3.2: tau_base -> 1
         self.learner.update_moving_average(tau)
         if self.world_size > 1 and not self.synced_batch_norm:
             # Per-process batch statistics: keep rank 0's, so replicas stay identical (replicas.py).
@@ -441,11 +440,11 @@ class HeadsTrial(TrialBase):
     def step_loss(self, batch: Any, step: int) -> tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]:
         s = self.settings
         images, labels = batch
-        classifier.set_cosine_lr(self.optimizer, step, self.total_steps)
+        optim.apply_schedule(self.optimizer, step, self.total_steps)
         lr = self.optimizer.param_groups[0]["lr"]
         images = self.to_device(images)
         if s.classifier.augmentation == "variant":  # appendix C.1: the pretraining augmentations
-            images = self.augment_global(self.augment1, images, VARIANT_STREAM)
+            images = self.augment_global(self.augment1, images, SeedStream.HEAD_VARIANT)
         else:
             images = self.normalize(images)
             images = performance.images_channels_last(images) if self.channels_last else images
@@ -458,10 +457,7 @@ class HeadsTrial(TrialBase):
 def build_trial(context: pytorch.PyTorchTrialContext, settings: Optional[Settings] = None) -> TrialBase:
     """The trial for ``context`` (and ``settings``, or those of its hyperparameters): a
     :class:`BYOLTrial` for SELF_SUPERVISED, a :class:`HeadsTrial` for CLASSIFIER_ONLY and FINE_TUNE."""
-    world_size = context.distributed.size
-    # sync_batch_norm defaults to on for several processes (global-batch statistics, section 3.3).
-    settings = settings or parse_settings({"sync_batch_norm": world_size > 1, **context.get_hparams()},
-                                          context.get_data_config(), world_size)
+    settings = settings or parse_settings(context.get_hparams(), context.get_data_config(), context.distributed.size)
     trial_class = BYOLTrial if settings.training_mode == TrainingMode.SELF_SUPERVISED else HeadsTrial
     return trial_class(context, settings)
 

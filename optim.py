@@ -137,12 +137,3 @@ def apply_schedule(optimizer: torch.optim.Optimizer, step: int, total_steps: int
                            "(optim.lars_param_groups(..., peak_lr=...), classifier.heads_optimizer)")
         group["lr"] = cosine_schedule(step, total_steps, group["initial_lr"], 0.0, warmup_steps)
     return optimizer.param_groups[0]["lr"]
-
-
-def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:  # TEMPORARY
-    return cosine_schedule(step, total_steps, peak_lr, 0.0, warmup_steps)
-
-
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:  # TEMPORARY
-    for group in optimizer.param_groups:
-        group["lr"] = lr

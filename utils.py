@@ -10,7 +10,6 @@ import sys
 from typing import Any, Optional
 
 
-
 class CommandError(Exception):
     """An expected failure of a command (bad input, a fault that ended a run): the command prints
     ``error: <message>`` on one line and exits with ``exit_code``, without a traceback

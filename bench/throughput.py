@@ -57,12 +57,11 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import augment  # noqa: E402
-import backbone as backbones  # noqa: E402
-from runtime import jpeg_decode  # noqa: E402
-from runtime import performance  # noqa: E402
-from augment import IMAGENET_MEAN, IMAGENET_STD, default_augmentation  # noqa: E402
-from byol import BYOL  # noqa: E402
+import augment
+import backbone as backbones
+from augment import IMAGENET_MEAN, IMAGENET_STD, default_augmentation
+from byol import BYOL
+from runtime import jpeg_decode, performance
 
 GROUPS = ("model", "augment", "decode")
 
@@ -166,8 +165,8 @@ def ours_library_rows(args, device, images, autocast) -> List[Row]:
 
 def ours_trial_rows(args, device, images, directory) -> List[Row]:
     """The real trial (Determined's local-mode context), fed the same uint8 batch as both views."""
-    from runtime import launch
     from model_def import BYOLTrial
+    from runtime import launch
     from runtime.settings import parse_settings
 
     hparams = {"backbone": args.backbone, "image_size": args.image_size, "global_batch_size": args.batch_size,
@@ -189,7 +188,8 @@ def ours_trial_rows(args, device, images, directory) -> List[Row]:
         context._current_batch_idx = trial.global_step  # what the harness's loop sets before a step
         trial.train_batch(batch, 0, trial.global_step)
 
-    rows = [Row("model", "ours trial step, with photometric augmentation", len(images), lambda: step(with_augmentation)),
+    rows = [Row("model", "ours trial step, with photometric augmentation", len(images),
+                lambda: step(with_augmentation)),
             Row("model", "ours trial step, no augmentation", len(images), lambda: step(normalize_only))]
     rows[0].context = stack  # kept open for the whole run
     return rows
@@ -234,7 +234,8 @@ def lightly_rows(args, device, images, autocast) -> List[Row]:
         return [Row("model", "lightly (not installed: pip install -r requirements-bench.txt)", 0, None)]
     features = backbones.feature_size(args.backbone)
     online = nn.ModuleDict({"backbone": encoder(args),
-                            "projector": BYOLProjectionHead(features, args.projection_hidden_size, args.projection_size),
+                            "projector": BYOLProjectionHead(features, args.projection_hidden_size,
+                                                            args.projection_size),
                             "predictor": BYOLPredictionHead(args.projection_size, args.projection_hidden_size,
                                                             args.projection_size)}).to(device)
     target = copy.deepcopy(online)
@@ -391,10 +392,12 @@ def main(argv=None) -> int:
 
 
 def report(rows: List[Row], args, device, argv) -> None:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible)"
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     command = "python bench/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {name}; torch {torch.__version__}; "
-          f"{args.threads} thread(s); {args.backbone}, {args.image_size} px, batch {args.batch_size}, {args.precision}; "
+          f"{args.threads} thread(s); {args.backbone}, {args.image_size} px, batch {args.batch_size}, "
+          f"{args.precision}; "
           f"median of {args.repeats} interleaved rounds of {args.steps} steps\n`{command.strip()}`\n")
     print("| group | row | images/s (median) | min-max |")
     print("| --- | --- | --- | --- |")

@@ -188,7 +188,7 @@ class NonFiniteWeightsError(FloatingPointError):
 
 def check_finite(checkpoint: Dict[str, Any], step: int) -> None:
     """Raises :class:`NonFiniteWeightsError` naming the first model tensor with NaN/inf values."""
-    for index, state in enumerate(checkpoint.get("models_state_dict", [])):
+    for state in checkpoint.get("models_state_dict", []):
         for name, tensor in state.items():
             if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise NonFiniteWeightsError(

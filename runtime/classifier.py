@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from optim import apply_schedule, scaled_learning_rate
+from runtime.progress import progress
 from runtime.sampling import SeedStream, epoch_permutation, mix_seed
 from utils import check_keys, checked_number, reject
-from runtime.progress import progress
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,8 @@ def parse_classifier_section(section: dict) -> ClassifierSettings:
     values = {**dataclasses.asdict(ClassifierSettings()), **section}
     rates = values["learning_rates"]
     if isinstance(rates, (list, tuple)):
-        rates = [checked_number({"rate": r}, "rate", prefix + "learning_rates.") if isinstance(r, str) else r for r in rates]
+        rates = [checked_number({"rate": r}, "rate", prefix + "learning_rates.") if isinstance(r, str) else r
+                 for r in rates]
     if not isinstance(rates, (list, tuple)) or not rates:
         reject(prefix + "learning_rates", rates, "expected a non-empty list of positive numbers")
     if any(isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0 or not math.isfinite(r) for r in rates):
@@ -71,7 +72,8 @@ def parse_classifier_section(section: dict) -> ClassifierSettings:
     values["logit_regularization"] = checked_number(values, "logit_regularization", prefix, minimum=0)
     values["encoder_lr"] = checked_number(values, "encoder_lr", prefix, minimum=0)
     values["knn_k"] = checked_number(values, "knn_k", prefix, int, minimum=0)
-    values["label_fraction"] = checked_number(values, "label_fraction", prefix, minimum=0, exclusive_min=True, maximum=1,
+    values["label_fraction"] = checked_number(values, "label_fraction", prefix, minimum=0, exclusive_min=True,
+                                              maximum=1,
                                        optional=True)
     if values["label_list"] is not None:
         if not isinstance(values["label_list"], str) or not os.path.isfile(values["label_list"]):
@@ -106,10 +108,6 @@ class LinearHeads(nn.Module):
         if self.logit_clip:
             logits = self.logit_clip * torch.tanh(logits / self.logit_clip)
         return logits
-
-
-def set_cosine_lr(optimizer, step: int, total_steps: int) -> None:  # TEMPORARY until the trial split lands
-    apply_schedule(optimizer, step, total_steps)
 
 
 def heads_loss(logits: torch.Tensor, labels: torch.Tensor, logit_regularization: float = 0.0) -> torch.Tensor:
@@ -161,7 +159,8 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, loader: Iterable, device: torch.device,
-                     preprocess: Optional[nn.Module] = None, desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+                     preprocess: Optional[nn.Module] = None,
+                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features and labels for every batch of ``loader`` (encoder in eval mode)."""
     was_training = encoder.training
     encoder.eval()
@@ -194,7 +193,8 @@ def train_heads_on_features(heads: LinearHeads, features: torch.Tensor, labels: 
     step, last_loss = 0, float("nan")
 
     for epoch in progress(range(epochs), f"linear heads ({len(learning_rates)} lr)", unit="epoch"):
-        order = epoch_permutation(features.shape[0], mix_seed(seed, SeedStream.HEAD_FEATURE_ORDER), epoch).to(features.device)
+        order = epoch_permutation(features.shape[0], mix_seed(seed, SeedStream.HEAD_FEATURE_ORDER), epoch)
+        order = order.to(features.device)
         running = 0.0
         for start in range(0, steps_per_epoch * batch_size, batch_size):
             index = order[start:start + batch_size]

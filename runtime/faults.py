@@ -48,7 +48,7 @@ def _source_of(dataset: Any, index: int) -> Optional[str]:
             which = bisect.bisect_right(dataset.cumulative_sizes, index)
             index -= dataset.cumulative_sizes[which - 1] if which else 0
             dataset = dataset.datasets[which]
-        elif hasattr(dataset, "samples") and isinstance(getattr(dataset, "samples"), (list, tuple)):
+        elif hasattr(dataset, "samples") and isinstance(dataset.samples, (list, tuple)):
             sample = dataset.samples[index]
             return str(sample[0] if isinstance(sample, (tuple, list)) else sample)
         elif hasattr(dataset, "base"):
@@ -210,7 +210,8 @@ class CheckpointWrites:
         except (checkpoints.IncompatibleCheckpointError, checkpoints.IncompleteCheckpointError) as error:
             raise RunFailed(str(error), exit_code=2) from error
         except pickle.UnpicklingError as error:  # torch.load(weights_only=True) refused the checkpoint
-            raise RunFailed(f"checkpoint {self.complete[0] if self.complete else '(being loaded)'!r} holds more than tensors and "
+            loaded = self.complete[0] if self.complete else "(being loaded)"
+            raise RunFailed(f"checkpoint {loaded!r} holds more than tensors and "
                             f"plain data, so it is not loaded (weights_only): {_unpickler_reason(error)}",
                             exit_code=2) from error
         except nonfinite.NonFiniteLossError as error:  # names the step and the last good checkpoint

@@ -23,14 +23,14 @@ from typing import Dict, Sequence
 
 import torch
 
-import data
-from runtime.checkpoints import checkpoint_config, load_encoder
-from runtime.settings import TrainingMode, apply_overrides, parse_settings
-from utils import InputError, check_output_file
 import augment
+import data
 from runtime import checkpoints, knn, loaders
+from runtime.checkpoints import checkpoint_config, load_encoder
 from runtime.progress import progress
 from runtime.sampling import SeededTransformDataset
+from runtime.settings import TrainingMode, apply_overrides, parse_settings
+from utils import InputError, check_output_file
 
 FEATURE_FILE_FORMAT = "byol-features-v1"
 PIXEL_SIZE = 32  # the PCA-of-pixels baseline works on at most 32x32 images

@@ -34,9 +34,17 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
-from runtime.gcs_client import (IMAGE_EXTENSIONS, GCSError, GCSSource, make_client, make_retry,  # noqa: F401
-                        parse_gs_url, read_blob_list, write_atomically)
 from runtime import jpeg_decode
+from runtime.gcs_client import (  # noqa: F401
+    IMAGE_EXTENSIONS,
+    GCSError,
+    GCSSource,
+    make_client,
+    make_retry,
+    parse_gs_url,
+    read_blob_list,
+    write_atomically,
+)
 
 log = logging.getLogger(__name__)
 

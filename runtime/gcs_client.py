@@ -9,10 +9,10 @@ files atomically.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 

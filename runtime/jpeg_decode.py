@@ -27,7 +27,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 import augment

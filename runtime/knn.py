@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
 from runtime.progress import progress
 
 TEMPERATURE = 0.07

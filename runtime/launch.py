@@ -22,13 +22,10 @@ import determined as det
 import torch
 from determined import core, pytorch
 
-from runtime import checkpoints
-from runtime import faults
-from runtime import stops
+from runtime import checkpoints, faults, feature_probes, performance, plots, stops
 from runtime.faults import CheckpointWrites, RunFailed
 from runtime.settings import Length, Settings, TrainingMode, apply_overrides, load_config, parse_settings, slots_of
 from utils import ConfigError, check_output_dir, check_output_file, run_command
-from runtime import feature_probes, performance, plots
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -210,7 +207,8 @@ def main(argv, make_trial: Callable) -> int:
     """The command line of the entry file (``model_def.main``): ``make_trial(context, settings)``
     builds its trial (passed down, so this package never imports the entry file)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return run_command(lambda args: _main(args, make_trial), argv)  # one error path: 'error: ...', exit 2 for bad input (utils.py)
+    # One error path (utils.run_command): 'error: ...' on one line, exit 2 for bad input.
+    return run_command(lambda args: _main(args, make_trial), argv)
 
 
 def _main(argv, make_trial: Callable) -> int:
@@ -281,7 +279,8 @@ def run_on_cluster(info: "det.ClusterInfo", args: argparse.Namespace, make_trial
     return 0
 
 
-def train_and_report(make_trial: Callable, exp_conf: Dict[str, Any], settings: Settings, distributed, checkpoint_dir: str,
+def train_and_report(make_trial: Callable, exp_conf: Dict[str, Any], settings: Settings, distributed,
+                     checkpoint_dir: str,
                      latest: Optional[str], started: float, metrics_out: Optional[str] = None,
                      writes: Optional[CheckpointWrites] = None, result_line=None) -> Dict[str, Any]:
     """Trains in local mode, then prints the summary (plus ``result_line(settings, metrics)``) and

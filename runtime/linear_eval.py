@@ -26,17 +26,11 @@ import torch
 from determined import pytorch
 
 import backbone as backbones
-from runtime import classifier
-from runtime import faults
-from runtime import knn
-from runtime import loaders
-from reducers import ValidatedAccuracyReducer, WeightedMeanReducer
-from runtime.sampling import ShardSampler, mix_seed
 from data import Split
-from runtime import feature_probes
+from reducers import ValidatedAccuracyReducer, WeightedMeanReducer
+from runtime import classifier, faults, feature_probes, knn, loaders
+from runtime.sampling import SeedStream, ShardSampler, mix_seed
 
-# Seed streams of the trial's randomness (mix_seed(seed, step, stream)).
-EVALUATION_VIEWS_STREAM = -3
 # The metrics of the ``[validate]`` line printed after each validation.
 SHOWN_METRICS = ("test_accuracy", "validation_accuracy", "test_top5_accuracy", "best_classifier_lr",
                  "knn_accuracy", "validation_byol_loss")
@@ -94,7 +88,7 @@ class LinearEvaluation:
         evaluation set (seeded by seed and step) and picked by each image's position in it, so the
         validation BYOL loss is the same for any number of processes."""
         if self._view_parameters[0] != self.global_step():
-            with self.seeded(EVALUATION_VIEWS_STREAM):
+            with self.seeded(SeedStream.EVALUATION_VIEWS):
                 drawn = [augment.sample_parameters(len(self.dataset)) for augment in self.augmentations]
             self._view_parameters = (self.global_step(), drawn)
         view1, view2 = (augment(images, augment.select(drawn, positions.cpu()))
@@ -166,7 +160,8 @@ class LinearEvaluation:
             labels.append(targets.to(self.device))
             tags.append(tag.to(self.device))
         features, labels, tags = torch.cat(features), torch.cat(labels), torch.cat(tags)
-        splits[Split.CLS_VALIDATION.value] = (features[tags == loaders.VALIDATION_TAG], labels[tags == loaders.VALIDATION_TAG])
+        held_out = tags == loaders.VALIDATION_TAG
+        splits[Split.CLS_VALIDATION.value] = (features[held_out], labels[held_out])
         splits[Split.TEST.value] = (features[tags == loaders.TEST_TAG], labels[tags == loaders.TEST_TAG])
         return {name: tuple(classifier.gather_rows(t).cpu().numpy() for t in pair) for name, pair in splits.items()}
 
@@ -178,7 +173,7 @@ class LinearEvaluation:
         if not self.pretraining:
             raise ValueError("compare_representations reads out a BYOL learner: pretraining only")
         s = self.settings
-        torch.manual_seed(mix_seed(s.seed, 99))
+        torch.manual_seed(mix_seed(s.seed, SeedStream.RANDOM_ENCODER))
         random_encoder = backbones.build_backbone(s.backbone).to(self.device)
         representations = {"BYOL encoder": self.representation_splits(self.learner.online_encoder),
                            "random-init encoder": self.representation_splits(random_encoder),

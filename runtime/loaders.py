@@ -9,22 +9,16 @@ from __future__ import annotations
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
-
-from torch.utils.data import Subset, ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 import augment
 import data
-from runtime import stops
+from runtime import jpeg_decode, stops
 from runtime.sampling import GlobalBatchSampler, SeededTransformDataset, ShardSampler
 from runtime.settings import Settings
 from utils import ConfigError
-from runtime import jpeg_decode
 
 VALIDATION_TAG, TEST_TAG = 0, 1
-
-
-def view_augmentations(settings):  # TEMPORARY until the trial split lands
-    return settings.views
 
 
 def base_dataset(settings: Settings, split: data.Split, lazy: bool = False) -> Dataset:
@@ -184,4 +178,5 @@ def sharded_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int
 def classifier_feature_dataset(settings: Settings, image_size: int) -> Dataset:
     """CLS_TRAIN un-augmented, for the linear-evaluation heads trained on cached features
     (``linear_eval.LinearEvaluation``) and the representation comparison."""
-    return SeededTransformDataset(base_dataset(settings, data.Split.CLS_TRAIN), evaluation_transform(settings, image_size))
+    return SeededTransformDataset(base_dataset(settings, data.Split.CLS_TRAIN),
+                                  evaluation_transform(settings, image_size))

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any, Iterator, List, Sequence
 
-from torch.utils.data import ConcatDataset, Subset
+from torch.utils.data import ConcatDataset
 
-from utils import InputError
 from runtime.progress import progress
+from utils import InputError
 
 
 class UnreadableFileError(InputError):
@@ -68,7 +68,8 @@ def check_image_headers(datasets: Sequence[Any], rank: int = 0, world_size: int 
                                       f"or remove it") from None
         except (OSError, SyntaxError, ValueError) as error:
             raise UnreadableFileError(f"image file {path!r} cannot be opened as an image ({type(error).__name__}: "
-                                      f"{error}); replace or remove it (a truncated download or not an image)") from None
+                                      f"{error}); replace or remove it (a truncated download or not an image)"
+                                      ) from None
     return len(files)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
-import datetime
 import io
 import json
 import os
@@ -33,7 +32,6 @@ import sys
 import tarfile
 import threading
 import time
-import uuid as uuidlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional
 
@@ -402,9 +400,10 @@ class StandInMaster:
         tests of the SDK side that need no trial run."""
         allocation = f"{trial_id}.{max(self.trials[trial_id].run_id, 1)}"
         if validation is not None:
-            self._report_metrics(bindings.v1ReportTrialMetricsRequest(group="validation", metrics=bindings.v1TrialMetrics(
-                metrics=bindings.v1Metrics(avgMetrics=validation), trialId=trial_id, trialRunId=1,
-                stepsCompleted=steps)).to_json(), "", str(trial_id))
+            metrics = bindings.v1TrialMetrics(metrics=bindings.v1Metrics(avgMetrics=validation), trialId=trial_id,
+                                              trialRunId=1, stepsCompleted=steps)
+            self._report_metrics(bindings.v1ReportTrialMetricsRequest(group="validation", metrics=metrics).to_json(),
+                                 "", str(trial_id))
         self._report_checkpoint(bindings.v1Checkpoint(
             allocationId=allocation, metadata={"steps_completed": steps}, resources={}, taskId=f"task-{trial_id}",
             training=bindings.v1CheckpointTrainingMetadata(), uuid=uuid, reportTime=NOW,

@@ -1,10 +1,7 @@
 """Reusable Cloud Storage test fixtures: a real storage emulator, a bucket holding a small
 ImageFolder of real JPEG files, and a fault-injecting proxy in front of the emulator.
 
-Import the fixtures into a test module to use them::
-
-    from gcs_fixtures import (gcs_emulator, gcs_env, gcs_admin_client, imagenet_bucket,
-                              fault_proxy)
+tests/conftest.py imports the fixtures, so every test module can ask for them by name:
 
 * ``gcs_emulator`` (session): a ``gcp-storage-emulator`` subprocess on a free 127.0.0.1 port;
   has ``.url``/``.port``.
@@ -63,7 +60,7 @@ class Emulator:
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"storage emulator did not listen within {timeout}s")
+                    raise RuntimeError(f"storage emulator did not listen within {timeout}s") from None
                 time.sleep(0.05)
 
     def stop(self) -> None:
@@ -128,7 +125,7 @@ def imagenet_bucket(gcs_admin_client) -> ImageBucket:
     bucket = gcs_admin_client.create_bucket(BUCKET)
     blobs, train, val = {}, [], []
     for split, per_class, names in (("train", TRAIN_PER_CLASS, train), ("val", VAL_PER_CLASS, val)):
-        for c, cls in enumerate(CLASSES):
+        for cls in CLASSES:
             for n in range(per_class):
                 name = f"{split}/{cls}/{cls}_{n:04d}.JPEG"
                 blobs[name] = jpeg_bytes(len(blobs))

@@ -25,8 +25,7 @@ TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from runtime import checkpoints  # noqa: E402
-from runtime import replicas  # noqa: E402
+from runtime import checkpoints, replicas
 
 TINY_HPARAMS = {
     "training_mode": "SELF_SUPERVISED", "seed": 0, "backbone": "small_cnn", "image_size": 8,

@@ -296,7 +296,8 @@ def _normalising_learner(**kwargs) -> BYOL:
 def _capture_representations(learner: BYOL) -> list:
     seen = []
     for name in ("online_encoder", "target_encoder"):
-        getattr(learner, name).register_forward_hook(lambda module, inputs, output, name=name: seen.append((name, output)))
+        getattr(learner, name).register_forward_hook(
+            lambda module, inputs, output, name=name: seen.append((name, output)))
     return seen
 
 

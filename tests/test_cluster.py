@@ -142,8 +142,8 @@ def test_best_and_final_checkpoint_choice(one_slot, sdk, master):
 def test_evaluate_result_experiment_id_through_the_sdk(one_slot, sdk, master, capsys):
     """evaluate_result.py --experiment-id creates the CLASSIFIER_ONLY experiment of the final
     checkpoint through the real SDK; its trial then loads that checkpoint's encoder on the cluster."""
-    import evaluate_result
     import determined_schema as schema
+    import evaluate_result
 
     experiment_id, trial_id, _ = one_slot
     final = master.trial_checkpoints(trial_id)[-1]
@@ -180,7 +180,8 @@ def test_warm_start_trains_its_own_length_and_ends(one_slot, sdk, master):
     assert done.returncode == 0, done.stdout[-4000:]
     assert "warm start from checkpoint" in done.stdout
     assert [m["steps"] for m in master.training_metrics(trial_id)] == [3, 4]  # validation at 3
-    assert [c.metadata["steps_completed"] for c in master.trial_checkpoints(trial_id)] == [3, 4]  # policy "all": one after each validation
+    # checkpoint policy "all": one after each validation
+    assert [c.metadata["steps_completed"] for c in master.trial_checkpoints(trial_id)] == [3, 4]
 
 
 def rank_shards_without_validation(config: dict) -> list:

@@ -10,11 +10,21 @@ import pytest
 import torch
 from torch import nn
 
-import model_def
-from runtime import launch
-from runtime import sync_batchnorm
-from run_helpers import (ROOT, at_step, complete, environment, load, metrics, run_on_two_ranks, saved_digests,
-                         straight_run, torchrun, train, write_config)
+from run_helpers import (
+    ROOT,
+    at_step,
+    complete,
+    environment,
+    load,
+    metrics,
+    run_on_two_ranks,
+    saved_digests,
+    straight_run,
+    torchrun,
+    train,
+    write_config,
+)
+from runtime import launch, sync_batchnorm
 from runtime.settings import parse_settings
 from utils import ConfigError
 
@@ -112,7 +122,7 @@ def test_two_processes_hold_identical_replicas_after_every_update():
     assert "batch norm synchronised across 2 processes" in stdout
     reports = re.findall(r"\[byol\] checkpoint (\S+) at step (\d+): weights identical on 2 ranks \(([^)]*)\)", stdout)
     assert [int(step) for _, step, _ in reports] == [1, 2, 3, 4]  # a checkpoint after every update
-    for uuid, step, listed in reports:
+    for _uuid, step, listed in reports:
         live = dict(item.split("=") for item in listed.split())
         saved = {part: digest[:12] for part, digest in saved_digests(at_step(directory, int(step))).items()}
         assert live == saved, f"step {step}: the compared weights are not those saved"

@@ -1,6 +1,6 @@
 """evaluate_result.py: the linear protocol and fine-tuning from a checkpoint (locally for real, on a
-cluster through the real SDK against the stand-in master of fake_master.py), the kNN read-out during pretraining (1 and 2 processes),
-the features / probe commands on a real checkpoint, and encoder export."""
+cluster through the real SDK against the stand-in master of fake_master.py), the kNN read-out during
+pretraining (1 and 2 processes), the features / probe commands on a real checkpoint, and encoder export."""
 import json
 import os
 import subprocess
@@ -12,10 +12,8 @@ import torchvision
 import yaml
 
 import backbone as backbones
-from runtime import checkpoints
 import evaluate_result
-from runtime import knn
-from runtime import feature_probes
+from runtime import checkpoints, feature_probes, knn
 from runtime.settings import parse_settings
 from utils import ConfigError
 
@@ -109,7 +107,8 @@ def test_cluster_path_creates_the_classifier_experiment_of_the_final_checkpoint(
     assert config["data"] == _pretraining_hparams()["data"] and config["entrypoint"].startswith("python3 model_def.py")
     # The submitted config, not the master's expansion (no checkpoint_storage or other defaults).
     assert set(config) == set(_pretraining_hparams())
-    import tarfile, io
+    import io
+    import tarfile
 
     names = tarfile.open(fileobj=io.BytesIO(cluster.experiments[2]["tgz"])).getnames()
     assert "model_def.py" in names and not [n for n in names if n.startswith(".venv")]

@@ -13,12 +13,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from runtime import checkpoints
-from runtime import faults
-from utils import one_line
-from run_helpers import (ROOT, at_step, command, complete, environment, load, straight_run, train,
-                         write_config)
+from run_helpers import ROOT, at_step, command, complete, environment, load, straight_run, train, write_config
+from runtime import checkpoints, faults
 from runtime.sampling import SeededTransformDataset
+from utils import one_line
 
 
 def _assert_only_good_checkpoints(directory):

@@ -12,11 +12,10 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
+from gcs_fixtures import ImageBucket
 from runtime import gcs
 from runtime.gcs import CorruptImageError, GCSError, GCSImageFolder
 from runtime.gcs_client import GCSSource
-from gcs_fixtures import (ImageBucket, fault_proxy, gcs_admin_client, gcs_emulator,  # noqa: F401,F811
-                          gcs_env, imagenet_bucket)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_RETRY = dict(retry_initial_delay=0.01, retry_deadline=30.0, timeout=10.0)
@@ -29,7 +28,7 @@ def to_array(image):
 def check_batches(batches, order, bucket: ImageBucket, names):
     """Every index of ``order`` arrived exactly once, in order, with the right pixels and label."""
     images = [img for imgs, _ in batches for img in imgs]
-    labels = [int(l) for _, ls in batches for l in ls]
+    labels = [int(label) for _, batch_labels in batches for label in batch_labels]
     assert len(images) == len(order)
     for image, label, i in zip(images, labels, order):
         assert np.array_equal(image.numpy(), bucket.rgb(names[i])), names[i]

@@ -6,7 +6,6 @@ import pytest
 import yaml
 
 from run_helpers import train_in_process
-from gcs_fixtures import gcs_admin_client, gcs_emulator, gcs_env, imagenet_bucket  # noqa: F401 (fixtures)
 
 
 @pytest.mark.slow

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 import augment
-from runtime import jpeg_decode
 from run_helpers import load, train, write_config  # noqa: F401  (sys.path)
+from runtime import jpeg_decode
 
 SIZES = [(400, 300), (640, 480), (90, 120), (500, 375), (1024, 768)]
 
@@ -27,7 +27,8 @@ def jpeg_bytes(width: int, height: int, seed: int = 0, mode: str = "RGB") -> byt
 
 def pil_views(data: bytes, seed: int, size: int = 32):
     torch.manual_seed(seed)
-    return augment.TwoViewTransform(size, *augment.paper_view_augmentations())(Image.open(io.BytesIO(data)).convert("RGB"))
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    return augment.TwoViewTransform(size, *augment.paper_view_augmentations())(image)
 
 
 def test_draft_path_gives_the_pil_crops_and_decodes_less():
@@ -40,7 +41,8 @@ def test_draft_path_gives_the_pil_crops_and_decodes_less():
         for expected, got in zip(pil_views(data, seed), ours):
             assert got.shape == expected.shape == (3, 32, 32) and got.dtype == torch.uint8
             difference = (got.int() - expected.int()).abs().float()
-            assert difference.mean() < 1.5 and difference.max() <= 12, (width, height, difference.mean(), difference.max())
+            assert difference.mean() < 1.5 and difference.max() <= 12, (width, height, difference.mean(),
+                                                                          difference.max())
     # A 1024x768 image whose crops are all >= 8 x 32 pixels decodes at 1/8 scale.
     assert jpeg_decode.draft_scale(32, [(0, 0, 300, 400, False), (5, 5, 256, 700, True)]) == 8
     assert jpeg_decode.draft_scale(32, [(0, 0, 40, 400, False)]) == 1

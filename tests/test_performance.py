@@ -7,12 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from runtime import loaders
-from runtime import nonfinite
-from runtime import performance
 from byol import BYOL
 from reducers import DeviceLossReducer
 from run_helpers import load, metrics, train, write_config  # noqa: F401  (sys.path)
+from runtime import loaders, nonfinite, performance
 from runtime.settings import parse_settings
 from utils import ConfigError
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 
@@ -18,13 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from runtime import checkpoints
 import evaluate_result
 import model_def
 import utils
-from runtime import settings as settings_module
-from gcs_fixtures import fault_proxy, gcs_admin_client, gcs_emulator, gcs_env, imagenet_bucket  # noqa: F401
 from run_helpers import PYTHON, ROOT, command, environment, straight_run, write_config
+from runtime import checkpoints
+from runtime import settings as settings_module
 from runtime.settings import parse_settings
 from utils import ConfigError
 

@@ -8,13 +8,11 @@ import shutil
 
 import pytest
 import torch
-
-from runtime import checkpoints
-import model_def
-from runtime import launch
 from determined import pytorch
-from run_helpers import (assert_identical, at_step, complete, load, straight_run, train, training_state,
-                         write_config)
+
+import model_def
+from run_helpers import assert_identical, at_step, complete, load, straight_run, train, training_state, write_config
+from runtime import checkpoints, launch
 from runtime.settings import Length, parse_settings
 
 
@@ -100,7 +98,8 @@ def test_resume_from_incomplete_checkpoint_is_refused(tmp_path, capsys):
     shutil.copytree(good, partial)
     os.remove(partial / checkpoints.COMPLETE_FILE)
     config = write_config(str(tmp_path))
-    code = model_def.main(["--config", config, "--checkpoint-dir", str(tmp_path / "out"), "--resume-from", str(partial)])
+    code = model_def.main(["--config", config, "--checkpoint-dir", str(tmp_path / "out"),
+                           "--resume-from", str(partial)])
     assert code == 2
     error = capsys.readouterr().err
     assert "is incomplete" in error and str(good) in error

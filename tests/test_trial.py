@@ -10,9 +10,9 @@ import torch
 import yaml
 from PIL import Image
 
-from runtime import checkpoints
 import model_def
 from run_helpers import train_in_process
+from runtime import checkpoints
 
 CLASSES = ("circle", "square", "stripes")
 
