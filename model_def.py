@@ -362,12 +362,13 @@ class BYOLTrial(TrialBase):
             learner = performance.to_channels_last(learner)
         model = context.wrap_model(learner)
         self.heads.to(self.device)
-        self.peak_lr = optim.scaled_learning_rate(s.base_lr, s.global_batch_size)
+        # Section 3.3: base_lr x batch / 256, the peak of the groups' schedule (optim.apply_schedule).
+        peak_lr = optim.scaled_learning_rate(s.base_lr, s.global_batch_size)
         groups = optim.lars_param_groups(
             ((n, p) for n, p in learner.named_parameters() if not n.startswith("target_")), s.weight_decay,
-            peak_lr=self.peak_lr)
+            peak_lr=peak_lr)
         optimizer = context.wrap_optimizer(
-            optim.LARS(groups, lr=self.peak_lr, momentum=s.momentum, weight_decay=s.weight_decay, eta=s.lars_eta))
+            optim.LARS(groups, lr=peak_lr, momentum=s.momentum, weight_decay=s.weight_decay, eta=s.lars_eta))
         return model, optimizer
 
     def readout(self) -> Dict[str, torch.nn.Module]:

@@ -19,6 +19,8 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from utils import InputError
+
 
 class LARS(torch.optim.Optimizer):
     """Layer-wise adaptive rate scaling with heavy-ball momentum.
@@ -133,7 +135,11 @@ def apply_schedule(optimizer: torch.optim.Optimizer, step: int, total_steps: int
     group's."""
     for group in optimizer.param_groups:
         if "initial_lr" not in group:
-            raise KeyError("every parameter group needs its peak learning rate as 'initial_lr' "
-                           "(optim.lars_param_groups(..., peak_lr=...), classifier.heads_optimizer)")
+            # Groups built here carry it (lars_param_groups(..., peak_lr), classifier.heads_optimizer), and
+            # checkpoints keep it; an optimiser state saved before that (BYOL pretraining before
+            # 2026-11-26) has none.
+            raise InputError("an optimiser parameter group has no 'initial_lr' (the peak of its learning-rate "
+                             "schedule): the checkpoint's optimiser state predates it, so the run cannot be "
+                             "resumed exactly; evaluate or warm-start from the checkpoint, or start a new run")
         group["lr"] = cosine_schedule(step, total_steps, group["initial_lr"], 0.0, warmup_steps)
     return optimizer.param_groups[0]["lr"]

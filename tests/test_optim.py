@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from optim import LARS, apply_schedule, cosine_schedule, is_excluded, lars_param_groups, scaled_learning_rate
+from utils import InputError
 
 
 def lars_update_by_hand(w, g, m, lr, momentum, wd, eta, adapt=True):
@@ -154,7 +155,7 @@ def test_scaled_learning_rate_and_apply_schedule():
     apply_schedule(optimizer, 60, 110, warmup_steps=10)
     assert [group["lr"] for group in optimizer.param_groups] == [pytest.approx(0.4), pytest.approx(0.1)]
     without_peak = LARS(lars_param_groups(model.named_parameters(), 1e-6), lr=0.1)
-    with pytest.raises(KeyError, match="initial_lr"):
+    with pytest.raises(InputError, match="initial_lr"):
         apply_schedule(without_peak, 0, 10)
 
 
