@@ -40,8 +40,6 @@ def extract_feature_file(directory: str, out: str, sets: Sequence[str] = (), bat
     """Frozen features, labels and small pixel copies of CLS_TRAIN, CLS_VALIDATION and TEST."""
     import torch.nn.functional as F
 
-
-
     check_output_file(out, "--out")
     checkpoints.verify_checkpoint(directory)  # complete and unchanged, before anything else
     hparams, config = checkpoint_config(directory)
@@ -169,7 +167,6 @@ def format_comparison(results: Dict[str, Dict[str, float]], shots: Sequence[int]
 def run_probes(content: Dict, k: int = 20, temperature: float = 0.07) -> Dict[str, Dict[str, float]]:
     """kNN and logistic regression on the encoder's features and on PCA of the pixels."""
     from sklearn.decomposition import PCA
-
 
     splits = content["splits"]
     names = (data.Split.CLS_TRAIN.value, data.Split.CLS_VALIDATION.value, data.Split.TEST.value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -95,9 +96,6 @@ def choose_threads(settings: Settings, distributed: Optional[core.DistributedCon
     """Intra-op threads and data-loader workers that fit the cores (``performance.choose_threads``),
     applied to this process and said on rank 0. The workers only change speed, never the data:
     every sample's randomness is seeded by its index (sampling.py)."""
-    import dataclasses
-
-
     processes = distributed.local_size if distributed else 1
     choice = performance.choose_threads(settings.data.num_workers, processes)
     torch.set_num_threads(choice.threads)

@@ -57,7 +57,6 @@ def check_image_headers(datasets: Sequence[Any], rank: int = 0, world_size: int 
     that fails raises :class:`UnreadableFileError` naming it. Returns the number checked."""
     from PIL import Image
 
-
     files = image_files(datasets)[rank::world_size]
     for path in progress(files, "checking image files", unit="file", enabled=rank == 0 and len(files) > 1000):
         try:
