@@ -300,8 +300,8 @@ def _image_folders(root: str, name: str, train: bool, transform: _PrepareImage, 
     return _FolderWithClasses(existing[0], class_to_idx, transform)
 
 
-def _rng(seed: int, stream: SeedStream) -> np.random.Generator:
-    return np.random.default_rng([seed, int(stream)])
+def _rng(seed: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stream])
 
 
 def split_labelled(num_labelled: int, validation_size: int, seed: int) -> Tuple[List[int], List[int]]:

@@ -17,7 +17,6 @@ interrupted. Determined's own sampler restarts its position after a local resume
 """
 from __future__ import annotations
 
-import enum
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -26,12 +25,14 @@ from torch.utils.data import Dataset, Sampler
 _MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant, mixes seeds apart
 
 
-class SeedStream(enum.IntEnum):
+class SeedStream:
     """Every stream of the project's randomness, in one table. Each draw is seeded by the run's
     ``seed`` and its stream (and, for the trial's streams, the global step:
     ``mix_seed(seed, step, stream)``), so two streams never share random numbers and every draw is
     the same after a resume and for any number of processes. The values are those the streams had
-    before this table existed (changing one changes that stream's random numbers)."""
+    before this table existed (changing one changes that stream's random numbers). Plain integers,
+    not an enum: the data splits and the trial's streams are seeded differently, so a value may
+    recur across the groups (an enum would turn the second name into a hidden alias of the first)."""
 
     # data.py's splits: numpy generators seeded by [seed, stream]
     TEST_SPLIT = 1          # the held-out TEST part of datasets without an official test set

@@ -140,3 +140,13 @@ def test_seeded_transform_leaves_global_rng_alone_and_batched_fetch_matches():
         assert torch.equal(image, single_image) and label == single_label == key[0]
     # plain integer indices (evaluation) use seed 0
     assert torch.equal(dataset[1][0], dataset[(1, 0)][0])
+
+
+def test_seed_table_streams_are_distinct_within_each_kind():
+    """Streams seeded the same way must differ, or two draws would share random numbers."""
+    from runtime.sampling import SeedStream as S
+
+    for kind in ((S.TEST_SPLIT, S.VALIDATION_SPLIT, S.LABEL_SUBSET),
+                 (S.VIEW1, S.VIEW2, S.HEAD_VARIANT, S.EVALUATION_VIEWS),
+                 (S.HEAD_FEATURE_ORDER, S.RANDOM_ENCODER)):
+        assert len(set(kind)) == len(kind), kind
