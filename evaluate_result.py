@@ -43,7 +43,7 @@ import torch
 
 import backbone as backbones
 import model_def
-from runtime import checkpoints, feature_probes, launch
+from runtime import checkpoints, faults, feature_probes, launch
 from runtime.checkpoints import checkpoint_config, load_encoder
 from runtime.faults import CheckpointWrites
 from runtime.settings import Settings, TrainingMode, apply_overrides, parse_settings
@@ -352,6 +352,7 @@ def main(argv: Optional[Sequence[str]] = None, make_client: Callable = default_c
     return run_command(lambda args: _main(args, make_client), argv)
 
 
+@faults.process_group_torn_down()  # a multi-process run's process group, before the interpreter exits
 def _main(argv: Sequence[str], make_client: Callable) -> int:
     if argv and argv[0] in PROBE_COMMANDS:
         return feature_probes.main(argv)

@@ -290,7 +290,7 @@ class TrialBase(pytorch.PyTorchTrial):
     def check_finite_loss(self) -> None:
         """Raises :class:`nonfinite.NonFiniteLossError` naming the first step whose loss was not finite, on every
         rank at once (a collective with several processes); a stop asked of any rank is agreed here."""
-        bad, stop = self.finite_watch.agree(self.rank, self.world_size, stops.REQUEST.requested)
+        bad, stop = self.finite_watch.agree(self.rank, self.world_size, stops.REQUEST.signal or 0)
         if bad:
             self._non_finite(min(first for _, first in bad), [rank for rank, _ in bad])
         if stop and not self.context.get_stop_requested():  # agreed by every rank: checkpoint after this step

@@ -7,7 +7,11 @@ module names them:
   image at all). :class:`ReadGuard` wraps a dataset; on a failed read it finds the sample and names
   its file, through the wrappers the trial stacks on top of the image folders.
 * :class:`CheckpointWrites`: removes a checkpoint whose writing failed and turns the faults that end
-  a run into :class:`RunFailed`, one message naming the last complete checkpoint.
+  a run into :class:`RunFailed`, one message naming the last complete checkpoint and the command
+  that continues from it.
+* The process group of several processes: a frozen peer (collective timeout), a lost one (its
+  process ended: killed or crashed), and the group's teardown at the end of every run
+  (:func:`process_group_torn_down`).
 """
 from __future__ import annotations
 
@@ -15,7 +19,10 @@ import contextlib
 import errno
 import os
 import pickle
+import shlex
 import shutil
+import sys
+import time
 from typing import Any, Iterator, List, Optional, Sequence
 
 import torch
@@ -105,7 +112,7 @@ class ReadGuard(Dataset):
             raise
 
 
-# ----------------------------------------------------------------------------- frozen peers
+# ----------------------------------------------------------------------------- the process group
 COLLECTIVE_TIMEOUT_ENV = "BYOL_COLLECTIVE_TIMEOUT"
 DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0  # a healthy step, checkpoint or validation wait is far shorter
 
@@ -129,22 +136,87 @@ def is_collective_timeout(error: BaseException) -> bool:
             and ("Timed out" in text or "timed out" in text or "Timeout" in text))
 
 
-def unanswered_ranks(wait_s: float = 5.0) -> List[int]:
-    """After a collective timed out: the ranks that did not answer. Every process whose collective
-    timed out is alive and marks itself in the process group's store; the ranks with no mark within
-    ``wait_s`` seconds are frozen, stopped or stuck elsewhere. (gloo's timeout message names no
-    peer, hence this roll call.)"""
-    import time
+# What gloo says when a peer's process ended mid-collective (its sockets closed by the kernel).
+_LOST_PEER_TEXTS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "ECONNRESET", "EPIPE")
 
-    store = torch.distributed.distributed_c10d._get_default_store()
-    rank, size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    store.set(f"byol/alive/{rank}", "1")
-    deadline = time.monotonic() + wait_s
-    missing = [r for r in range(size) if r != rank]
-    while missing and time.monotonic() < deadline:
-        missing = [r for r in missing if not store.check([f"byol/alive/{r}"])]
-        time.sleep(0.2)
-    return missing
+
+def is_lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because another process of the run ended."""
+    text = str(error)
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and any(needle in text for needle in _LOST_PEER_TEXTS))
+
+
+def unanswered_ranks(wait_s: float = 5.0) -> Optional[List[int]]:
+    """After a collective failed: the ranks that did not answer, or None when the store that takes
+    the answers is gone too (it lived in the lost process). Every process whose collective failed
+    is alive and marks itself in the process group's store; the ranks with no mark within
+    ``wait_s`` seconds are gone, frozen, stopped or stuck elsewhere. (gloo's messages name no peer,
+    hence this roll call.)"""
+    try:
+        store = torch.distributed.distributed_c10d._get_default_store()
+        rank, size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        store.set(f"byol/alive/{rank}", "1")
+        deadline = time.monotonic() + wait_s
+        missing = [r for r in range(size) if r != rank]
+        while missing and time.monotonic() < deadline:
+            missing = [r for r in missing if not store.check([f"byol/alive/{r}"])]
+            time.sleep(0.2)
+        return missing
+    except (RuntimeError, OSError):  # torch.distributed.DistError is a RuntimeError
+        return None
+
+
+def end_process_group(synchronise: bool = True) -> None:
+    """Tears torch.distributed's default process group down, if there is one: after a barrier when
+    every process gets here (``synchronise``), at once otherwise (a peer may be gone).
+
+    Neither torchrun nor Determined's harness does it, and a group left to the interpreter's exit
+    aborts the process now and then: gloo's worker threads release the last collective's tensors,
+    a release that needs the GIL, while the main thread finalises the interpreter; Python ends a
+    thread that asks for the GIL then (``pthread_exit``), whose unwinding through a C++ destructor
+    calls ``std::terminate``: "terminate called without an active exception", SIGABRT, after the
+    work was done (about one two-process run in six on a 2-core machine). Destroying the group joins
+    those threads while the interpreter is whole."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronise:
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer ended meanwhile: nothing left to wait for
+            pass
+    dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group_torn_down() -> Iterator[None]:
+    """Runs the block, then :func:`end_process_group`: synchronised when the block ended normally or
+    on a stop on request (every process stops at the same step), at once after a fault."""
+    try:
+        yield
+    except BaseException as error:
+        end_process_group(synchronise=getattr(error, "exit_code", 0) >= 128)
+        raise
+    end_process_group(synchronise=True)
+
+
+def continue_command(checkpoint: str, world_size: int) -> Optional[str]:
+    """The command that continues this run from ``checkpoint``: this command line with
+    ``--resume-from`` (replaced, if given), or under torchrun the same torchrun command with it;
+    None for a command other than ``model_def.py``'s."""
+    if os.path.basename(sys.argv[0]) != "model_def.py":
+        return None
+    if world_size > 1:
+        return f"the same torchrun command with --resume-from {checkpoint}"
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg == "--resume-from":
+            skip = not skip
+            continue
+        if not arg.startswith("--resume-from="):
+            argv.append(arg)
+    return f"{os.path.basename(sys.executable)} {shlex.join([sys.argv[0], *argv])} --resume-from {checkpoint}"
 
 
 class RunFailed(CommandError):
@@ -153,6 +225,13 @@ class RunFailed(CommandError):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def _first_line(error: BaseException) -> str:
+    """gloo's message without its source location and advice: ``Connection closed by peer [...]``."""
+    text = one_line(error)
+    text = text.split("] ", 1)[1] if text.startswith("[") and "] " in text else text
+    return text.split(". ", 1)[0]
 
 
 def _unpickler_reason(error: BaseException) -> str:
@@ -173,11 +252,15 @@ class CheckpointWrites:
     a good one. :meth:`explained` turns the faults a run can meet into :class:`RunFailed` with one
     clear message that names the last complete checkpoint."""
 
-    def __init__(self, resumed_from: Optional[str] = None, rank: int = 0):
+    def __init__(self, resumed_from: Optional[str] = None, rank: int = 0, world_size: int = 1,
+                 directory: Optional[str] = None):
         self.complete = [resumed_from] if resumed_from else []
         self.failed: Optional[str] = None
         self.free_bytes: Optional[int] = None  # on the checkpoint's filesystem when writing failed
-        self.rank = rank
+        self.rank, self.world_size = rank, world_size
+        # Other ranks find rank 0's checkpoints in the (shared) directory: those not there before.
+        self.directory = directory
+        self._before = set(os.listdir(directory)) if directory and os.path.isdir(directory) else set()
 
     def watch(self, store_path):
         @contextlib.contextmanager
@@ -195,13 +278,22 @@ class CheckpointWrites:
             self.complete.append(str(path))
         return watched
 
+    def _last_path(self) -> Optional[str]:
+        if self.rank == 0 or not self.directory:
+            return self.complete[-1] if self.complete else None
+        written = [path for _, path in checkpoints.complete_checkpoints(self.directory)
+                   if os.path.basename(path) not in self._before]
+        return written[-1] if written else (self.complete[-1] if self.complete else None)
+
     def last_complete(self) -> str:
-        if self.rank != 0:
-            return "rank 0 writes the checkpoints and names the last complete one"
-        if not self.complete:
+        last = self._last_path()
+        if last is None:
+            if self.rank != 0 and not self.directory:
+                return "rank 0 writes the checkpoints and names the last complete one"
             return "no complete checkpoint was written"
-        last = self.complete[-1]
-        return f"the last complete checkpoint is {last!r} (continue with --resume-from {last})"
+        command = continue_command(last, self.world_size)
+        return f"the last complete checkpoint is {last!r} (continue with{':' if command else ''} " \
+               f"{command or '--resume-from ' + last})"
 
     @contextlib.contextmanager
     def explained(self) -> Iterator[None]:
@@ -220,16 +312,28 @@ class CheckpointWrites:
                 replicas.ReplicaDivergenceError) as error:
             raise RunFailed(f"{one_line(error)} ({self._removed()}{self.last_complete()})") from error
         except Exception as error:
+            if self.failed is None and is_lost_peer(error):
+                raise RunFailed(f"{self._lost(unanswered_ranks())} (gloo: {_first_line(error)}); the run ends: "
+                                f"{self.last_complete()}") from error
             if self.failed is None and is_collective_timeout(error):
                 missing = unanswered_ranks()
                 who = (f"rank(s) {missing} did not answer (frozen, stopped or stuck)" if missing
-                       else "every rank answered the roll call afterwards (a slow step?)")
+                       else "every rank answered the roll call afterwards (a slow step?)" if missing == []
+                       else "the process group's store is gone too (its process ended)")
                 raise RunFailed(f"a collective waited longer than {COLLECTIVE_TIMEOUT_ENV}={collective_timeout():g} s: "
                                 f"{who}; the run ends ({self.last_complete()})") from error
             if self.failed is None:
                 raise
             raise RunFailed(f"writing checkpoint {self.failed!r} failed: {one_line(error)}. "
                             f"{self._space(error)}T{self._removed()[1:]}{self.last_complete()}") from error
+
+    def _lost(self, missing: Optional[List[int]]) -> str:
+        if missing:
+            which = f"rank {missing[0]}" if len(missing) == 1 else f"ranks {missing}"
+            return (f"{which} of {self.world_size} {'was' if len(missing) == 1 else 'were'} lost: "
+                    f"{'its process' if len(missing) == 1 else 'their processes'} ended without a stop "
+                    f"(killed or crashed)")
+        return f"a process of the {self.world_size} of this run was lost (killed or crashed)"
 
     def _space(self, error: BaseException) -> str:
         """torch.save reports a full disk as e.g. 'unexpected pos 2008768 vs 2008664': say it plainly."""

@@ -209,6 +209,9 @@ def main(argv, make_trial: Callable) -> int:
     return run_command(lambda args: _main(args, make_trial), argv)
 
 
+# Whoever created the process group (distributed_context, Determined's pytorch.init), it is torn down
+# before the interpreter exits (faults.py).
+@faults.process_group_torn_down()
 def _main(argv, make_trial: Callable) -> int:
     info = det.get_cluster_info()
     started = time.time()
@@ -238,7 +241,7 @@ def local_main(args: argparse.Namespace, started: float, make_trial: Callable) -
     check_output_file(args.metrics_out, "--metrics-out")  # before training, not after it
     settings = choose_threads(settings, distributed)
     latest = os.path.abspath(args.resume_from) if args.resume_from else None
-    writes = CheckpointWrites(latest, distributed.get_rank() if distributed else 0)
+    writes = CheckpointWrites(latest, distributed.get_rank() if distributed else 0, slots, checkpoint_dir)
     with writes.explained():
         train_and_report(make_trial, config, settings, distributed, checkpoint_dir, latest, started,
                          args.metrics_out, writes)
@@ -288,8 +291,9 @@ def train_and_report(make_trial: Callable, exp_conf: Dict[str, Any], settings: S
         with local_trial_context(exp_conf["hyperparameters"], exp_conf, distributed, checkpoint_dir,
                                  writes) as context:
             trial = run_trial(make_trial, context, settings, latest)
-            if stops.REQUEST.requested and trial.global_step < trial.total_steps:
-                raise stopped(trial, checkpoint_dir)
+            requests = stops.requests_of(trial.finite_watch.stop_signals, trial.rank)
+            if requests and trial.global_step < trial.total_steps:
+                raise stopped(trial, checkpoint_dir, requests)
             metrics = final_metrics(trial, time.time() - started)
         if context.distributed.rank == 0:
             print_summary(trial, metrics)
@@ -306,28 +310,22 @@ def train_and_report(make_trial: Callable, exp_conf: Dict[str, Any], settings: S
     return metrics
 
 
-def stopped(trial, checkpoint_dir: str) -> RunFailed:
-    """The run stopped on a signal after writing its checkpoint: where it is and how to go on."""
-    import shlex
-
+def stopped(trial, checkpoint_dir: str, requests: Dict[int, int]) -> RunFailed:
+    """The run stopped on a signal after writing its checkpoint: which signal (and which rank got it,
+    when not this one), where the checkpoint is and how to go on. ``requests``: rank -> signal."""
     path = os.path.join(checkpoint_dir, trial.last_checkpoint) if trial.last_checkpoint else None
     if path is None:
         where = "no checkpoint was written"
-    elif os.path.basename(sys.argv[0]) == "model_def.py":
-        argv, skip = [], False
-        for arg in sys.argv[1:]:
-            if skip or arg == "--resume-from":
-                skip = not skip
-                continue
-            if not arg.startswith("--resume-from="):
-                argv.append(arg)
-        again = (f"{os.path.basename(sys.executable)} {shlex.join([sys.argv[0], *argv])} --resume-from {path}"
-                 if trial.world_size == 1 else f"the same torchrun command with --resume-from {path}")
-        where = f"checkpoint {path}; continue with: {again}"
     else:
-        where = f"checkpoint {path}"
-    failure = RunFailed(f"stopped by {stops.REQUEST.name} after global step {trial.global_step} of "
-                        f"{trial.total_steps}: {where}", exit_code=128 + int(stops.REQUEST.signal))
+        command = faults.continue_command(path, trial.world_size)
+        where = f"checkpoint {path}; continue with: {command}" if command else f"checkpoint {path}"
+    signum = requests.get(trial.rank) or requests[min(requests)]
+    name = stops.signal_name(signum)
+    if trial.rank not in requests:
+        ranks = sorted(requests)
+        name += f" sent to rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+    failure = RunFailed(f"stopped by {name} after global step {trial.global_step} of "
+                        f"{trial.total_steps}: {where}", exit_code=128 + signum)
     failure.quiet = trial.rank != 0  # rank 0 speaks for all
     return failure
 

@@ -72,7 +72,7 @@ class LazyTrainingLoader:
         cuda = self.device.type == "cuda"
         loader = DataLoader(self.dataset, batch_sampler=self.sampler_factory(), num_workers=self.num_workers,
                             pin_memory=cuda, persistent_workers=False, collate_fn=self.collate_fn,
-                            worker_init_fn=stops.ignore_in_worker if self.num_workers else None,
+                            worker_init_fn=stops.detach_worker if self.num_workers else None,
                             prefetch_factor=4 if self.num_workers else None)
         yield from (prefetch_to_device(loader, self.device) if cuda else loader)
 
@@ -172,7 +172,7 @@ def sharded_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int
     """Every sample exactly once across ranks, in dataset order (no padding, no dropping)."""
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world_size),
                       num_workers=num_workers, pin_memory=pin_memory,
-                      worker_init_fn=stops.ignore_in_worker if num_workers else None)
+                      worker_init_fn=stops.detach_worker if num_workers else None)
 
 
 def classifier_feature_dataset(settings: Settings, image_size: int) -> Dataset:

@@ -6,13 +6,14 @@ would stall a GPU once per step, so :class:`NonFiniteWatch` records, on the devi
 whose loss was not finite, and the trial reads that record every ``finite_check_period`` steps and at
 the end of every training workload, i.e. before every validation and every checkpoint the harness
 takes (``FiniteCheckCallback.on_training_workload_end``). A stop request (SIGTERM/SIGINT,
-``stops.py``) travels in the same all_reduce, so with several processes a stop takes effect at the
-next check; one process stops after the current step. Checkpoint writing additionally checks the
+``stops.py``) travels in the same all_reduce, each rank's signal in its own slot, so with several
+processes a stop asked of any of them takes effect on all at the next check; one process stops
+after the current step. Checkpoint writing additionally checks the
 weights themselves (``checkpoints.check_finite``), whatever the period.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,7 @@ class NonFiniteWatch:
             raise ValueError(f"finite_check_period must be >= 1, got {period}")
         self.period = period
         self.first_bad: Optional[torch.Tensor] = None   # int64 scalar on the loss's device; -1: none
+        self.stop_signals: Dict[int, int] = {}  # rank -> signal of each process asked to stop, as agreed
 
     def record(self, loss: torch.Tensor, step: int) -> None:
         """Notes ``step`` if ``loss`` is not finite (no host synchronisation)."""
@@ -50,25 +52,28 @@ class NonFiniteWatch:
         value = int(self.first_bad.item())
         return value if value >= 0 else None
 
-    def agree(self, rank: int, world_size: int, stop: bool = False) -> Tuple[List[Tuple[int, int]], bool]:
+    def agree(self, rank: int, world_size: int, stop: int = 0) -> Tuple[List[Tuple[int, int]], bool]:
         """``(rank, first bad step)`` of every process with a non-finite loss, and whether any process
-        was asked to stop (``stops.py``), known to every process in one all_reduce: all of them stop
-        together at the same step. A collective when ``world_size > 1``: every rank must call it at
-        the same step."""
+        was asked to stop (``stop``: this process's signal number, 0 for none; ``stops.py``), known to
+        every process in one all_reduce: all of them stop together at the same step, and
+        :attr:`stop_signals` names which rank got which signal. A collective when ``world_size > 1``:
+        every rank must call it at the same step."""
         if world_size == 1:
             first = self.local_first_bad()
-            return ([] if first is None else [(0, first)]), stop
+            self.stop_signals = {0: int(stop)} if stop else {}
+            return ([] if first is None else [(0, first)]), bool(stop)
         device = self.first_bad.device if self.first_bad is not None else torch.device("cpu")
         if dist.get_backend() == "nccl" and device.type != "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
-        flags = torch.zeros(world_size + 1, dtype=torch.int64, device=device)
+        flags = torch.zeros(2 * world_size, dtype=torch.int64, device=device)
         if self.first_bad is not None:
             flags[rank] = self.first_bad.to(device) + 1   # 0: no bad step on that rank
-        flags[world_size] = int(stop)
+        flags[world_size + rank] = int(stop)   # 0: no stop asked of that rank
         dist.all_reduce(flags)
         values = flags.tolist()
         bad = [(index, int(value) - 1) for index, value in enumerate(values[:world_size]) if value > 0]
-        return bad, bool(values[world_size])
+        self.stop_signals = {index: int(value) for index, value in enumerate(values[world_size:]) if value}
+        return bad, bool(self.stop_signals)
 
 
 class FiniteCheckCallback(pytorch.PyTorchCallback):

@@ -2,13 +2,18 @@
 
 Long BYOL runs (the paper's 1000 epochs, section 3.3) get stopped: a scheduler's SIGTERM, a user's
 Ctrl-C. The first signal asks the trial to stop after the current step (one process) or after the
-step of the next non-finite check (several processes: the flag travels in that check's all_reduce,
-``nonfinite.NonFiniteWatch.agree``, at most ``finite_check_period`` steps later), the trial calls
+step of the next non-finite check (several processes: each rank's signal travels in that check's
+all_reduce, ``nonfinite.NonFiniteWatch.agree``, at most ``finite_check_period`` steps later, so a
+signal to one rank stops them all and rank 0 names it), the trial calls
 Determined's own ``context.set_stop_requested(True)`` and ends the reporting period there
 (:class:`StopAwareBatch`), so the harness checkpoints and returns exactly as it does for a
 preemption on a cluster. The command line then names the checkpoint and how to resume, and exits
 with ``128 + signal`` (no traceback). A second signal stops at once, without a checkpoint, ending
 this process's data-loader workers first so that none is left behind.
+
+Data-loader workers live in sessions of their own (:func:`detach_worker`): a signal to the run's
+process group (torchrun, GNU ``timeout``, ``kill -TERM -PGID``, Ctrl-C) reaches the main process
+only, which ends its workers itself after the checkpoint.
 
 torchrun forwards the terminal's Ctrl-C to processes that already received it from the terminal: a
 repeat within :data:`REPEAT_WINDOW_S` seconds counts as the same request.
@@ -21,7 +26,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Dict, Optional
 
 from determined import pytorch
 
@@ -43,7 +48,7 @@ class StopRequest:
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.signal).name if self.signal else ""
+        return signal_name(self.signal) if self.signal else ""
 
     def install(self) -> None:
         """Handles SIGTERM and SIGINT from now on (only the main thread may; elsewhere a no-op)."""
@@ -62,12 +67,12 @@ class StopRequest:
         if self.signal is None:
             self.signal, self.at = signum, time.monotonic()
             if os.environ.get("RANK", "0") == "0":  # rank 0 speaks for all processes
-                    print(f"[byol] {signal.Signals(signum).name} received: finishing the current step, then writing a "
+                print(f"[byol] {signal_name(signum)} received: finishing the current step, then writing a "
                       f"checkpoint (send it again to stop at once, without one)", file=sys.stderr, flush=True)
             return
         if time.monotonic() - self.at < REPEAT_WINDOW_S:
             return  # the same request, forwarded once more (torchrun)
-        print(f"[byol] second {signal.Signals(signum).name}: stopping at once, without a checkpoint",
+        print(f"[byol] second {signal_name(signum)}: stopping at once, without a checkpoint",
               file=sys.stderr, flush=True)
         for child in multiprocessing.active_children():  # data-loader workers: none is orphaned
             child.kill()
@@ -77,12 +82,60 @@ class StopRequest:
 REQUEST = StopRequest()
 
 
-def ignore_in_worker(_worker_id: int = 0) -> None:
-    """``worker_init_fn`` of data loaders: workers leave SIGINT to the main process, which finishes
-    its step and shuts them down (a terminal's Ctrl-C reaches the whole process group). SIGTERM keeps
-    its default: it is how the DataLoader and ``multiprocessing`` end workers at shutdown and at
-    exit, and a scheduler's SIGTERM goes to the main process, not to its workers."""
+def signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15 (the number itself for one that is not a signal)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def requests_of(agreed: Dict[int, int], rank: int) -> Dict[int, int]:
+    """Rank -> signal of every process asked to stop: those the processes agreed on
+    (``nonfinite.NonFiniteWatch.stop_signals``) and this process's own request (which may have come
+    after the last agreement)."""
+    requests = dict(agreed)
+    if REQUEST.requested:
+        requests.setdefault(rank, int(REQUEST.signal))
+    return requests
+
+
+ORPHAN_CHECK_S = 1.0  # how often a data-loader worker checks that its main process is still there
+
+
+def detach_worker(_worker_id: int = 0) -> None:
+    """``worker_init_fn`` of data loaders: the worker leaves the run's process group for a session of
+    its own, so that a signal sent to the group reaches the main process alone. torchrun forwards
+    SIGTERM/SIGINT to each rank's whole group (``os.killpg``), GNU ``timeout`` signals its group, a
+    terminal's Ctrl-C reaches the foreground group: a worker that died of it first would end the run
+    with "DataLoader worker ... killed by signal" and no checkpoint. The main process finishes its
+    step, checkpoints, and ends its workers itself: the DataLoader's shutdown (done event, join,
+    SIGTERM as a last resort) and ``multiprocessing``'s at exit, whose SIGTERM torch's worker handler
+    takes quietly from the parent (so a run that ends on an error never hangs at exit). SIGINT is
+    ignored besides (a ``kill -INT`` of the worker alone). :func:`_exit_when_orphaned` ends a worker
+    whose main process died without ending it (``kill -9``, torchrun's final SIGKILL to the group)."""
+    try:
+        os.setsid()
+    except OSError:  # already a group leader: stays where it is
+        pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent, report = os.getppid(), threading.excepthook
+
+    def quiet_when_orphaned(args) -> None:  # e.g. multiprocessing's resource sharer, its peer gone
+        if os.getppid() == parent:
+            report(args)
+
+    threading.excepthook = quiet_when_orphaned
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), name="byol-orphan-guard", daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """Ends this process (a data-loader worker) once ``parent`` is gone: an orphan is re-parented, so
+    its parent id changes. (torch's own check runs only between samples, and a worker blocked in a
+    long read would outlive its run.)"""
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_CHECK_S)
+    os._exit(0)
 
 
 class StopAwareBatch(pytorch.Batch):

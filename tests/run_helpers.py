@@ -72,17 +72,34 @@ def environment(nproc: int = 1) -> Dict[str, str]:
 
 
 
+# Runs a two-rank check script, then tears its process group down as every run of the product does
+# (faults.end_process_group): left to the interpreter's exit, gloo aborts a rank now and then.
+TWO_RANK_RUNNER = """
+import runpy, sys
+sys.path.insert(0, {root!r})
+from runtime import faults
+script = sys.argv.pop(1)
+with faults.process_group_torn_down():
+    runpy.run_path(script, run_name="__main__")
+"""
+
+
 def run_on_two_ranks(directory, name: str, source: str, timeout: float = 120) -> None:
     """Writes ``source`` (a script that takes ``directory`` as argv[1] and writes ``rank{r}.ok`` there
-    when its checks pass) and runs it under torchrun on 2 gloo processes; fails with its output."""
+    when its checks pass) and runs it under torchrun on 2 gloo processes, its process group torn
+    down at the end (:data:`TWO_RANK_RUNNER`); fails with its output."""
     script = os.path.join(str(directory), name)
     with open(script, "w") as handle:
         handle.write(source)
-    result = subprocess.run([*torchrun(2), script, str(directory)], env=environment(2), capture_output=True,
+    runner = os.path.join(str(directory), "two_rank_runner.py")
+    with open(runner, "w") as handle:
+        handle.write(TWO_RANK_RUNNER.format(root=ROOT))
+    result = subprocess.run([*torchrun(2), runner, script, str(directory)], env=environment(2), capture_output=True,
                             text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     for rank in (0, 1):
         assert os.path.exists(os.path.join(str(directory), f"rank{rank}.ok")), f"rank {rank} did not finish its checks"
+
 
 def train(args: List[str], nproc: int = 1, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
     """Runs the trial's command line; the working directory is the repository (its .detignore keeps
