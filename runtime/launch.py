@@ -287,12 +287,14 @@ def train_and_report(make_trial: Callable, exp_conf: Dict[str, Any], settings: S
     """Trains in local mode, then prints the summary (plus ``result_line(settings, metrics)``) and
     writes the metrics JSON and the curves' PNG beside it (rank 0). Returns the final metrics."""
     stops.REQUEST.install()  # SIGTERM / SIGINT: finish the step, checkpoint, exit (stops.py)
+    stopping = False
     try:
         with local_trial_context(exp_conf["hyperparameters"], exp_conf, distributed, checkpoint_dir,
                                  writes) as context:
             trial = run_trial(make_trial, context, settings, latest)
             requests = stops.requests_of(trial.finite_watch.stop_signals, trial.rank)
-            if requests and trial.global_step < trial.total_steps:
+            stopping = bool(requests) and trial.global_step < trial.total_steps
+            if stopping:
                 raise stopped(trial, checkpoint_dir, requests)
             metrics = final_metrics(trial, time.time() - started)
         if context.distributed.rank == 0:
@@ -306,7 +308,7 @@ def train_and_report(make_trial: Callable, exp_conf: Dict[str, Any], settings: S
                 print(f"[byol] metrics written to {metrics_out}", flush=True)
                 write_plot(trial, metrics_out)
     finally:
-        stops.REQUEST.uninstall()
+        stops.REQUEST.uninstall(stopped=stopping)
     return metrics
 
 

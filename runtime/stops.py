@@ -58,9 +58,13 @@ class StopRequest:
         for signum in SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
 
-    def uninstall(self) -> None:
+    def uninstall(self, stopped: bool = False) -> None:
+        """Restores the handlers :meth:`install` replaced; after a stop (``stopped``: its checkpoint
+        is written, its message is due) SIGTERM and SIGINT are ignored instead while the process
+        exits, so that it ends with ``128 + signal``: torchrun signals the other ranks as soon as the
+        first one exits, and would otherwise kill them on their way out."""
         for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
+            signal.signal(signum, signal.SIG_IGN if stopped else previous)
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:

@@ -119,13 +119,25 @@ def wait_for(process, path, needles, timeout=240.0) -> None:
     raise AssertionError(f"no {needles} after {timeout} s")
 
 
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as handle:
+        return int(handle.read().rsplit(")", 1)[1].split()[1])
+
+
+def _command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def descendants(pid: int) -> dict:
-    """pid -> command line of every process below ``pid``."""
+    """pid -> parent pid of every process below ``pid``."""
     parents = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{entry}/stat") as handle:
-                parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+            parents[int(entry)] = _parent(int(entry))
         except OSError:
             continue
     found, frontier = {}, [pid]
@@ -133,11 +145,7 @@ def descendants(pid: int) -> dict:
         parent = frontier.pop()
         for child, ppid in parents.items():
             if ppid == parent and child not in found:
-                try:
-                    with open(f"/proc/{child}/cmdline", "rb") as handle:
-                        found[child] = handle.read().replace(b"\0", b" ").decode(errors="replace")
-                except OSError:
-                    found[child] = ""
+                found[child] = ppid
                 frontier.append(child)
     return found
 
@@ -198,11 +206,12 @@ def check_stop(tmp_path, process, signum, ckpt, workers) -> str:
     return lines[0]
 
 
-def worker_pids(tree: dict, script: str) -> list:
-    """The data-loader workers among a run's processes: forks of the training process (same command
-    line, one level further down)."""
-    trainers = [pid for pid, line in tree.items() if script in line]
-    return [pid for pid in trainers if any(other in trainers and pid in descendants(other) for other in trainers)]
+def worker_pids(root: int, script: str) -> list:
+    """The data-loader workers of a run started as ``root``: forks of a training process (the same
+    command line), children of one."""
+    tree = descendants(root)
+    trainers = {pid for pid in [root, *tree] if script in _command_line(pid)}
+    return [pid for pid, parent in tree.items() if pid in trainers and parent in trainers]
 
 
 # ----------------------------------------------------------------------------- one process
@@ -221,7 +230,7 @@ def test_signal_to_the_group_with_loader_workers_stops_checkpoints_and_resumes_e
     process = start(run, tmp_path, 1)
     try:
         wait_for(process, tmp_path / "out.log", ["[test] rank 0 paused"])
-        workers = worker_pids(descendants(process.pid), script)
+        workers = worker_pids(process.pid, script)
         if how == "timeout":
             os.kill(process.pid, signal.SIGALRM)  # timeout's time is up: it signals the group
         else:
@@ -252,8 +261,8 @@ def test_sigterm_to_torchrun_with_loader_workers_stops_checkpoints_and_resumes_e
     process = start(torchrun_run(script, config, ckpt), tmp_path, 2)
     try:
         wait_for(process, tmp_path / "out.log", ["[test] rank 0 paused", "[test] rank 1 paused"])
-        workers = worker_pids(descendants(process.pid), script)
-        assert len(workers) >= 4, descendants(process.pid)  # 2 per rank
+        workers = worker_pids(process.pid, script)
+        assert len(workers) >= 4, workers  # 2 per rank
         process.send_signal(signal.SIGTERM)
     finally:
         finish(process)
@@ -267,21 +276,15 @@ def test_sigterm_to_torchrun_with_loader_workers_stops_checkpoints_and_resumes_e
     assert_identical(training_state(load(at_step(str(ckpt), LENGTH))), uninterrupted(2, straight_dir))
 
 
-def rank_pid(torchrun_pid: int, rank: int, timeout: float = 60) -> int:
+def rank_pid(torchrun_pid: int, rank: int) -> int:
     """The training process of ``rank`` under torchrun (its environment has RANK=rank)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for pid in descendants(torchrun_pid):
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as handle:
-                    env = handle.read().split(b"\0")
-                with open(f"/proc/{pid}/stat") as handle:
-                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            if ppid == torchrun_pid and f"RANK={rank}".encode() in env:
-                return pid
-        time.sleep(0.2)
+    for pid, parent in descendants(torchrun_pid).items():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                if parent == torchrun_pid and f"RANK={rank}".encode() in handle.read().split(b"\0"):
+                    return pid
+        except OSError:
+            continue
     raise AssertionError(f"no process with RANK={rank} under {torchrun_pid}")
 
 
@@ -306,7 +309,8 @@ def test_sigterm_to_one_rank_stops_every_rank_and_rank_0_says_so(tmp_path):
     assert [step for step, _ in found] == [PAUSE_AT + 1]
     assert lines[0].endswith(f"continue with: the same torchrun command with --resume-from {found[0][1]}")
     # both ranks exit 128 + SIGTERM (torchrun lists them)
-    assert sorted(re.findall(r"exitcode\s*:\s*(-?\d+)", err)) == ["143", "143"], err[-3000:]
+    exits = dict(re.findall(r"rank\s*: (\d) \(local_rank: \d\)\n\s*exitcode\s*: (-?\d+)", err))
+    assert exits == {"0": "143", "1": "143"}, err[-3000:]
 
 
 @pytest.mark.slow
