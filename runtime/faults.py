@@ -313,7 +313,7 @@ class CheckpointWrites:
             raise RunFailed(f"{one_line(error)} ({self._removed()}{self.last_complete()})") from error
         except Exception as error:
             if self.failed is None and is_lost_peer(error):
-                raise RunFailed(f"{self._lost(unanswered_ranks())} (gloo: {_first_line(error)}); the run ends: "
+                raise RunFailed(f"{self._lost(unanswered_ranks(), _first_line(error))}; the run ends: "
                                 f"{self.last_complete()}") from error
             if self.failed is None and is_collective_timeout(error):
                 missing = unanswered_ranks()
@@ -327,13 +327,14 @@ class CheckpointWrites:
             raise RunFailed(f"writing checkpoint {self.failed!r} failed: {one_line(error)}. "
                             f"{self._space(error)}T{self._removed()[1:]}{self.last_complete()}") from error
 
-    def _lost(self, missing: Optional[List[int]]) -> str:
+    def _lost(self, missing: Optional[List[int]], detail: str) -> str:
+        """Which rank(s) ended mid-collective, from the roll call (None: no store left to ask)."""
         if missing:
             which = f"rank {missing[0]}" if len(missing) == 1 else f"ranks {missing}"
             return (f"{which} of {self.world_size} {'was' if len(missing) == 1 else 'were'} lost: "
                     f"{'its process' if len(missing) == 1 else 'their processes'} ended without a stop "
-                    f"(killed or crashed)")
-        return f"a process of the {self.world_size} of this run was lost (killed or crashed)"
+                    f"(killed or crashed; gloo: {detail})")
+        return f"a process of the {self.world_size} of this run was lost (killed or crashed; gloo: {detail})"
 
     def _space(self, error: BaseException) -> str:
         """torch.save reports a full disk as e.g. 'unexpected pos 2008768 vs 2008664': say it plainly."""

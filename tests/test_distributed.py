@@ -101,6 +101,9 @@ SYNC_BN_CHECK = textwrap.dedent("""
     assert watch.agree(rank, world) == ([(1, 3)], False), watch.agree(rank, world)
     # a stop asked of rank 0 alone (SIGTERM, stops.py) is known to both in the same all_reduce
     assert watch.agree(rank, world, stop=rank == 0) == ([(1, 3)], True)
+    # ... and which rank got which signal: a SIGTERM to rank 1 alone is named on rank 0
+    assert watch.agree(rank, world, stop=15 if rank == 1 else 0) == ([(1, 3)], True)
+    assert watch.stop_signals == {{1: 15}}, watch.stop_signals
     try:
         torch.nn.SyncBatchNorm(4)(torch.randn(4, 4, 2, 2))
         verdict = "torch's SyncBatchNorm runs on CPU"

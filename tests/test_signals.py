@@ -14,11 +14,13 @@ so the stop lands at the same step whatever the machine's speed; their workers a
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import shlex
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -333,7 +335,7 @@ def test_killed_rank_is_named_with_the_last_checkpoint_and_the_command(tmp_path)
     assert len(lines) == 1, err[-4000:]
     last = at_step(str(ckpt), PAUSE_AT)
     assert lines[0].startswith("error: rank 1 of 2 was lost: its process ended without a stop (killed or "
-                               "crashed)"), lines
+                               "crashed; gloo: "), lines
     assert lines[0].endswith(f"the last complete checkpoint is {last!r} (continue with: the same torchrun "
                              f"command with --resume-from {last})"), lines
     assert "[rank0]: Traceback" not in err, err[-4000:]
@@ -380,3 +382,33 @@ def test_teardown_synchronises_when_every_rank_gets_there(no_group_left, tmp_pat
         assert exit_code is not None
     assert barriers == ([1] if synchronised else []) and not torch.distributed.is_initialized()
     faults.end_process_group()  # no group: nothing to do
+
+
+# ----------------------------------------------------------------------------- the lost rank's message
+GLOO_LOST = ("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:5760. "
+             "This is typically caused by a remote worker crashing.")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_lost_rank_is_one_line_with_the_last_checkpoint_and_the_command(no_group_left, tmp_path, monkeypatch, rank):
+    """Rank 0 knows the checkpoints it wrote; another survivor finds them in the checkpoint folder
+    (those that were not there when the run started)."""
+    one_rank_group(tmp_path)
+    monkeypatch.setattr(faults, "unanswered_ranks", lambda: [1 - rank])
+    monkeypatch.setattr(sys, "argv", [os.path.join(ROOT, "model_def.py"), "--config", "c.yaml"])
+    folder = tmp_path / "ck"
+    (folder / "older").mkdir(parents=True)
+    (folder / "older" / checkpoints.COMPLETE_FILE).write_text(json.dumps({"global_step": 9}))
+    writes = faults.CheckpointWrites(None, rank=rank, world_size=2, directory=str(folder))
+    (folder / "new").mkdir()
+    (folder / "new" / checkpoints.COMPLETE_FILE).write_text(json.dumps({"global_step": 3}))
+    writes.complete.append(str(folder / "new"))  # as rank 0's store_path records it
+    with pytest.raises(faults.RunFailed) as failure:
+        with writes.explained():
+            raise RuntimeError(GLOO_LOST)
+    last = str(folder / "new")
+    assert str(failure.value) == (
+        f"rank {1 - rank} of 2 was lost: its process ended without a stop (killed or crashed; gloo: Connection "
+        f"closed by peer [127.0.0.1]:5760); the run ends: the last complete checkpoint is {last!r} (continue "
+        f"with: the same torchrun command with --resume-from {last})")
+    assert failure.value.exit_code == 1
