@@ -162,7 +162,7 @@ class EncodedBatch:
 
         images = decode_jpeg(self.data, mode=ImageReadMode.RGB, device=device)
         views = resized_crops(images, self.crops.to(device, non_blocking=True), image_size)
-        return views[:, 0], views[:, 1]
+        return views[0], views[1]
 
 
 def _bicubic_aa(x: torch.Tensor) -> torch.Tensor:
@@ -196,10 +196,10 @@ def resize_weights(starts: torch.Tensor, lengths: torch.Tensor, output_size: int
 
 
 def resized_crops(images: Sequence[torch.Tensor], crops: torch.Tensor, image_size: int) -> torch.Tensor:
-    """uint8 ``[B, V, C, image_size, image_size]``: for every image ``b`` (uint8 ``[C, H_b, W_b]``)
-    and view ``v`` the crop ``crops[b, v] = (top, left, height, width, flip)`` resized (bicubic,
-    antialiased) and flipped, equal to ``TF.resized_crop`` + ``flip`` per view up to float and
-    uint8 rounding (tests/test_jpeg_decode.py).
+    """uint8 ``[V, B, C, image_size, image_size]`` (each view contiguous): for every image ``b``
+    (uint8 ``[C, H_b, W_b]``) and view ``v`` the crop ``crops[b, v] = (top, left, height, width,
+    flip)`` resized (bicubic, antialiased) and flipped, equal to ``TF.resized_crop`` + ``flip`` per
+    view up to float and uint8 rounding (tests/test_jpeg_decode.py).
 
     Hand-written because torchvision resizes one crop size per call (one call per view, 2B per
     step): the resize is separable, so here every view is two batched matrix products with
@@ -217,11 +217,12 @@ def resized_crops(images: Sequence[torch.Tensor], crops: torch.Tensor, image_siz
         padded[index, :, :image.shape[-2], :image.shape[-1]].copy_(image)
     boxes = crops.reshape(batch * views, 5)
     vertical = resize_weights(boxes[:, 0], boxes[:, 2], image_size, height).view(batch, views, 1, image_size, height)
+    vertical = vertical.transpose(0, 1)                                             # [V, B, 1, S, H]
     horizontal = resize_weights(boxes[:, 1], boxes[:, 3], image_size, width)
     horizontal = torch.where(boxes[:, 4, None, None].bool(), horizontal.flip(1), horizontal)
-    horizontal = horizontal.view(batch, views, 1, image_size, width).transpose(-1, -2)
-    rows = padded.to(torch.float32)[:, None] @ horizontal           # [B, V, C, H, image_size]
-    resized = vertical @ rows                                        # [B, V, C, image_size, image_size]
+    horizontal = horizontal.view(batch, views, 1, image_size, width).transpose(0, 1).transpose(-1, -2)
+    rows = padded.to(torch.float32) @ horizontal   # [B, C, H, W] @ [V, B, 1, W, S] -> [V, B, C, H, S]
+    resized = vertical @ rows                      # [V, B, 1, S, H] @ [V, B, C, H, S] -> [V, B, C, S, S]
     return resized.clamp_(0, 255).round_().to(torch.uint8)
 
 

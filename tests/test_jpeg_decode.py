@@ -72,6 +72,7 @@ def test_bytes_only_workers_and_one_batched_decode_give_the_pil_crops():
     assert isinstance(batch, jpeg_decode.EncodedBatch) and labels.tolist() == [0, 1, 2, 3, 4, 9]
     assert all(d.dtype == torch.uint8 and d.dim() == 1 for d in batch.data) and batch.crops.shape == (6, 2, 5)
     view1, view2 = batch.decode(32, torch.device("cpu"))
+    assert view1.is_contiguous() and view2.is_contiguous()
     assert view1.shape == view2.shape == (6, 3, 32, 32) and view1.dtype == torch.uint8
     for index, (first, second) in enumerate(expected):
         for got, want in ((view1[index], first), (view2[index], second)):
@@ -110,13 +111,13 @@ def test_one_batched_resized_crop_equals_the_per_view_crops():
     crops[6][1] = [0, 0, 17, 200, 1]  # the whole image, its edges in the weights' support
     size = 32
     got = jpeg_decode.resized_crops(images, torch.tensor(crops), size)
-    assert got.shape == (len(sizes), 2, 3, size, size) and got.dtype == torch.uint8
+    assert got.shape == (2, len(sizes), 3, size, size) and got.dtype == torch.uint8
     for index, (image, per_image) in enumerate(zip(images, crops)):
         for view, box in enumerate(per_image):
-            difference = (got[index, view].int() - per_view_crop(image, *box, size).int()).abs()
+            difference = (got[view, index].int() - per_view_crop(image, *box, size).int()).abs()
             # float rounding only: a value near .5 may round the other way
             assert difference.max() <= 1 and (difference > 0).float().mean() < 0.01, (index, view, box)
-    assert torch.equal(got[5, 0], images[5])
+    assert torch.equal(got[0, 5], images[5])
 
 
 def test_the_prefetcher_hands_the_step_decoded_views():
