@@ -324,6 +324,7 @@ def test_killed_rank_is_named_with_the_last_checkpoint_and_the_command(tmp_path)
     try:
         wait_for(process, tmp_path / "out.log", ["[test] rank 0 paused", "[test] rank 1 paused"])
         victim = rank_pid(process.pid, 1)
+        orphans = worker_pids(victim, script)
         os.kill(victim, signal.SIGKILL)
         while alive(victim):
             time.sleep(0.1)
@@ -340,6 +341,47 @@ def test_killed_rank_is_named_with_the_last_checkpoint_and_the_command(tmp_path)
                              f"command with --resume-from {last})"), lines
     assert "[rank0]: Traceback" not in err, err[-4000:]
     assert [step for step, _ in complete(str(ckpt))] == [1, 2, 3]
+    assert orphans and not any(alive(pid) for pid in orphans), "the killed rank's workers outlived it"
+
+
+ORPHANED_WORKER = """
+import multiprocessing, os, sys, time
+sys.path.insert(0, {root!r})
+from runtime import stops
+
+
+def blocked_worker():
+    stops.detach_worker()
+    time.sleep(600)  # e.g. a read that never returns: torch's own orphan check would not run
+
+
+child = multiprocessing.get_context("fork").Process(target=blocked_worker, daemon=True)
+child.start()
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_detached_worker_leaves_the_group_and_ends_when_its_process_dies(tmp_path):
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHANED_WORKER.format(root=ROOT))
+    parent = subprocess.Popen([PYTHON, str(script)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        worker = int(parent.stdout.readline())
+        deadline = time.monotonic() + 30
+        while os.getsid(worker) == parent.pid and time.monotonic() < deadline:  # detach_worker ran
+            time.sleep(0.05)
+        assert os.getsid(worker) == worker, "the worker is still in the run's session: group signals reach it"
+        os.killpg(parent.pid, signal.SIGTERM)  # the group's signal: the worker is not in it
+        parent.wait(timeout=30)
+        assert alive(worker)
+        deadline = time.monotonic() + 30  # a bound, not a timing: the guard checks once a second
+        while alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(worker), "a worker outlived its main process"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
 
 
 # ----------------------------------------------------------------------------- teardown
