@@ -25,7 +25,16 @@ from determined import core, pytorch
 
 from runtime import checkpoints, cli, faults, feature_probes, performance, plots, stops
 from runtime.faults import CheckpointWrites, RunFailed
-from runtime.settings import Length, Settings, TrainingMode, apply_overrides, load_config, parse_settings, slots_of
+from runtime.settings import (
+    Length,
+    Settings,
+    TrainingMode,
+    apply_overrides,
+    load_config,
+    local_values,
+    parse_settings,
+    slots_of,
+)
 from utils import ConfigError, check_output_dir, check_output_file, run_command
 
 
@@ -43,7 +52,7 @@ def overridden(config: Dict[str, Any], args: argparse.Namespace) -> tuple[Dict[s
     if args.batches is not None:
         hparams["train_length"] = {"batches": args.batches}
     apply_overrides(hparams, data_section, args.set)
-    return hparams, data_section
+    return local_values(hparams), data_section
 
 
 def distributed_context() -> Optional[core.DistributedContext]:
