@@ -4,11 +4,15 @@ comparison (the phase after the last validation) and the ``[train]`` lines show 
 from __future__ import annotations
 
 import io
+import json
 import re
+import subprocess
+import time
 
 import numpy as np
 import pytest
 
+from run_helpers import command, environment, write_config
 from runtime import feature_probes, progress
 
 ESTIMATE = re.compile(r"about \d\d:\d\d left")
@@ -81,3 +85,27 @@ def test_the_representation_comparison_reports_progress(every_update, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("representation comparison")]
     assert lines[-1].startswith("representation comparison: 6/6 probe fit (100%)"), lines
     assert any(ESTIMATE.search(line) for line in lines[1:])
+
+
+@pytest.mark.slow
+def test_a_real_run_into_a_pipe_has_plain_progress_lines_with_the_time_left(tmp_path):
+    """model_def.py with its output into a pipe (as `make run | tee log` or a cluster's log): no escape
+    codes, the training and the representation comparison after the last validation say the time
+    left, and wall_seconds covers the whole command."""
+    config = write_config(str(tmp_path), classifier_validation=True, compare_random_init=True,
+                          train_length={"batches": 3}, checkpoint_period={"batches": 3})
+    started = time.time()
+    result = subprocess.run(command(["--config", config, "--checkpoint-dir", str(tmp_path / "ck"),
+                                     "--metrics-out", str(tmp_path / "metrics.json")]),
+                            env=environment(), capture_output=True, text=True, timeout=600)
+    took = time.time() - started
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "\x1b" not in output and "\r" not in output
+    assert re.search(r"\[train\] step 3/3 .*, about \d\d:\d\d left", result.stdout), result.stdout[-2000:]
+    comparison = [line for line in result.stderr.splitlines() if line.startswith("representation comparison: ")]
+    assert comparison and comparison[-1].startswith("representation comparison: 33/33 probe fit (100%)")
+    assert all(ESTIMATE.search(line) or "about ? left" in line for line in comparison)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0 < metrics["training_seconds"] < metrics["wall_seconds"] <= took + 1
+    assert metrics["representation_probe_seconds"] < metrics["wall_seconds"] - metrics["training_seconds"]
