@@ -1,5 +1,5 @@
-"""The machinery the BYOL trial stands on: launching (``launch``), settings (``settings``), the data
-pipeline and its sampling (``loaders``, ``sampling``, ``jpeg_decode``, ``preflight``, ``gcs``,
+"""The machinery the BYOL trial stands on: the command lines (``cli``), launching (``launch``),
+settings (``settings``), the data pipeline and its sampling (``loaders``, ``sampling``, ``jpeg_decode``, ``preflight``, ``gcs``,
 ``gcs_client``), linear evaluation and kNN (``linear_eval``, ``classifier``, ``knn``,
 ``feature_probes``), checkpoints and faults (``checkpoints``, ``faults``, ``nonfinite``, ``stops``),
 distributed helpers (``sync_batchnorm``, ``replicas``), speed (``performance``), and reporting
