@@ -175,9 +175,11 @@ def probe_parser() -> argparse.ArgumentParser:
 def parse_evaluate_args(argv: Sequence[str]) -> argparse.Namespace:
     """``evaluate_result.py``'s arguments; ``command`` is ``features``, ``probe`` or None (a protocol)."""
     argv = list(argv)
-    if argv and argv[0] in PROBE_COMMANDS:
+    command = [arg for arg in argv if arg != "--debug"]  # --debug may stand anywhere, even before a command
+    if command and command[0] in PROBE_COMMANDS:
         parser = probe_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_args(command)
+        args.debug = "--debug" in argv
         if args.command == "features" and args.batch_size < 1:
             parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.command == "probe" and args.k < 1:

@@ -91,5 +91,7 @@ def test_the_entry_files_parse_with_the_light_parsers():
     assert (args.config, args.batches, args.set) == ("c.yaml", 3, ["seed=1"])
     args = evaluate_result.parse_args(["features", "--checkpoint", "d", "--out", "f.pt"])
     assert (args.command, args.checkpoint, args.out, args.batch_size) == ("features", "d", "f.pt", 256)
+    args = cli.parse_evaluate_args(["--debug", "probe", "--features", "f.pt"])  # as the entry file sees it
+    assert (args.command, args.features, args.debug) == ("probe", "f.pt", True)
     args = evaluate_result.parse_args(["--checkpoint", "d", "--fine-tune", "--head-lr", "0.1"])
     assert args.command is None and args.fine_tune and args.head_lr == 0.1
