@@ -37,6 +37,7 @@ from runtime import cli
 
 if __name__ == "__main__":  # the command line first: --help and usage errors answer before torch loads
     cli.parse_evaluate_args(sys.argv[1:])
+    cli.announce_imports("eval")
 
 import argparse
 import contextlib

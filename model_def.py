@@ -21,6 +21,7 @@ from runtime import cli
 
 if __name__ == "__main__":  # the command line first: --help and usage errors answer before torch loads
     cli.parse_model_def_args(sys.argv[1:])
+    cli.announce_imports("byol")
 
 import contextlib
 import itertools

@@ -8,6 +8,8 @@ terminal shows them.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from typing import Optional, Sequence
 
 MODEL_DEF_DESCRIPTION = """\
@@ -196,3 +198,10 @@ def parse_evaluate_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--export-encoder, --set, --checkpoint-dir and --metrics-out need --checkpoint "
                      "(fetch the checkpoint with `det checkpoint download`)")
     return args
+
+
+def announce_imports(command: str) -> None:
+    """One line before the heavy imports, which take several seconds (tens on a cold cache), so a run
+    never starts silent; rank 0 only under torchrun."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[{command}] loading torch and Determined...", file=sys.stderr, flush=True)
