@@ -20,7 +20,7 @@ CONSTRAINTS ?= constraints.txt
 PIP_INSTALL := $(PY) -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 TORCH_PINS := $(shell grep -E '^torch(vision)?==' requirements.txt)
 
-.PHONY: install install-dev run test test-fast bench throughput clean
+.PHONY: install install-dev run test test-fast bench throughput done-when clean
 
 $(VENV)/.installed-run: requirements.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,12 @@ throughput: install-dev
 	$(PY) -m pip install -r requirements-bench.txt -c requirements.txt $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	$(PY) bench/throughput.py
 	$(PY) bench/throughput.py --only augment,decode --image-size 224 --batch-size 32
+
+# Issue 16's acceptance rows (op counts, synchronised batch norm, ratios to the peers), one run,
+# about 5 minutes on 1 CPU thread (bench/RESULTS.md).
+done-when: install
+	$(PY) -m pip install -r requirements-bench.txt -c requirements.txt $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+	$(PY) bench/throughput.py --done-when --repeats 7 --steps 1
 
 clean:
 	rm -rf outputs .pytest_cache
