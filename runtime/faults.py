@@ -141,10 +141,11 @@ _LOST_PEER_TEXTS = ("Connection closed by peer", "Connection reset by peer", "Br
 
 
 def is_lost_peer(error: BaseException) -> bool:
-    """Whether ``error`` is a collective that failed because another process of the run ended."""
+    """Whether ``error`` is a collective that failed because another process of the run ended (gloo
+    raises RuntimeError; a BrokenPipeError of this process's own output is not one)."""
     text = str(error)
-    return (torch.distributed.is_available() and torch.distributed.is_initialized()
-            and any(needle in text for needle in _LOST_PEER_TEXTS))
+    return (isinstance(error, RuntimeError) and torch.distributed.is_available()
+            and torch.distributed.is_initialized() and any(needle in text for needle in _LOST_PEER_TEXTS))
 
 
 def unanswered_ranks(wait_s: float = 5.0) -> Optional[List[int]]:
