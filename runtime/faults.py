@@ -131,9 +131,11 @@ def collective_timeout() -> float:
 
 
 def is_collective_timeout(error: BaseException) -> bool:
-    text = str(error)
+    """A collective that waited too long, or one that failed because an earlier one did (gloo then
+    says "Application timeout caused pair closure")."""
+    text = str(error).lower()
     return (torch.distributed.is_available() and torch.distributed.is_initialized()
-            and ("Timed out" in text or "timed out" in text or "Timeout" in text))
+            and ("timed out" in text or "timeout" in text))
 
 
 # What gloo says when a peer's process ended mid-collective (its sockets closed by the kernel).
