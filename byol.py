@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from augment import default_augmentation
-from optim import cosine_schedule
+from optim import cosine_schedule, same_device_and_dtype
 
 
 def mlp(in_features: int, hidden_size: int, out_features: int) -> nn.Sequential:
@@ -72,18 +72,26 @@ def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
     Buffers (batch-norm running statistics) are copied from the online network: the target network
     is only ever used in training mode, so they never influence the loss, and copying keeps the
     target encoder usable as an evaluation encoder.
+
+    A few multi-tensor launches, not one per tensor, on ATen's fast path on CUDA
+    (``check_fast_path_restrictions``, aten/src/ATen/native/ForeachUtils.h): each call gets tensors
+    of one device and one dtype (:func:`optim.same_device_and_dtype`: float running statistics and
+    int64 ``num_batches_tracked`` go in separate calls, as would a bf16 parameter beside float32
+    ones), and each target tensor is paired with its online copy, of the same sizes and strides.
     """
     with torch.no_grad():
-        target_params = [p for p in target.parameters()]
-        online_params = [p.detach() for p in online.parameters()]
-        if len(target_params) != len(online_params):
-            raise ValueError("target and online networks have different parameter lists")
-        torch._foreach_lerp_(target_params, online_params, 1.0 - tau)
-        target_buffers, online_buffers = list(target.buffers()), list(online.buffers())
-        if len(target_buffers) != len(online_buffers):
-            raise ValueError("target and online networks have different buffer lists")
-        if target_buffers:  # multi-tensor copy: a few launches, not one per buffer
-            torch._foreach_copy_(target_buffers, online_buffers)
+        for kind, target_tensors, online_tensors in (
+                ("parameter", list(target.parameters()), [p.detach() for p in online.parameters()]),
+                ("buffer", list(target.buffers()), list(online.buffers()))):
+            if len(target_tensors) != len(online_tensors):
+                raise ValueError(f"target and online networks have different {kind} lists")
+            for positions in same_device_and_dtype(target_tensors):
+                targets = [target_tensors[i] for i in positions]
+                onlines = [online_tensors[i] for i in positions]
+                if kind == "parameter":
+                    torch._foreach_lerp_(targets, onlines, 1.0 - tau)
+                else:
+                    torch._foreach_copy_(targets, onlines)
 
 
 class RepresentationExtractor(nn.Module):

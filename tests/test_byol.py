@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from foreach_rules import fast_path_violations, recorded_foreach_calls
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -116,20 +117,47 @@ def test_ema_update_copies_batch_norm_statistics():
     torch.testing.assert_close(target.running_var, online.running_var)
 
 
-def test_multi_tensor_ema_equals_the_update_one_tensor_at_a_time():
+def ema_networks(mixed: bool):
+    """An online network (running statistics and num_batches_tracked moved) and its target; ``mixed``:
+    a bfloat16 and a float64 layer beside float32 ones, and a channels_last convolution."""
     torch.manual_seed(1)
     online = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 3), nn.BatchNorm1d(3))
-    target = __import__("copy").deepcopy(online)
     online(torch.randn(5, 3, 4, 4))  # moves running statistics and num_batches_tracked
+    if mixed:
+        online[0].to(memory_format=torch.channels_last)
+        online[3].bfloat16()
+        online[4].double()
+    target = __import__("copy").deepcopy(online)
     with torch.no_grad():
         for param in online.parameters():
             param.add_(torch.randn_like(param))
-    expected_params = [0.97 * t + 0.03 * o for t, o in zip(target.parameters(), online.parameters())]
+        for buffer in online.buffers():
+            buffer.add_(1)
+    return online, target
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["float32", "mixed dtypes"])
+def test_multi_tensor_ema_equals_the_update_one_tensor_at_a_time(mixed):
+    online, target = ema_networks(mixed)
+    expected_params = [t.lerp(o, 0.03) for t, o in zip(target.parameters(), online.parameters())]
     ema_update(target, online, tau=0.97)
     for ours, reference in zip(target.parameters(), expected_params):
+        assert ours.dtype == reference.dtype and ours.stride() == reference.stride()
         torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7)
     for ours, reference in zip(target.buffers(), online.buffers()):
         assert ours.dtype == reference.dtype and torch.equal(ours, reference)
+
+
+def test_ema_calls_stay_on_the_multi_tensor_fast_path():
+    """ATen's fast-path rules (tests/foreach_rules.py): one dtype per call (float statistics apart
+    from int64 num_batches_tracked; bfloat16 and float64 layers apart), paired sizes and strides."""
+    online, target = ema_networks(mixed=True)
+    with recorded_foreach_calls() as calls:
+        ema_update(target, online, tau=0.9)
+    dtypes = {(name.split(".")[0], lists[0][0].dtype) for name, lists, _ in calls}
+    assert {("_foreach_copy_", torch.int64), ("_foreach_copy_", torch.float32),
+            ("_foreach_lerp_", torch.bfloat16), ("_foreach_lerp_", torch.float64)} <= dtypes, dtypes
+    assert fast_path_violations(calls) == []
 
 
 def test_update_moving_average_default_decay_and_explicit_tau():
