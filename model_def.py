@@ -29,7 +29,7 @@ import backbone as backbones
 import data
 import optim
 from byol import BYOL
-from reducers import DeviceLossReducer
+from reducers import DeviceMeansReducer
 from runtime import (
     checkpoints,
     classifier,
@@ -107,6 +107,7 @@ class TrialBase(pytorch.PyTorchTrial):
     pretraining: bool = False  # SELF_SUPERVISED (BYOLTrial) or not (HeadsTrial); read-only
     modes: tuple = ()  # the training modes this class runs
     batch_key = ""  # the hyperparameter that sets the global batch
+    device_metrics: tuple = ()  # the metrics of step_loss that are device tensors, besides the loss
 
     def __init__(self, context: pytorch.PyTorchTrialContext, settings: Settings) -> None:
         if settings.training_mode not in self.modes:
@@ -165,9 +166,9 @@ class TrialBase(pytorch.PyTorchTrial):
             dataset=eval_dataset, normalize=self.normalize, augmentations=(self.augment1, self.augment2),
             num_classes=self.info.num_classes, global_step=lambda: self.global_step, seeded=self.seeded,
             **self.readout())
-        # The training loss stays on the device and is read once per reporting period (reducers.py).
-        self.loss_reducer = context.wrap_reducer(DeviceLossReducer(), name="loss", for_training=True,
-                                                 for_validation=False)
+        # The per-step metrics stay on the device and are read once per reporting period (reducers.py).
+        self.step_metrics = context.wrap_reducer(DeviceMeansReducer(("loss",) + self.device_metrics), name=None,
+                                                 for_training=True, for_validation=False)
 
     # ----------------------------------------------------------------- what a subclass defines
     @property
@@ -184,7 +185,8 @@ class TrialBase(pytorch.PyTorchTrial):
         raise NotImplementedError
 
     def step_loss(self, batch: Any, step: int) -> tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]:
-        """``(loss, what backward gets, metrics)`` of global step ``step``; sets the learning rate."""
+        """``(loss, what backward gets, metrics)`` of global step ``step``; sets the learning rate.
+        ``metrics`` holds host numbers, and the device tensors named in ``device_metrics``."""
         raise NotImplementedError
 
     def after_step(self, step: int) -> Dict[str, Any]:
@@ -270,6 +272,9 @@ class TrialBase(pytorch.PyTorchTrial):
 
     # ----------------------------------------------------------------- training
     def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> Dict[str, Any]:
+        """One step without a host synchronisation, except at a check of the non-finite watch: the
+        device's metrics go to the reducer, and what is returned (Determined's harness calls
+        ``.cpu()`` on any tensor in it) holds only host numbers."""
         # batch_idx restarts at 0 after a local resume; self.global_step is restored from checkpoints.
         step = self.global_step
         loss, backward_loss, metrics = self.step_loss(batch, step)
@@ -281,10 +286,10 @@ class TrialBase(pytorch.PyTorchTrial):
             self.check_finite_loss()  # before this step's update: every rank stops at the same step
         self.context.backward(backward_loss)
         self.context.step_optimizer(self.optimizer)
-        self.loss_reducer.update(loss)
+        self.step_metrics.update(loss=loss, **{name: metrics.pop(name) for name in self.device_metrics})
         metrics.update(self.after_step(step))
         self.global_step += 1
-        metrics["images_per_second"] = self._throughput(loss)
+        metrics["images_per_second"] = self._throughput()
         return metrics
 
     def check_finite_loss(self) -> None:
@@ -312,15 +317,18 @@ class TrialBase(pytorch.PyTorchTrial):
         if self.world_size > 1:
             replicas.check_trial(self.context, self.heads, f"checkpoint {checkpoint} at step {self.global_step}")
 
-    def _throughput(self, loss: torch.Tensor) -> float:
+    def _throughput(self) -> float:
+        """Images per second of the last step; every 5 s (and at the first and last step) rank 0
+        prints a progress line with the loss the last non-finite check read (no read of its own)."""
         now = time.time()
         rate = self.global_batch_size / max(now - self._last_time, 1e-9)
         self._last_time = now
         if self.rank == 0 and (now - self._last_print > 5 or self.global_step in (1, self.total_steps)):
             self._last_print = now
+            read = self.finite_watch.last_read
+            loss = f" loss {read[1]:.4f} at step {read[0] + 1}" if read else ""
             print(f"[train] step {self.global_step}/{self.total_steps} "
-                  f"(epoch {self.global_step / self.steps_per_epoch:.2f}) loss {loss.item():.4f} "
-                  f"{rate:.0f} images/s", flush=True)
+                  f"(epoch {self.global_step / self.steps_per_epoch:.2f}){loss} {rate:.0f} images/s", flush=True)
         return rate
 
     # ----------------------------------------------------------------- validation (linear_eval.py)
@@ -339,6 +347,7 @@ class BYOLTrial(TrialBase):
     pretraining = True
     modes = (TrainingMode.SELF_SUPERVISED,)
     batch_key = "global_batch_size"
+    device_metrics = ("online_classifier_accuracy", "online_classifier_loss")
 
     @property
     def global_batch_size(self) -> int:

@@ -56,10 +56,12 @@ class MetricsHistory(pytorch.PyTorchCallback):
         workload is an epoch or less), so curves show the schedules without a point per step."""
         batches = [_plain_numbers({k: v for k, v in (m or {}).items() if k in TRAINING_KEYS})
                    for m in (batch_metrics or [])]
-        # The trial's loss is not a per-batch metric (read from the device once per workload).
-        per_batch_loss = getattr(getattr(self.trial, "loss_reducer", None), "per_batch", None) or []
-        if len(per_batch_loss) == len(batches) and not any("loss" in m for m in batches):
-            batches = [{**m, "loss": loss} for m, loss in zip(batches, per_batch_loss)]
+        # The trial's loss is not a per-batch metric (read from the device once per workload, with the
+        # other device metrics: reducers.DeviceMeansReducer).
+        on_device = getattr(getattr(self.trial, "step_metrics", None), "per_batch", None) or []
+        if len(on_device) == len(batches):
+            batches = [{**{k: v for k, v in step.items() if k in TRAINING_KEYS}, **m}
+                       for m, step in zip(batches, on_device)]
         if not any(batches):
             batches = [_plain_numbers({k: v for k, v in (avg_metrics or {}).items() if k in TRAINING_KEYS})]
         end = self.trial.global_step

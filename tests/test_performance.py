@@ -1,4 +1,4 @@
-"""The hot path's switches (performance.py, nonfinite.py, reducers.DeviceLossReducer,
+"""The hot path's switches (performance.py, nonfinite.py, reducers.DeviceMeansReducer,
 loaders.prefetch_to_device) run on CPU and give finite results close to the plain float32 path."""
 import copy
 import math
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from byol import BYOL
-from reducers import DeviceLossReducer
+from reducers import DeviceMeansReducer
 from run_helpers import load, metrics, train, write_config  # noqa: F401  (sys.path)
 from runtime import loaders, nonfinite, performance
 from runtime.settings import parse_settings
@@ -118,16 +118,22 @@ def test_non_finite_watch_names_the_first_bad_step_without_reading_every_step():
         nonfinite.NonFiniteWatch(0)
 
 
-def test_device_loss_reducer_reads_once_and_keeps_per_step_means():
-    reducer = DeviceLossReducer()
+def test_device_means_reducer_reads_once_and_keeps_per_step_means():
+    reducer = DeviceMeansReducer(("loss", "accuracy"))
     for value in (1.0, 3.0, 5.0):
-        reducer.update(torch.tensor(value, requires_grad=True) * 1)
+        reducer.update(loss=torch.tensor(value, requires_grad=True) * 1, accuracy=torch.tensor(value / 10))
     slot0 = reducer.per_slot_reduce()
-    assert slot0 == [1.0, 3.0, 5.0]
-    assert reducer.cross_slot_reduce([slot0, [3.0, 5.0, 7.0]]) == pytest.approx(4.0)
-    assert reducer.per_batch == [2.0, 4.0, 6.0]
+    assert [row[0] for row in slot0] == [1.0, 3.0, 5.0]  # one row per step
+    assert [row[1] for row in slot0] == pytest.approx([0.1, 0.3, 0.5])
+    assert reducer.cross_slot_reduce([slot0, [[3.0, 0.3], [5.0, 0.5], [7.0, 0.7]]]) == pytest.approx(
+        {"loss": 4.0, "accuracy": 0.4})
+    assert reducer.per_batch == [pytest.approx({"loss": 2.0, "accuracy": 0.2}),
+                                 pytest.approx({"loss": 4.0, "accuracy": 0.4}),
+                                 pytest.approx({"loss": 6.0, "accuracy": 0.6})]
+    with pytest.raises(ValueError, match="differ"):
+        reducer.update(loss=torch.tensor(1.0))
     reducer.reset()
-    assert reducer.per_slot_reduce() == [] and math.isnan(reducer.cross_slot_reduce([[]]))
+    assert reducer.per_slot_reduce() == [] and math.isnan(reducer.cross_slot_reduce([[]])["loss"])
 
 
 def test_prefetch_to_device_keeps_batches_and_order():
