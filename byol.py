@@ -34,18 +34,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from augment import default_augmentation
+from backbone import check_initialisation, initialise_
 from optim import cosine_schedule, same_device_and_dtype
 
 
-def mlp(in_features: int, hidden_size: int, out_features: int) -> nn.Sequential:
+def mlp(in_features: int, hidden_size: int, out_features: int, init: str = "reference") -> nn.Sequential:
     """Projector / predictor MLP of appendix A: Linear, BatchNorm, ReLU, Linear (no bias on the
-    output layer, as the reference)."""
-    return nn.Sequential(
+    output layer, as the reference), initialised as ``init`` says (``backbone.initialise_``:
+    the authors' haiku defaults, or torch's)."""
+    return initialise_(nn.Sequential(
         nn.Linear(in_features, hidden_size),
         nn.BatchNorm1d(hidden_size),
         nn.ReLU(inplace=True),
         nn.Linear(hidden_size, out_features, bias=False),
-    )
+    ), init)
 
 
 def online_classifier_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +151,11 @@ class BYOL(nn.Module):
     Arguments follow the widely used byol-pytorch interface: ``projection_size`` (256),
     ``projection_hidden_size`` (4096), ``moving_average_decay`` (tau, 0.99 there; the paper's
     tau_base is 0.996 with a cosine schedule, see ``optim.cosine_schedule``), ``augment_fn`` and
-    ``augment_fn2`` (batched callables used by ``forward(images)``).
+    ``augment_fn2`` (batched callables used by ``forward(images)``). ``init`` initialises the
+    projector, predictor and online classifier: ``reference`` (the authors': truncated normal
+    weights with std parameter 1/sqrt(fan_in), zero biases, ``backbone.reference_init_``) or
+    ``torchvision`` (torch's defaults); the encoder ``net`` is used as given (initialise it with
+    ``backbone.build_backbone(name, init=...)`` or ``backbone.reference_init_(net)``).
     """
 
     def __init__(
@@ -165,8 +171,10 @@ class BYOL(nn.Module):
         feature_size: Optional[int] = None,
         channels: int = 3,
         num_classes: int = 0,
+        init: str = "reference",
     ):
         super().__init__()
+        check_initialisation(init)
         self.net = net
         self.image_size = image_size
         self.moving_average_decay = moving_average_decay
@@ -174,8 +182,8 @@ class BYOL(nn.Module):
         if feature_size is None:
             feature_size = self._probe_feature_size(channels, image_size)
         self.feature_size = feature_size
-        self.online_projector = mlp(feature_size, projection_hidden_size, projection_size)
-        self.online_predictor = mlp(projection_size, projection_hidden_size, projection_size)
+        self.online_projector = mlp(feature_size, projection_hidden_size, projection_size, init)
+        self.online_predictor = mlp(projection_size, projection_hidden_size, projection_size, init)
         # The target starts as a copy of the online encoder and projector (section 3.1); it has no
         # predictor and never receives gradients.
         self.target_encoder = copy.deepcopy(self.online_encoder)
@@ -185,7 +193,8 @@ class BYOL(nn.Module):
         self.augment1 = augment_fn
         self.augment2 = augment_fn2 if augment_fn2 is not None else augment_fn
         # Built last, so that the networks above get the same initial weights with or without it.
-        self.online_classifier = nn.Linear(feature_size, num_classes) if num_classes > 0 else None
+        self.online_classifier = (initialise_(nn.Linear(feature_size, num_classes), init) if num_classes > 0
+                                  else None)
 
     @torch.no_grad()
     def _probe_feature_size(self, channels: int, image_size: int) -> int:

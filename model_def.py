@@ -147,7 +147,7 @@ class TrialBase(pytorch.PyTorchTrial):
         self._last_print = self._last_time = time.time()
 
         torch.manual_seed(s.seed)  # identical initial weights on every rank
-        encoder = backbones.build_backbone(s.backbone, s.backbone_weights)
+        encoder = backbones.build_backbone(s.backbone, s.backbone_weights, init=s.init)
         feature_size = backbones.feature_size(s.backbone)
         self.heads = classifier.LinearHeads(feature_size, self.info.num_classes,
                                             len(s.classifier.learning_rates), s.classifier.logit_clip)
@@ -362,7 +362,7 @@ class BYOLTrial(TrialBase):
         # The reference's online classifier on sg(y): a training metric at every step (byol.py).
         learner = BYOL(encoder, s.image_size, hidden_layer=None, projection_size=s.projection_size,
                        projection_hidden_size=s.projection_hidden_size, feature_size=feature_size,
-                       num_classes=self.info.num_classes)
+                       num_classes=self.info.num_classes, init=s.init)
         if self.synced_batch_norm:
             # Global-batch statistics in encoder, projector and predictor (online and target):
             # one all_reduce per layer, on every device (sync_batchnorm.py).

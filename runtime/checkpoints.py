@@ -358,9 +358,11 @@ def encoder_state(checkpoint: Dict[str, Any], where: str) -> Dict[str, torch.Ten
 
 # Settings that may differ on resume without changing what the resumed steps compute: how often to
 # validate or checkpoint, the linear evaluation's read-out, where the data lives and how it is loaded.
+# "init" decides only the weights of step 0, which a resume replaces (and checkpoints written before
+# it existed have none).
 RESUME_FREE_KEYS = ("train_length", "validation_period", "checkpoint_period", "classifier_validation",
                     "compare_random_init", "classifier", "data.root", "data.download", "data.num_workers",
-                    "data.gcs.cache_dir", "data.gcs.max_in_flight", "data.gcs.retry_deadline")
+                    "data.gcs.cache_dir", "data.gcs.max_in_flight", "data.gcs.retry_deadline", "init")
 
 
 def _flatten(values: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

@@ -174,7 +174,7 @@ class LinearEvaluation:
             raise ValueError("compare_representations reads out a BYOL learner: pretraining only")
         s = self.settings
         torch.manual_seed(mix_seed(s.seed, SeedStream.RANDOM_ENCODER))
-        random_encoder = backbones.build_backbone(s.backbone).to(self.device)
+        random_encoder = backbones.build_backbone(s.backbone, init=s.init).to(self.device)
         representations = {"BYOL encoder": self.representation_splits(self.learner.online_encoder),
                            "random-init encoder": self.representation_splits(random_encoder),
                            "raw pixels": self.representation_splits(None)}

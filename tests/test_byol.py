@@ -420,3 +420,35 @@ def test_readme_library_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(example, "README.md", "exec"), {})
     assert (tmp_path / "improved-net.pt").stat().st_size > 1_000_000
+
+
+# ------------------------------------------------------------------------------- initialisation
+def test_heads_start_as_the_authors_or_as_torch():
+    """Projector, predictor and online classifier: haiku's hk.Linear default (truncated normal, std
+    parameter 1/sqrt(fan_in), sample std 0.8796/sqrt(fan_in): 0.0194 at fan-in 2048) and zero biases;
+    init="torchvision" keeps torch's (uniform +-1/sqrt(fan_in): std 0.0128 at 2048, non-zero biases)."""
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(12, 2048))
+    torch.manual_seed(0)
+    learner = BYOL(encoder, image_size=2, hidden_layer=None, projection_size=64, projection_hidden_size=4096,
+                   feature_size=2048, channels=3, num_classes=10)
+    hidden, out = learner.online_projector[0], learner.online_projector[3]
+    assert hidden.weight.std().item() == pytest.approx(0.87962566 / 2048 ** 0.5, rel=0.01)
+    assert hidden.weight.abs().max().item() <= 2 / 2048 ** 0.5
+    assert not hidden.bias.any() and out.bias is None
+    assert out.weight.std().item() == pytest.approx(0.87962566 / 4096 ** 0.5, rel=0.02)
+    assert learner.online_predictor[0].weight.std().item() == pytest.approx(0.87962566 / 64 ** 0.5, rel=0.01)
+    assert not learner.online_classifier.bias.any()
+    assert learner.online_classifier.weight.std().item() == pytest.approx(0.87962566 / 2048 ** 0.5, rel=0.05)
+    assert torch.equal(learner.online_projector[1].weight, torch.ones(4096))
+    for target, online in zip(learner.target_parameters(), learner.online_parameters()):
+        assert torch.equal(target, online)
+    assert torch.equal(encoder[1].weight, learner.net[1].weight)  # the encoder is used as given
+    torch.manual_seed(0)
+    torch_init = BYOL(nn.Sequential(nn.Flatten(), nn.Linear(12, 2048)), image_size=2, hidden_layer=None,
+                      projection_size=64, projection_hidden_size=4096, feature_size=2048, num_classes=10,
+                      init="torchvision")
+    weight = torch_init.online_projector[0].weight
+    assert weight.std().item() == pytest.approx(1 / (3 * 2048) ** 0.5, rel=0.01)
+    assert torch_init.online_projector[0].bias.abs().max() > 0 and torch_init.online_classifier.bias.abs().max() > 0
+    with pytest.raises(ValueError, match="unknown initialisation"):
+        BYOL(encoder, image_size=2, hidden_layer=None, feature_size=2048, init="haiku")
