@@ -17,13 +17,18 @@ otherwise unless ``--classifier-train-epochs`` says, one run per learning rate o
         On a Determined cluster (Determined SDK; DET_MASTER or --master, `det user login` or
         DET_USER/DET_PASS): the experiment's final checkpoint (or the given one, or with --best the
         best by its searcher metric), evaluated by a new experiment (the submitted configuration,
-        CLASSIFIER_ONLY or FINE_TUNE, validation every epoch). Prints the new experiment's id.
+        CLASSIFIER_ONLY or FINE_TUNE, validation every quarter or --validate-every N epochs). Prints
+        the new experiment's id.
     python evaluate_result.py --checkpoint DIR [--classifier-train-epochs 80] [--fine-tune
-            [--encoder-lr X] [--head-lr Y]] [--checkpoint-dir OUT] [--metrics-out FILE] [--set K=V]
-        The same locally from a checkpoint directory (a local run's, or one fetched with
-        ``det checkpoint download``); also under ``USE_TORCH_DISTRIBUTED=1 torchrun``.
-    python evaluate_result.py --checkpoint DIR --export-encoder OUT.pt
-        The encoder as a plain ``state_dict`` (see ``export_encoder`` for what loads it where).
+            [--encoder-lr X] [--head-lr Y]] [--validate-every N] [--output-dir OUT] [--resume] [--set K=V]
+        The same locally from a checkpoint directory (a local run's, an alias such as
+        .../checkpoints/latest, or one fetched with ``det checkpoint download``); also under
+        ``USE_TORCH_DISTRIBUTED=1 torchrun``. Written under the run's folder
+        (``evaluations/linear-step-NNNNNN``); ``--resume`` continues an interrupted evaluation. Without
+        augmentation the heads train on features extracted once (model_def.HeadsTrial).
+    python evaluate_result.py --checkpoint DIR --export-encoder OUT.pt|OUT.safetensors
+        The encoder as a plain ``state_dict`` with its metadata and model card (see ``export_encoder``
+        for what loads it where).
     python evaluate_result.py features --checkpoint DIR --out FEATURES.pt
     python evaluate_result.py probe --features FEATURES.pt [--k 20]
         Fast iteration (``runtime/feature_probes.py``): frozen features of the classifier splits, then a weighted
@@ -276,10 +281,13 @@ def evaluate_checkpoint(directory: str, epochs: Optional[int] = None, fine_tune:
     print(f"[eval] fine-tuning grid {', '.join(f'{r:g}' for r in FINE_TUNE_LEARNING_RATES)}: lr {lr:g} chosen on "
           f"CLS_VALIDATION {best.get('validation_accuracy', float('nan')):.4f}: TEST top-1 "
           f"{best.get('test_accuracy', float('nan')):.4f}", flush=True)
-    if metrics_out:
-        os.makedirs(os.path.dirname(os.path.abspath(metrics_out)), exist_ok=True)
-        with open(metrics_out, "w") as handle:
-            json.dump(best, handle, indent=2, sort_keys=True)
+    # The grid's choice beside its runs' folders.
+    if not metrics_out:
+        grid = os.path.basename(evaluation_folder(directory, True, lr)).replace(f"-lr{lr:g}-", "-grid-")
+        metrics_out = (os.path.join(output_dir, "metrics.json") if output_dir
+                       else os.path.join(checkpoints.run_folder(directory), "evaluations", grid + ".json"))
+    _write_atomically(metrics_out, lambda path: _write_text(path, json.dumps(best, indent=2, sort_keys=True)))
+    print(f"[eval] grid metrics written to {os.path.abspath(metrics_out)}", flush=True)
     return best
 
 

@@ -442,9 +442,10 @@ def print_summary(trial, metrics: Dict[str, Any]) -> None:
     if "representation_probe" in metrics:
         lines.append(feature_probes.format_comparison(metrics["representation_probe"]))
     if "final_loss" in metrics:
-        lines.append(f"[byol] last epoch's training loss {metrics['final_loss']:.4f}" + (
-            f", online classifier accuracy {metrics['online_classifier_accuracy']:.4f} (training batches, "
-            f"on sg(y))" if "online_classifier_accuracy" in metrics else ""))
+        lines.append(f"[byol] final training loss {metrics['final_loss']:.4f}" + (
+            f", online classifier accuracy {metrics['online_classifier_accuracy']:.4f} (on sg(y) of the labelled "
+            f"training images)" if "online_classifier_accuracy" in metrics else "")
+            + " (means over the last training period, at most an epoch)")
     if metrics.get("checkpoint_path") or metrics.get("last_checkpoint"):
         lines.append(f"[byol] last checkpoint: {metrics.get('checkpoint_path') or metrics['last_checkpoint']}")
     print("\n".join(lines), flush=True)

@@ -479,3 +479,43 @@ def test_fine_tune_defaults_follow_the_semi_supervised_protocol(monkeypatch, tmp
     assert all(epochs == 30 and head == enc for epochs, head, enc in calls)
     assert best["fine_tune_lr"] == 0.02 and best["test_accuracy"] == pytest.approx(0.3)
     assert json.loads((tmp_path / "m.json").read_text())["fine_tune_lr"] == 0.02
+
+
+@pytest.mark.slow
+def test_interrupted_evaluation_resumes_exactly(pretrained, tmp_path, capsys, monkeypatch):
+    """An evaluation that stopped after its epoch-2 checkpoint continues with --resume and ends with
+    the heads (and their optimiser state) of the evaluation that never stopped; the same command
+    without --resume refuses to mix a new evaluation into the folder."""
+    import shutil
+
+    from run_helpers import assert_identical, load, training_state
+
+    checkpoint, _, _ = pretrained
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    argv = ["--checkpoint", str(checkpoint), "--classifier-train-epochs", "4", "--output-dir", str(tmp_path / "eval")]
+    assert evaluate_result.main(argv) == 0
+    storage = str(tmp_path / "eval" / "checkpoints")
+    found = checkpoints.complete_checkpoints(storage)
+    steps = [step for step, _ in found]
+    assert len(steps) == 4 and "CLS_TRAIN features" in capsys.readouterr().err  # cached once: no augmentation
+    straight = training_state(load(found[-1][1]))
+    for _, path in found[2:]:  # as if stopped after the second epoch's checkpoint
+        shutil.rmtree(path)
+    for name in ("latest", checkpoints.step_alias(steps[2]), checkpoints.step_alias(steps[3])):
+        os.remove(os.path.join(storage, name))
+    assert evaluate_result.main(argv) == 2
+    assert "already holds the checkpoints of an evaluation" in capsys.readouterr().err
+    assert evaluate_result.main(argv + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"continuing from {found[1][1]}" in out
+    resumed = checkpoints.complete_checkpoints(storage)
+    assert [step for step, _ in resumed] == steps
+    assert_identical(training_state(load(resumed[-1][1])), straight, "final evaluation checkpoint")
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["global_step"] == steps[-1]
+
+
+def test_resume_without_an_evaluation_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(evaluate_result.EvaluationError, match="no complete evaluation checkpoint"):
+        evaluate_result.resume_point(str(tmp_path), resume=True)
+    assert evaluate_result.resume_point(str(tmp_path), resume=False) is None
