@@ -57,7 +57,7 @@ def test_installed_modules_import_only_each_other_and_declared_dependencies():
 def test_pip_install_into_a_fresh_venv_and_the_readme_example_runs_elsewhere(tmp_path):
     source = tmp_path / "source"  # a copy: the in-tree build writes build/ and *.egg-info
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "data", "outputs", "runs", "checkpoints", "build", "*.egg-info", "__pycache__",
+        ".venv*", ".git", "data", "outputs", "runs", "checkpoints", "build", "*.egg-info", "__pycache__",
         ".pytest_cache"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
