@@ -77,6 +77,10 @@ class MetricsHistory(pytorch.PyTorchCallback):
             if keys:
                 record = {key: sum(m[key] for m in chunk if key in m) / sum(key in m for m in chunk) for key in keys}
                 self.training.append({"step": float(end - len(batches) + hi), **record})
+        # A metric reported only as the workload's average (a reducer) is one point at its end.
+        only_averaged = {key: value for key, value in averages.items() if not any(key in m for m in batches)}
+        if only_averaged and self.training and self.training[-1]["step"] == float(end):
+            self.training[-1].update(only_averaged)
 
     def last_training(self) -> Dict[str, float]:
         """The last workload's averages (training metrics of the last epoch or period): the

@@ -111,8 +111,13 @@ def test_online_classifier_accuracy_is_recorded_and_the_last_period_kept(tmp_pat
     assert history.last_training() == {"loss": 2.0, "online_classifier_accuracy": 0.625, "lr": 0.1}
     restored = plots.MetricsHistory(trial)  # a resumed run at its end has only the checkpointed points
     restored.load_state_dict(history.state_dict())
-    assert restored.last_training() == {"loss": 2.0, "online_classifier_accuracy": 1.0}
+    assert restored.last_training() == {"loss": 2.0, "online_classifier_accuracy": 1.0, "lr": 0.1}
     # Drawn in the accuracy panel (the right third), the only accuracy recorded here.
     image = _pixels(plots.write_metrics_plot(history, str(tmp_path / "online.png")))
     right = image[:, 2 * image.shape[1] // 3:]
     assert int((right.max(axis=2) - right.min(axis=2) > 60).sum()) > 50
+    # Reported as a reducer (the workload's average only): one point at the workload's end.
+    trial.global_step = 8
+    history.on_training_workload_end({"loss": 1.0, "online_classifier_accuracy": 0.5},
+                                     [{"loss": 1.0, "lr": 0.1} for _ in range(4)])
+    assert history.training[-1] == {"step": 8.0, "loss": 1.0, "lr": 0.1, "online_classifier_accuracy": 0.5}
