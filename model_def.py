@@ -55,7 +55,7 @@ from runtime import (
     stops,
     sync_batchnorm,
 )
-from runtime.sampling import GlobalBatchSampler, SeedStream, mix_seed
+from runtime.sampling import GlobalBatchSampler, SeededTransformDataset, SeedStream, mix_seed
 from runtime.settings import Settings, TrainingMode, parse_settings
 from utils import ConfigError
 
@@ -78,7 +78,10 @@ class EncoderWithHeads(torch.nn.Module):
             self.encoder.eval()  # frozen: batch-norm statistics stay those of pretraining
         return self
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, precomputed: bool = False) -> torch.Tensor:
+        """Every head's logits; ``precomputed``: ``images`` are already the frozen encoder's features."""
+        if precomputed:
+            return self.heads(images)
         with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
             features = self.encoder(images)
         return self.heads(features)
@@ -470,12 +473,34 @@ class HeadsTrial(TrialBase):
     def readout(self) -> Dict[str, torch.nn.Module]:
         return {"model": self.model}
 
+    @property
+    def cached_features(self) -> bool:
+        """Linear protocol without augmentation: every epoch sees the same frozen features, so they are
+        extracted once (``LinearEvaluation.classifier_train_features``, as before each pretraining
+        validation) and the heads train on them; the batches are the image path's (same sampler)."""
+        s = self.settings
+        return s.training_mode == TrainingMode.CLASSIFIER_ONLY and s.classifier.augmentation == "none"
+
+    def build_training_data_loader(self):
+        if not self.cached_features:
+            return super().build_training_data_loader()
+        encoder = getattr(self.model, "module", self.model).encoder
+        features, labels = self.evaluation.classifier_train_features(encoder, self.train_dataset)
+        # Indexed by the sampler's (index, seed) pairs; no transform.
+        cached = SeededTransformDataset(torch.utils.data.TensorDataset(features.cpu(), labels.cpu()), None)
+        return loaders.LazyTrainingLoader(cached, lambda: BatchesUntil(self._sampler(self.global_step),
+                                                                       self.total_steps), 0, self.device)
+
     def step_loss(self, batch: Any, step: int) -> tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]:
         s = self.settings
         images, labels = batch
         optim.apply_schedule(self.optimizer, step, self.total_steps)
         lr = self.optimizer.param_groups[0]["lr"]
         images = self.to_device(images)
+        if self.cached_features:  # frozen features (build_training_data_loader)
+            logits = self.model_call(images, precomputed=True)
+            loss = classifier.heads_loss(logits.float(), self.to_device(labels), s.classifier.logit_regularization)
+            return loss, loss, {"lr": lr}
         if s.classifier.augmentation == "variant":  # appendix C.1: the pretraining augmentations
             images = self.augment_global(self.augment1, images, SeedStream.HEAD_VARIANT)
         else:

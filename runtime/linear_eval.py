@@ -119,10 +119,13 @@ class LinearEvaluation:
                   + ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())), flush=True)
         self.knn_bank = None  # frees the CLS_TRAIN features until the next validation
 
-    def classifier_train_features(self, encoder: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen features and labels of all of CLS_TRAIN (gathered from every rank, in dataset order)."""
+    def classifier_train_features(self, encoder: torch.nn.Module, dataset=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen features and labels of all of CLS_TRAIN (gathered from every rank, in dataset order):
+        before each pretraining validation, and once for the linear protocol without augmentation
+        (``dataset``: the trial's un-augmented labelled CLS_TRAIN, model_def.HeadsTrial)."""
         s = self.settings
-        dataset = faults.ReadGuard(loaders.classifier_feature_dataset(s, s.image_size))
+        if dataset is None:
+            dataset = faults.ReadGuard(loaders.classifier_feature_dataset(s, s.image_size))
         loader = loaders.sharded_loader(dataset, self.batch_size, self.rank, self.world_size,
                                         s.data.num_workers)
         features, labels = classifier.extract_features(encoder, loader, self.device, self.normalize,
