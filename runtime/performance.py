@@ -51,9 +51,14 @@ def images_channels_last(images: torch.Tensor) -> torch.Tensor:
     return images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
 
 
-def maybe_compile(function, enabled: bool, backend: str = "inductor"):
+# torch.compile's backend for ``compile: true``; tests set "aot_eager" (the same graph capture,
+# without inductor's code generation, which takes minutes on a small CPU).
+COMPILE_BACKEND = "inductor"
+
+
+def maybe_compile(function, enabled: bool, backend: Optional[str] = None):
     """``torch.compile(function)`` when enabled (dynamic=False: the training shapes are fixed)."""
-    return torch.compile(function, dynamic=False, backend=backend) if enabled else function
+    return torch.compile(function, dynamic=False, backend=backend or COMPILE_BACKEND) if enabled else function
 
 
 def configure_device(device: torch.device) -> None:
