@@ -5,7 +5,7 @@ through the online network and forward through the target; its views come from t
 augmentations. Rows (images per second; one image = one source image, i.e. two views):
 
 * ``ours library``: ``byol.BYOL`` as a library (README "Using the method as a library"):
-  ``learner(images)`` augments both views itself (``augment.default_augmentation``: batched crop and
+  ``learner(images)`` augments both views itself (``augment.TwoViewAugmentation``: batched crop and
   photometric ops on the device), SGD with momentum, EMA update; "no aug" passes prepared views.
 * ``ours trial step``: ``model_def.BYOLTrial.train_batch`` (its ``step_loss`` and ``after_step``:
   photometric views of the global batch, LARS, EMA; the non-finite watch): what a Determined run
@@ -59,7 +59,7 @@ sys.path.insert(0, ROOT)
 
 import augment
 import backbone as backbones
-from augment import IMAGENET_MEAN, IMAGENET_STD, default_augmentation
+from augment import IMAGENET_MEAN, IMAGENET_STD
 from byol import BYOL
 from runtime import jpeg_decode, performance
 
@@ -180,11 +180,16 @@ def ours_trial_rows(args, device, images, directory) -> List[Row]:
     trial = BYOLTrial(context, settings)
     trial.model.train()
     batch = ((images, images.flip(-1)), torch.zeros(len(images), dtype=torch.int64))
-    with_augmentation = dict(trial._augment_calls)
-    normalize_only = {module: (lambda views, _params: trial.normalize(views)) for module in with_augmentation}
+    with_augmentation = trial.photometric
 
-    def step(calls):
-        trial._augment_calls = calls
+    class NormalizeOnly(augment.PhotometricViews):
+        def forward(self, images, floats, flags, channels_last=False):
+            return tuple(trial.normalize(view) for view in images)
+
+    normalize_only = NormalizeOnly(list(with_augmentation.augments))
+
+    def step(photometric):
+        trial.photometric = photometric
         context._current_batch_idx = trial.global_step  # what the harness's loop sets before a step
         trial.train_batch(batch, 0, trial.global_step)
 
@@ -276,20 +281,21 @@ def lightly_rows(args, device, images, autocast) -> List[Row]:
 def augmentation_rows(args, device, images) -> List[Row]:
     rows = []
     on_device = images.to(device)
-    view1, view2 = (default_augmentation(args.image_size, view).to(device) for view in (1, 2))
+    both_views = augment.TwoViewAugmentation(args.image_size).to(device)
     rows.append(Row("augment", "ours batched two views (library: crop + photometric on the device)", len(images),
-                    lambda: (view1(on_device), view2(on_device))))
+                    lambda: both_views(on_device)))
     views = augment.paper_view_augmentations()
     geometric = augment.TwoViewTransform(args.image_size, *views)
-    photometric = [augment.PhotometricAugment(v, IMAGENET_MEAN, IMAGENET_STD, args.image_size).to(device)
-                   for v in views]
+    photometric = augment.PhotometricViews([augment.PhotometricAugment(v, IMAGENET_MEAN, IMAGENET_STD, args.image_size)
+                                            for v in views]).to(device)
     pil_images = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]
 
     def trial_pipeline():
         pairs = [geometric(image) for image in pil_images]   # what the data-loader workers do
         first = torch.stack([pair[0] for pair in pairs]).to(device)
         second = torch.stack([pair[1] for pair in pairs]).to(device)
-        photometric[0](first), photometric[1](second)
+        drawn = [module.sample_parameters(len(pil_images)) for module in photometric.augments]
+        photometric.views((first, second), drawn)   # both views as one batch
 
     rows.append(Row("augment", "ours trial pipeline (per-image crops as in workers + batched photometric)",
                     len(images), trial_pipeline))
