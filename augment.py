@@ -241,27 +241,29 @@ def _per_sample(values: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return values.to(device=images.device, dtype=images.dtype).reshape(-1, 1, 1, 1)
 
 
-def _gray_weights(images: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(_GRAY_WEIGHTS, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+def _constant(values, images: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, device=images.device, dtype=images.dtype)
 
 
-def _luma(images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] -> [B, 1, H, W]: the weighted sum of the channels."""
-    return (images * weights).sum(dim=1, keepdim=True)
+def _mix_channels(matrix: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """[D, 3] x [B, 3, H, W] -> [B, D, H, W]: each output channel a weighted sum of the input's
+    (one matrix product, no [B, 3, H, W] temporaries)."""
+    return torch.einsum("dc,nchw->ndhw", matrix, images)
 
 
 def rgb_to_grayscale(images: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] -> [B, 3, H, W]: luma 0.2989 R + 0.5870 G + 0.1140 B on all three channels."""
-    return _luma(images, _gray_weights(images)).expand_as(images)
+    return _mix_channels(_constant([_GRAY_WEIGHTS], images), images).expand_as(images)
 
 
-def _rgb_stage(images: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-               mean_weight: torch.Tensor) -> torch.Tensor:
+def _rgb_stage(images: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mean_weight: torch.Tensor,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``clip(x * scale + shift + mean_c * mean_weight)`` with ``mean_c`` each channel's mean over
     the image and one value of each parameter per sample ([B, 1, 1, 1]): brightness is
-    ``(1, delta, 0)``, contrast ``(factor, 0, 1 - factor)``, nothing ``(1, 0, 0)`` (exactly x)."""
+    ``(1, delta, 0)``, contrast ``(factor, 0, 1 - factor)``, nothing ``(1, 0, 0)`` (exactly x).
+    ``out=images`` works in place (the pipeline's own buffer)."""
     offset = torch.addcmul(shift, images.mean(dim=(-2, -1), keepdim=True), mean_weight)
-    return torch.addcmul(offset, images, scale).clamp_(0.0, 1.0)
+    return torch.addcmul(offset, images, scale, out=out).clamp_(0.0, 1.0)
 
 
 def adjust_brightness(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -306,27 +308,35 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
 
 
 def _hsv_stage(images: torch.Tensor, saturation_factor: torch.Tensor, hue_shifts: torch.Tensor,
-               sextant_offsets: torch.Tensor) -> torch.Tensor:
+               constants: "_Constants") -> torch.Tensor:
     """Saturation or hue: one RGB-HSV-RGB round trip without building the HSV image. With value
     v = max, chroma c = max - min and the hue in sextants (6 h, from the channel that holds the
     max), saturation ``s -> min(s * factor, 1)`` is ``c -> min(c * factor, v)``, and the hue shift
     enters ``k`` of :func:`hsv_to_rgb` directly. ``saturation_factor`` [B, 1, 1, 1]; ``hue_shifts``
-    [B, 3, 1, 1] = ``6 delta + (5, 3, 1)`` (:func:`_hue_shifts`); ``sextant_offsets`` [1, 3, 1, 1]
-    = (0, 2, 4). Neutral values (1, no delta) give back x up to float rounding. The result is
+    [B, 3, 1, 1] = ``6 delta + (5, 3, 1)`` (:func:`_hue_shifts`); ``constants``: its
+    ``channel_differences`` and ``sextant_offsets`` (:class:`_Constants`). Neutral values (1, no
+    delta) give back x up to float rounding. The result is
     ``v - c' w`` with c' <= v and w in [0, 1]: already in [0, 1], no clip needed."""
     value, channel_of_max = images.max(dim=1, keepdim=True)  # the first channel on ties: R, G, B
     spread = value - images.amin(dim=1, keepdim=True)
-    rolled = images.roll(-1, dims=1)
-    differences = rolled - rolled.roll(-1, dims=1)  # (G - B, B - R, R - G)
+    # (G - B, B - R, R - G), exact (products by 0 and +-1); a contiguous buffer, reused below
+    work = torch.matmul(constants.channel_differences, images.flatten(2)).view_as(images)
     # sextant: (G - B) / c, (B - R) / c + 2 or (R - G) / c + 4 by the max channel; 0 where c = 0
-    sextant = torch.addcdiv(sextant_offsets, differences, spread.clamp_min(_TINY)).gather(1, channel_of_max)
-    k = (sextant + hue_shifts).remainder(6.0)
+    sextant = torch.addcdiv(constants.sextant_offsets, work, spread.clamp_min(_TINY), out=work)
+    sextant = sextant.gather(1, channel_of_max)
+    k = torch.add(sextant, hue_shifts, out=work).remainder_(6.0)  # one buffer reused: few big allocations
+    k = torch.minimum(k, 4.0 - k, out=k).clamp_(0.0, 1.0)
     chroma = torch.minimum(spread * saturation_factor, value)
-    return torch.addcmul(value, chroma, torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0), value=-1.0)
+    return torch.addcmul(value, chroma, k, value=-1.0, out=k)
 
 
-def _sextant_offsets(images: torch.Tensor) -> torch.Tensor:
-    return torch.tensor((0.0, 2.0, 4.0), device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+_CHANNEL_DIFFERENCES = ((0.0, 1.0, -1.0), (-1.0, 0.0, 1.0), (1.0, -1.0, 0.0))  # (G - B, B - R, R - G)
+_SEXTANT_OFFSETS = (0.0, 2.0, 4.0)
+
+
+def _hsv_constants(images: torch.Tensor) -> types.SimpleNamespace:
+    return types.SimpleNamespace(channel_differences=_constant(_CHANNEL_DIFFERENCES, images),
+                                 sextant_offsets=_constant(_SEXTANT_OFFSETS, images).view(1, 3, 1, 1))
 
 
 def _hue_shifts(delta: torch.Tensor) -> torch.Tensor:
@@ -338,14 +348,14 @@ def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tenso
     """HSV ``s -> clip(s * factor, 0, 1)`` (factor [B]), hue and value kept."""
     factor = _per_sample(factor, images)
     shifts = _hue_shifts(torch.zeros_like(factor)).view(-1, 3, 1, 1)
-    return _hsv_stage(images, factor, shifts, _sextant_offsets(images))
+    return _hsv_stage(images, factor, shifts, _hsv_constants(images))
 
 
 def adjust_hue(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """HSV ``h -> (h + delta) mod 1`` (delta [B] in turns), saturation and value kept."""
     delta = delta.to(device=images.device, dtype=images.dtype)
     factor = torch.ones_like(_per_sample(delta, images))
-    return _hsv_stage(images, factor, _hue_shifts(delta).view(-1, 3, 1, 1), _sextant_offsets(images))
+    return _hsv_stage(images, factor, _hue_shifts(delta).view(-1, 3, 1, 1), _hsv_constants(images))
 
 
 def blur_kernel_size(image_size: int) -> int:
@@ -361,30 +371,43 @@ def _negative_half_squares(kernel_size: int) -> torch.Tensor:
 
 
 def _blur_kernels(sigma: torch.Tensor, negative_half_squares: torch.Tensor) -> torch.Tensor:
-    """[B] sigmas -> [B, taps] normalised Gaussian kernels ``exp(-t^2 / (2 sigma^2))``."""
+    """[B] sigmas -> [B, taps + 1]: normalised Gaussian kernels ``exp(-t^2 / (2 sigma^2))``, then a
+    0 (what :func:`band_indices` points at outside the band)."""
     kernel = torch.exp(negative_half_squares / sigma.reshape(-1, 1).square())
-    return kernel / kernel.sum(dim=1, keepdim=True)
+    return F.pad(kernel / kernel.sum(dim=1, keepdim=True), (0, 1))
 
 
-def _separable_blur(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """Zero-padded separable convolution, one kernel per (sample, channel): ``kernels`` [B, 3 * taps]
-    (each sample's kernel once per channel); one grouped convolution per axis over all B * 3 channels."""
-    batch, channels, height, width = images.shape
-    taps = kernels.shape[1] // channels
-    rows = kernels.reshape(batch * channels, 1, 1, taps)
-    flat = images.reshape(1, batch * channels, height, width)
-    flat = F.conv2d(flat, rows, padding=(0, taps // 2), groups=batch * channels)
-    flat = F.conv2d(flat, rows.view(batch * channels, 1, taps, 1), padding=(taps // 2, 0), groups=batch * channels)
-    return flat.view(batch, channels, height, width)
+def band_indices(size: int, taps: int) -> torch.Tensor:
+    """[1, size, size] int64: entry (a, b) is the tap ``b - a + taps // 2`` of a kernel where
+    ``|b - a| <= taps // 2``, else ``taps`` (a zero): indexing a [B, taps + 1] kernel table with it
+    gives each sample's banded (Toeplitz) convolution matrix, zero padding included."""
+    half = taps // 2
+    offsets = torch.arange(size).view(1, -1) - torch.arange(size).view(-1, 1) + half
+    return torch.where((offsets >= 0) & (offsets < taps), offsets, taps).unsqueeze(0)
+
+
+def _separable_blur(images: torch.Tensor, kernels: torch.Tensor, band: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Zero-padded separable convolution with one symmetric kernel per sample (``kernels`` [B, taps
+    + 1], :func:`_blur_kernels`), as two batched products with each sample's banded matrix K
+    (``K @ x @ K``: rows, then columns): matrix products run at full speed on any device, where a
+    convolution with a different kernel per sample is a slow grouped one. ``band``: the
+    :func:`band_indices` of square images of this size (built here otherwise)."""
+    height, width = images.shape[-2:]
+    taps = kernels.shape[1] - 1
+    if band is None or band.shape[-1] != width:
+        band = band_indices(width, taps).to(kernels.device)
+    across = kernels[:, band]  # [B, 1, W, W]
+    down = across if height == width else kernels[:, band_indices(height, taps).to(kernels.device)]
+    return down @ (images @ across)
 
 
 def gaussian_blur(images: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
     """Separable Gaussian blur with a per-sample ``sigma`` [B] and **zero padding** (the reference's
-    'SAME' convolution: borders darken): one grouped convolution per axis over all B*C channels."""
+    'SAME' convolution: borders darken): two batched matrix products (:func:`_separable_blur`)."""
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"blur kernel_size must be a positive odd number of taps, got {kernel_size}")
     kernels = _blur_kernels(sigma.to(images.dtype), _negative_half_squares(kernel_size).to(sigma.device, images.dtype))
-    return _separable_blur(images, kernels.repeat(1, images.shape[1]).to(images.device))
+    return _separable_blur(images, kernels.to(images.device))
 
 
 def solarize(images: torch.Tensor) -> torch.Tensor:
@@ -487,14 +510,16 @@ class _Program:
     @property
     def split_sizes(self) -> list:
         sizes = [width for kind in _SCHEDULE for width in _STAGE_WIDTHS[kind]]
-        return sizes + ([3 * self.blur_taps] if self.blur_taps else [])
+        return sizes + ([self.blur_taps + 1] if self.blur_taps else [])
 
 
 def _run_program(program: _Program, images: torch.Tensor, floats: torch.Tensor, flags: torch.Tensor,
                  constants: "_Constants") -> torch.Tensor:
     """The device part: uint8 images [N, 3, H, W], packed per-sample floats [N, K, 1, 1] and flags
     [N, 5, 1, 1] (:meth:`PhotometricAugment.encode`, :func:`_pack`) -> normalised float32 images.
-    Straight-line code: no data-dependent shapes, no host reads, the same ops for any N and draws."""
+    Straight-line code: no data-dependent shapes, no host reads, the same ops for any N and draws.
+    The image buffer is written in place wherever the result replaces it (a 2 x 32 x 224 x 224
+    float batch is 38 MB: fresh allocations of that size cost more than the arithmetic on a CPU)."""
     x = images / 255.0
     values = iter(floats.split(program.split_sizes, dim=1))
     hsv_stage0, hsv_stage1, grayscale, blur, solarize_mask = flags.split(1, dim=1)
@@ -505,34 +530,37 @@ def _run_program(program: _Program, images: torch.Tensor, floats: torch.Tensor, 
         if not used:
             continue
         if kind == "rgb":
-            x = _rgb_stage(x, *stage_values)
+            _rgb_stage(x, *stage_values, out=x)
         else:
-            x = torch.where(mask, _hsv_stage(x, *stage_values, constants.sextant_offsets), x)
+            torch.where(mask, _hsv_stage(x, *stage_values, constants), x, out=x)
     if program.grayscale:
-        x = torch.where(grayscale, _luma(x, constants.gray_weights), x)
+        torch.where(grayscale, _mix_channels(constants.gray_weights, x), x, out=x)
     if program.blur_taps:
-        x = torch.where(blur, _separable_blur(x, next(values)), x)
-    if program.solarize:
-        x = torch.where(solarize_mask, solarize(x), x)
-    return (x - constants.mean) / constants.std
+        kernels = next(values).flatten(1)
+        torch.where(blur, _separable_blur(x, kernels, constants.band), x, out=x)
+    if program.solarize:  # solarize(x) for the samples that take it
+        torch.where(solarize_mask & (x >= _SOLARIZE_THRESHOLD), 1.0 - x, x, out=x)
+    return torch.sub(x, constants.mean, out=x).div_(constants.std)
 
 
 class _Constants(nn.Module):
     """The pipeline's constant tensors, as buffers (they follow the module to the device)."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, mean: Sequence[float], std: Sequence[float], image_size: int, blur_taps: int):
         super().__init__()
-        for name, values in (("mean", mean), ("std", std), ("gray_weights", _GRAY_WEIGHTS),
-                             ("sextant_offsets", (0.0, 2.0, 4.0))):
+        for name, values in (("mean", mean), ("std", std), ("sextant_offsets", _SEXTANT_OFFSETS)):
             self.register_buffer(name, torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("gray_weights", torch.tensor([_GRAY_WEIGHTS]), persistent=False)
+        self.register_buffer("channel_differences", torch.tensor(_CHANNEL_DIFFERENCES), persistent=False)
+        self.register_buffer("band", band_indices(image_size, blur_taps) if blur_taps else None, persistent=False)
 
 
 def _pack(program: _Program, slots: torch.Tensor, flags: torch.Tensor, sigma: torch.Tensor,
           negative_half_squares: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Host: the stage slots [N, 26], the blur kernels from ``sigma`` (each sample's once per
-    channel) and the flags [N, 5], shaped [N, K, 1, 1] to broadcast over images."""
+    """Host: the stage slots [N, 26], the blur kernels from ``sigma`` and the flags [N, 5], shaped
+    [N, K, 1, 1] to broadcast over images."""
     if program.blur_taps:
-        slots = torch.cat([slots, _blur_kernels(sigma, negative_half_squares).repeat(1, 3)], dim=1)
+        slots = torch.cat([slots, _blur_kernels(sigma, negative_half_squares)], dim=1)
     return slots.view(*slots.shape, 1, 1), flags.view(*flags.shape, 1, 1)
 
 
@@ -566,12 +594,12 @@ class PhotometricAugment(nn.Module):
         self.view = view
         self.kernel_size = blur_kernel_size(image_size)
         self.normalize = Normalize(mean, std)
-        self.constants = _Constants(mean, std)
         # Host-side constants (plain attributes: they stay on the CPU when the module moves).
         self._negative_half_squares = _negative_half_squares(self.kernel_size)
         self._slot_table, self._hsv_mask_table, used = self._jitter_tables(view)
         blur_taps = self.kernel_size if view.blur_p > 0 and self.kernel_size > 1 else 0  # 1 tap: the identity
         self.program = _Program(used, view.grayscale_p > 0, blur_taps, view.solarize_p > 0)
+        self.constants = _Constants(mean, std, image_size, self.kernel_size)
         ranges = [(0.0, 1.0), (-view.brightness, view.brightness),
                   (max(0.0, 1.0 - view.contrast), 1.0 + view.contrast),
                   (max(0.0, 1.0 - view.saturation), 1.0 + view.saturation), (-view.hue, view.hue),
