@@ -19,13 +19,18 @@ The work is split in two:
 * the geometric part (decode, crop, resize, flip) runs per image in data-loader workers and yields
   uint8 CHW tensors (:func:`geometric_transform`, :class:`TwoViewTransform`);
 * the photometric part (jitter, grayscale, blur, solarize, then normalisation) runs batched on the
-  training device with independent random parameters per sample (:class:`PhotometricAugment`);
-  every op is also callable on its own with one parameter per sample (``adjust_brightness(images,
-  delta)``, ``adjust_contrast``, ``adjust_saturation``, ``adjust_hue``, ``gaussian_blur(images,
-  kernel_size, sigma)``: images [B, 3, H, W] in [0, 1], parameters [B]).
+  training device with independent random parameters per sample (:class:`PhotometricAugment`;
+  both views as one batch: :class:`PhotometricViews`). It is one static program, as the reference
+  runs its conditional ops under ``vmap``: per-sample decisions are neutral parameters and masks,
+  never a data-dependent shape or a host read, so the ops are the same for any batch and any
+  draws (143 top-level aten ops for both views, draws included: ``tests/test_augment.py``) and
+  ``torch.compile`` captures it whole. Every op is also callable on its own with one parameter
+  per sample (``adjust_brightness(images, delta)``, ``adjust_contrast``, ``adjust_saturation``,
+  ``adjust_hue``, ``gaussian_blur(images, kernel_size, sigma)``: images [B, 3, H, W] in [0, 1],
+  parameters [B]), with the same arithmetic as inside the batch.
 
 Randomness: the geometric part uses the torch RNG of the worker, the photometric part the global
-CPU torch RNG, drawing a fixed number of values per batch.
+CPU torch RNG, drawing a fixed number of values per batch (13 per sample, in one ``torch.rand``).
 """
 from __future__ import annotations
 

@@ -82,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--decode-size", type=int, default=500, help="side of the JPEGs of the decode rows")
     parser.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated groups of rows: {', '.join(GROUPS)}")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--compile", action="store_true",
+                        help="add a row: the trial pipeline's photometric part compiled (inductor; minutes on a CPU)")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
     if not only <= set(GROUPS):
@@ -290,15 +292,19 @@ def augmentation_rows(args, device, images) -> List[Row]:
                                             for v in views]).to(device)
     pil_images = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]
 
-    def trial_pipeline():
+    def trial_pipeline(apply):
         pairs = [geometric(image) for image in pil_images]   # what the data-loader workers do
         first = torch.stack([pair[0] for pair in pairs]).to(device)
         second = torch.stack([pair[1] for pair in pairs]).to(device)
         drawn = [module.sample_parameters(len(pil_images)) for module in photometric.augments]
-        photometric.views((first, second), drawn)   # both views as one batch
+        apply((first, second), *photometric.device_parameters(drawn, device))   # both views as one batch
 
     rows.append(Row("augment", "ours trial pipeline (per-image crops as in workers + batched photometric)",
-                    len(images), trial_pipeline))
+                    len(images), lambda: trial_pipeline(photometric)))
+    if args.compile:  # the photometric part as compile: true runs it (compiled once, in the warm-up)
+        compiled = performance.maybe_compile(photometric, True)
+        rows.append(Row("augment", "ours trial pipeline, photometric part compiled (compile: true)", len(images),
+                        lambda: trial_pipeline(compiled)))
     try:
         from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
 
