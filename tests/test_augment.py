@@ -248,8 +248,9 @@ def _per_sample_loop(module, images, params):
 
 @pytest.mark.parametrize("view", [0, 1])
 def test_batched_augment_equals_a_per_sample_loop(view):
-    """Each sample's ops, gathered and scattered per (order position, op), equal doing each sample
-    alone; both views of table 6 (all ops, solarize and rare blur included)."""
+    """Each sample's ops, run by the fixed schedule with neutral parameters and masks, equal doing
+    each sample alone (bit for bit: the same arithmetic); both views of table 6 (all ops, solarize
+    and rare blur included)."""
     images = _images(batch=48, size=32)
     module = PhotometricAugment(augment.paper_view_augmentations()[view], MEAN, STD, 32)
     torch.manual_seed(view)
@@ -503,8 +504,8 @@ def test_photometric_rejects_bad_batches():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the host-sync check is CUDA's)")
 def test_photometric_augment_never_synchronises_the_device():
-    """Parameters and the plan live on the CPU; indices and values travel by non-blocking copies:
-    torch's sync debug mode raises on any synchronising call inside the forward pass."""
+    """Parameters and their encoding live on the CPU; the packed values travel by non-blocking
+    copies: torch's sync debug mode raises on any synchronising call inside the forward pass."""
     module = PhotometricAugment(augment.paper_view_augmentations()[1], MEAN, STD, 96).cuda()
     images = _images(batch=64, size=96).cuda()
     torch.manual_seed(0)
