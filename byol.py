@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from augment import default_augmentation
+from augment import TwoViewAugmentation
 from backbone import check_initialisation, initialise_
 from optim import cosine_schedule, same_device_and_dtype
 
@@ -220,9 +220,10 @@ class BYOL(nn.Module):
         ema_update(self.target_projector, self.online_projector, tau)
 
     def _augment(self, images: torch.Tensor):
-        if self.augment1 is None:
-            self.augment1 = default_augmentation(self.image_size, view=1).to(images.device)
-            self.augment2 = default_augmentation(self.image_size, view=2).to(images.device)
+        if self.augment1 is None:  # table 6's T and T' as one batch: one crop call, one colour pipeline
+            self.augment1 = TwoViewAugmentation(self.image_size).to(images.device)
+        if isinstance(self.augment1, TwoViewAugmentation):
+            return self.augment1(images)
         return self.augment1(images), self.augment2(images)
 
     def forward(self, view1: torch.Tensor, view2: Optional[torch.Tensor] = None,

@@ -168,12 +168,12 @@ class TrialBase(pytorch.PyTorchTrial):
         view1, view2 = s.views
         self.augment1 = self._photometric(view1)
         self.augment2 = self._photometric(view2)
+        self.photometric = augment.PhotometricViews(  # T and T' of table 6 as one batch (augment.py)
+            [self.augment1, self.augment2] if self.pretraining else [self.augment1])
         self.normalize = augment.Normalize(self.info.mean, self.info.std).to(self.device)
-        # Optional torch.compile (``compile: true``) of the forward pass and the augmentations; the
-        # uncompiled modules stay what checkpoints hold.
-        self.model_call = performance.maybe_compile(self.model, s.compile)
-        self._augment_calls = {module: performance.maybe_compile(module, s.compile)
-                               for module in (self.augment1, self.augment2)}
+        # ``compile: true``: the device part of a step (photometric views, forward, loss) is ONE
+        # compiled function (performance.py); the uncompiled modules stay what checkpoints hold.
+        self.step_call = performance.maybe_compile(self.forward_step, s.compile)
         self.evaluation = linear_eval.LinearEvaluation(
             settings=s, context=context, device=self.device, rank=self.rank, world_size=self.world_size,
             dataset=eval_dataset, normalize=self.normalize, augmentations=(self.augment1, self.augment2),
@@ -220,7 +220,7 @@ class TrialBase(pytorch.PyTorchTrial):
     def synced_batch_norm(self) -> bool:
         return self.settings.sync_batch_norm and self.world_size > 1
 
-    def _photometric(self, view) -> torch.nn.Module:
+    def _photometric(self, view) -> augment.PhotometricAugment:
         return augment.PhotometricAugment(view, self.info.mean, self.info.std, self.settings.image_size).to(self.device)
 
     def _sampler(self, start_step: int) -> GlobalBatchSampler:
@@ -237,16 +237,23 @@ class TrialBase(pytorch.PyTorchTrial):
             torch.manual_seed(mix_seed(self.settings.seed, self.global_step, stream))
             yield
 
-    def augment_global(self, augment, images: torch.Tensor, stream: int) -> torch.Tensor:
-        """Photometric parameters drawn for the whole global batch, this rank's rows applied: the
-        same image gets the same view whatever the number of processes (the sampler gives rank r
-        rows r*B..(r+1)*B-1 of each global batch)."""
-        per_rank = images.shape[0]
-        with self.seeded(stream):
-            params = augment.sample_parameters(per_rank * self.world_size)  # on the CPU (augment.py)
+    def view_parameters(self, views: augment.PhotometricViews, streams, per_rank: int):
+        """Host: each view's photometric parameters drawn for the whole global batch (seeded by
+        seed, global step and the view's stream), this rank's rows, packed and sent to the device
+        (``augment.PhotometricViews.device_parameters``): the same image gets the same view
+        whatever the number of processes (the sampler gives rank r rows r*B..(r+1)*B-1 of each
+        global batch)."""
+        drawn = []
+        for module, stream in zip(views.augments, streams):
+            with self.seeded(stream):
+                drawn.append(module.sample_parameters(per_rank * self.world_size))  # on the CPU (augment.py)
         rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-        views = self._augment_calls.get(augment, augment)(images, augment.select(params, rows))
-        return performance.images_channels_last(views) if self.channels_last else views
+        return views.device_parameters(drawn, self.device, rows)
+
+    def forward_step(self, *args) -> tuple:
+        """The device part of a step, from views on the device to the loss: what ``compile: true``
+        compiles as one function (:meth:`step_loss` calls it through ``self.step_call``)."""
+        raise NotImplementedError
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """Non-blocking host-to-device copy (pinned batches; a no-op for batches already there)."""
@@ -420,16 +427,22 @@ class BYOLTrial(TrialBase):
         s = self.settings
         (view1, view2), labels = batch  # data.decode: device: decoded by the prefetcher (training_prepare)
         lr = optim.apply_schedule(self.optimizer, step, self.total_steps, round(s.warmup_epochs * self.steps_per_epoch))
-        view1 = self.augment_global(self.augment1, self.to_device(view1), SeedStream.VIEW1)
-        view2 = self.augment_global(self.augment2, self.to_device(view2), SeedStream.VIEW2)
-        with performance.autocast(self.device, s.precision):
-            loss, classifier_loss, classifier_accuracy = self.model_call(view1, view2,
-                                                                         labels=self.to_device(labels))
+        floats, flags = self.view_parameters(self.photometric, (SeedStream.VIEW1, SeedStream.VIEW2), view1.shape[0])
+        loss, classifier_loss, classifier_accuracy = self.step_call(
+            self.to_device(view1), self.to_device(view2), floats, flags, self.to_device(labels))
         # Accuracy on this training batch's labelled images (STL-10's unlabeled ones are skipped).
         metrics = {"lr": lr, "online_classifier_accuracy": classifier_accuracy.detach(),
                    "online_classifier_loss": classifier_loss.detach()}
         # The online classifier's loss trains only the classifier (its input is sg(y)).
         return loss, loss + classifier_loss, metrics
+
+    def forward_step(self, view1: torch.Tensor, view2: torch.Tensor, floats: torch.Tensor, flags: torch.Tensor,
+                     labels: torch.Tensor) -> tuple:
+        """Both photometric views in one pipeline (T and T', table 6), then the learner's loss and
+        its online classifier's loss and accuracy (section 3.1)."""
+        view1, view2 = self.photometric((view1, view2), floats, flags, channels_last=self.channels_last)
+        with performance.autocast(self.device, self.settings.precision):
+            return self.model(view1, view2, labels=labels)
 
     def after_step(self, step: int) -> Dict[str, Any]:
         s = self.settings
@@ -496,20 +509,28 @@ class HeadsTrial(TrialBase):
         images, labels = batch
         optim.apply_schedule(self.optimizer, step, self.total_steps)
         lr = self.optimizer.param_groups[0]["lr"]
-        images = self.to_device(images)
-        if self.cached_features:  # frozen features (build_training_data_loader)
-            logits = self.model_call(images, precomputed=True)
+        if self.cached_features:  # frozen features (build_training_data_loader): the heads alone
+            logits = self.model(self.to_device(images), precomputed=True)
             loss = classifier.heads_loss(logits.float(), self.to_device(labels), s.classifier.logit_regularization)
             return loss, loss, {"lr": lr}
+        parameters = ()
         if s.classifier.augmentation == "variant":  # appendix C.1: the pretraining augmentations
-            images = self.augment_global(self.augment1, images, SeedStream.HEAD_VARIANT)
+            parameters = self.view_parameters(self.photometric, (SeedStream.HEAD_VARIANT,), images.shape[0])
+        loss = self.step_call(self.to_device(images), self.to_device(labels), *parameters)
+        return loss, loss, {"lr": lr}
+
+    def forward_step(self, images: torch.Tensor, labels: torch.Tensor, *parameters: torch.Tensor) -> torch.Tensor:
+        """Photometric view (``classifier.augmentation: variant``, given its packed parameters) or
+        plain normalisation, then the heads' loss (appendix C.1)."""
+        s = self.settings
+        if parameters:
+            (images,) = self.photometric((images,), *parameters, channels_last=self.channels_last)
         else:
             images = self.normalize(images)
             images = performance.images_channels_last(images) if self.channels_last else images
         with performance.autocast(self.device, s.precision):
-            logits = self.model_call(images)
-        loss = classifier.heads_loss(logits.float(), self.to_device(labels), s.classifier.logit_regularization)
-        return loss, loss, {"lr": lr}
+            logits = self.model(images)
+        return classifier.heads_loss(logits.float(), labels, s.classifier.logit_regularization)
 
 
 def build_trial(context: pytorch.PyTorchTrialContext, settings: Optional[Settings] = None) -> TrialBase:

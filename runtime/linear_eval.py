@@ -26,6 +26,7 @@ import torch
 from determined import pytorch
 
 import backbone as backbones
+from augment import PhotometricViews
 from data import Split
 from reducers import ValidatedAccuracyReducer, WeightedMeanReducer
 from runtime import classifier, faults, feature_probes, knn, loaders
@@ -58,6 +59,8 @@ class LinearEvaluation:
         self.settings, self.context, self.device = settings, context, device
         self.rank, self.world_size = rank, world_size
         self.dataset, self.normalize, self.augmentations = dataset, normalize, tuple(augmentations)
+        # both views as one batch (augment.py)
+        self.views = PhotometricViews(self.augmentations) if self.augmentations else None
         self.num_classes, self.global_step, self.seeded = num_classes, global_step, seeded
         self.learner, self.heads, self.model = learner, heads, model
         self.last_validation: Dict[str, Any] = {}
@@ -92,8 +95,7 @@ class LinearEvaluation:
             with self.seeded(SeedStream.EVALUATION_VIEWS):
                 drawn = [augment.sample_parameters(len(self.dataset)) for augment in self.augmentations]
             self._view_parameters = (self.global_step(), drawn)
-        view1, view2 = (augment(images, augment.select(drawn, positions.cpu()))
-                        for augment, drawn in zip(self.augmentations, self._view_parameters[1]))
+        view1, view2 = self.views.views((images, images), self._view_parameters[1], rows=positions.cpu())
         return view1, view2
 
     # ------------------------------------------------------------------ around each validation

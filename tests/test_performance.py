@@ -152,3 +152,40 @@ def test_trial_runs_with_bf16_and_channels_last_on_cpu(tmp_path):
                     str(tmp_path / "m.json")], timeout=600)
     assert "[byol] finished 3 steps" in result.stdout, result.stdout[-2000:]
     assert math.isfinite(metrics(str(tmp_path / "m.json"))["validation_byol_loss"])
+
+
+def test_compile_true_compiles_the_whole_step_once(tmp_path, monkeypatch):
+    """``compile: true``: a real trial step's device part (both photometric views, the learner's
+    forward and loss) is one compiled graph, with no graph break and no recompile on later steps
+    (the "aot_eager" backend: dynamo and AOT autograd without inductor's code generation)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from model_def import BYOLTrial
+    from runtime import launch
+
+    monkeypatch.setattr(performance, "COMPILE_BACKEND", "aot_eager")
+    hparams = {"backbone": "small_cnn", "image_size": 16, "global_batch_size": 8, "projection_size": 8,
+               "projection_hidden_size": 16, "train_length": {"batches": 10}, "classifier_validation": False,
+               "compile": True}
+    data = {"dataset": "digits", "root": str(tmp_path / "data"), "num_workers": 0}
+    generator = torch.Generator().manual_seed(0)
+    with launch.local_trial_context(hparams, {"hyperparameters": hparams, "data": data}, None,
+                                    str(tmp_path / "checkpoints")) as context:
+        trial = BYOLTrial(context, parse_settings(hparams, data))
+        torch._dynamo.reset()
+        counters.clear()
+        try:
+            for step in range(3):
+                images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=generator)
+                context._current_batch_idx = step  # what the harness's loop sets before a step
+                labels = torch.randint(0, 10, (8,), generator=generator)
+                trial.train_batch(((images, images.flip(-1)), labels), 0, step)
+                if step == 0:
+                    first = (dict(counters["frames"]), dict(counters["stats"]))
+            assert dict(counters["graph_break"]) == {}
+            assert first == (dict(counters["frames"]), dict(counters["stats"]))  # nothing compiled after step 1
+            assert counters["frames"]["ok"] == 1 and counters["stats"]["unique_graphs"] == 1
+            assert trial.global_step == 3 and trial.finite_watch.local_first_bad() is None  # finite losses
+        finally:
+            torch._dynamo.reset()
