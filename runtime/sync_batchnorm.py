@@ -53,6 +53,7 @@ images than the others, or none; DDP then averages parameter gradients as usual.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -185,7 +186,7 @@ class _SynchronisedBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, eps, factors, views):
         channels = input.shape[1]
-        x = input.reshape(views, input.shape[0] // views, channels, -1)
+        x = input.reshape(views, input.shape[0] // views, channels, math.prod(input.shape[2:]))
         count = x.shape[1] * x.shape[3]          # per view on this rank: a host number (shapes)
         precise = x if x.dtype in (torch.float32, torch.float64) else x.float()
         shift = None if running_mean is None else _as(running_mean, precise.dtype)

@@ -372,14 +372,14 @@ def test_one_pass_of_both_views_equals_separate_passes(network, dtype, tolerance
                 module.weight.uniform_(0.5, 1.5), module.bias.normal_(0, 0.1)
     reference = __import__("copy").deepcopy(ours)
     optimisers = [torch.optim.SGD(learner.parameters(), lr=0.05, momentum=0.9) for learner in (ours, reference)]
-    for step in range(2):
+    for _ in range(2):
         view1 = torch.randn(6, 3, size, size, dtype=dtype)
         view2 = 2 * torch.randn(6, 3, size, size, dtype=dtype) + 1   # statistics unlike view 1's
         labels = torch.tensor([0, 1, 2, -1, 1, 0])
         results = [ours(view1, view2, labels=labels), separate_passes(reference, view1, view2, labels)]
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
-        for (loss, classifier_loss, _), optimiser in zip(results, optimisers):
+        for loss, classifier_loss, _ in results:
             (loss + classifier_loss).backward()
         _assert_same_training_state(ours, reference, tolerance)
         for learner, optimiser in zip((ours, reference), optimisers):
