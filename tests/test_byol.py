@@ -415,6 +415,28 @@ def test_library_use_keeps_the_network_and_single_view_calls_are_plain_batch_nor
     torch.testing.assert_close(list(resnet.buffers()), list(plain.buffers()))
 
 
+def test_per_view_layer_costs_two_plain_layers_of_host_work():
+    """A per-view layer on both views (one process) runs torch's batch-norm kernel once per view:
+    forward + backward at most twice the top-level aten ops of a plain nn.BatchNorm2d layer (9 here:
+    the layer's kernel, the batch counter and backward, plus the loss and gradient bookkeeping)."""
+    from run_helpers import top_level_aten_ops
+    from runtime.sync_batchnorm import per_view_batch_norm, view_groups
+
+    def ops(layer, views):
+        x = torch.randn(8, 8, 5, 5, requires_grad=True)
+
+        def step():
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            with view_groups(views):
+                layer(x).sum().backward()
+        step()
+        return sum(top_level_aten_ops(step).values())
+
+    plain = ops(nn.BatchNorm2d(8), 1)
+    assert ops(per_view_batch_norm(nn.BatchNorm2d(8)), 2) <= 2 * plain
+
+
 def test_batch_norm_layers_that_cannot_be_per_view_are_refused_by_name():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     with pytest.raises(ValueError, match=r"'net.1' \(SyncBatchNorm\).*convert_sync_batchnorm"):

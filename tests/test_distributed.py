@@ -84,7 +84,7 @@ SYNC_BN_CHECK = textwrap.dedent("""
             collectives.clear()
             with view_groups(views):
                 out = synced(torch.cat(shards))
-            assert collectives == [views * (2 * 4 + 1), views * (2 * 5 + 1)], f"one collective per layer: {{collectives}}"
+            assert collectives == [views * (2 * 4 + 1), views * (2 * 5 + 1)], f"one per layer: {{collectives}}"
             (out.pow(3).sum() / 10).backward()   # this rank's part of the global mean loss of each view
             assert collectives[2:] == [views * 2 * 5, views * 2 * 4], f"one per layer backward: {{collectives}}"
             for p in synced.parameters():
