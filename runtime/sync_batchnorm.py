@@ -33,22 +33,26 @@ statistics of all view groups: forward ``[sum (x-K), sum (x-K)^2, n]`` per view 
 statistics), so that var = E[(x-K)^2] - E[x-K]^2 cancels badly only when |mean - K| is far larger
 than the standard deviation, which the running mean keeps from happening. It is a custom autograd
 function (:class:`_SynchronisedBatchNorm`) with the gradient written out (that of one process on the
-concatenated batch), not autograd through a dozen element-wise ops: 107 top-level aten ops per layer
-before, see ``tests/test_distributed.py`` for the count now.
+concatenated batch of each view), not autograd through element-wise ops. Host work per layer,
+forward + backward, in top-level aten ops (``tests/test_distributed.py`` prints and bounds them):
+``nn.BatchNorm2d`` 9; before, 107 and 2 collectives per view (214 and 4 for both views); now 58 for
+one view, 60 for both views together, with 2 collectives.
 
 *Why these primitives.* torch's fused ``batch_norm_stats`` / ``batch_norm_elemt`` /
 ``batch_norm_gather_stats_with_counts`` / ``batch_norm_backward_reduce`` /
 ``batch_norm_backward_elemt`` (those of ``torch.nn.SyncBatchNorm``) have CUDA kernels only: in torch
 2.14 each raises "Could not run ... with arguments from the 'CPU' backend", and CPU (gloo) must stay
-supported; ``torch.nn.SyncBatchNorm`` itself refuses CPU tensors and on CUDA reads the batch sizes of
-all ranks back to the host in every layer. A compiled function would have to be compiled per layer
-shape (minutes on a ResNet-50) and break at the collective. So the statistics use
-``torch.var_mean`` (one Welford pass, float32 even for bf16 inputs), the normalisation is one fused
-multiply-add over the whole 2B batch, and the backward's reductions use ``native_batch_norm_backward``
-(CPU and CUDA kernels), all with per-(view, channel) coefficients and no host synchronisation: the
-only host read is of the global count when a rank holds fewer than 2 values per channel.
-Statistics are float32 (or float64) whatever the input dtype (bf16 autocast). A rank may hold fewer
-images than the others, or none; DDP then averages parameter gradients as usual.
+supported with one code path that the CPU tests check; ``torch.nn.SyncBatchNorm`` itself refuses CPU
+tensors and on CUDA reads the batch sizes of all ranks back to the host in every layer. A compiled
+function would compile once per layer shape and dtype (minutes for a ResNet-50 on a CPU) and is left
+to ``compile: true``. So the local statistics are one ``torch.var_mean`` (one Welford pass over both
+views; on a float32 copy of bf16 inputs), the normalisation one fused multiply-add over the whole 2B batch
+with per-(view, channel) coefficients, and the backward's per-view sums come from torch's fused
+``native_batch_norm_backward`` (CPU and CUDA kernels), with no host synchronisation: the only host
+read is of the global count when a rank holds fewer than 2 values per channel. ``momentum=None``
+(a cumulative average) reads ``num_batches_tracked`` as ``nn.BatchNorm`` does; the default momentum
+reads nothing. A rank may hold fewer images than the others, or none; DDP then averages parameter
+gradients as usual (each rank returns its own sums for the scale and bias).
 """
 from __future__ import annotations
 
@@ -186,7 +190,10 @@ class _SynchronisedBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, eps, factors, views):
         channels = input.shape[1]
-        x = input.reshape(views, input.shape[0] // views, channels, math.prod(input.shape[2:]))
+        shape = (views, input.shape[0] // views, channels, math.prod(input.shape[2:]))
+        if not _dense(input):                    # neither contiguous nor channels-last: rare
+            input = input.contiguous()
+        x = input.view(shape)
         count = x.shape[1] * x.shape[3]          # per view on this rank: a host number (shapes)
         precise = x if x.dtype in (torch.float32, torch.float64) else x.float()
         shift = None if running_mean is None else _as(running_mean, precise.dtype)
@@ -210,7 +217,9 @@ class _SynchronisedBatchNorm(torch.autograd.Function):
         scale = invstd if weight is None else invstd * weight
         offset = (torch.addcmul(bias, mean, scale, value=-1) if bias is not None
                   else torch.mul(mean, scale).neg_())
-        out = torch.addcmul(offset.view(views, 1, channels, 1), x, scale.view(views, 1, channels, 1))
+        # A fresh output (not a view: layers after it may work in place), in the input's layout and dtype.
+        out = torch.empty_like(input)
+        torch.addcmul(offset.view(views, 1, channels, 1), x, scale.view(views, 1, channels, 1), out=out.view(shape))
         if running_mean is not None:             # once per view, in view order, as separate passes
             unbiased = var.mul_(total).div_(total - 1).unbind()
             for view_mean, view_var, factor in zip(mean.unbind(), unbiased, factors):
@@ -219,7 +228,7 @@ class _SynchronisedBatchNorm(torch.autograd.Function):
         ctx.save_for_backward(x, scale, total, mean, invstd)
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.input_shape = input.shape
-        return _as(out.view(input.shape), input.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -249,6 +258,13 @@ class _SynchronisedBatchNorm(torch.autograd.Function):
         grad_weight = _as(local_weight, ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         grad_bias = _as(local_bias, ctx.weight_dtype) if ctx.needs_input_grad[2] else None
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    """Whether the batch can be viewed as ``(views, B, C, rest)``: contiguous or channels-last."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    layout = formats.get(tensor.dim())
+    return tensor.is_contiguous() or (layout is not None and tensor.is_contiguous(memory_format=layout))
 
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

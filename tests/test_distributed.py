@@ -53,7 +53,10 @@ def test_all_reduce_batch_norm_converts_and_equals_batch_norm_in_one_process():
 
 
 # Top-level aten ops of a synchronised batch-norm layer (forward + backward, views together) at most
-# this many times those of a plain nn.BatchNorm2d layer.
+# this many times those of a plain nn.BatchNorm2d layer (9). Measured: 58 (one view), 60 (two views),
+# was 107 per view; not the 2x asked in issue 16: without CPU kernels for torch's fused
+# synchronised-batch-norm primitives the statistics' small per-(view, channel) arithmetic is ~40
+# element-wise ops (runtime/sync_batchnorm.py says why).
 SYNC_OPS_BOUND = 7
 
 SYNC_BN_CHECK = textwrap.dedent("""
@@ -69,8 +72,9 @@ SYNC_BN_CHECK = textwrap.dedent("""
         return all_reduce(tensor, *args, **kwargs)
     dist.all_reduce = counted
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
-                              torch.nn.Linear(36, 5), torch.nn.BatchNorm1d(5, momentum=None)).double()
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(inplace=True),
+                              torch.nn.Flatten(), torch.nn.Linear(36, 5),
+                              torch.nn.BatchNorm1d(5, momentum=None)).double()
     with torch.no_grad():
         net[1].weight.uniform_(0.5, 1.5), net[1].bias.normal_(), net[5].running_mean.normal_()
     for views in (1, 2):
