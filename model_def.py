@@ -15,9 +15,17 @@ Run it locally (Determined's Trainer in local mode) or on a cluster (the experim
 """
 from __future__ import annotations
 
-import contextlib
-import itertools
 import sys
+
+from runtime import cli
+
+if __name__ == "__main__":  # the command line first: --help and usage errors answer before torch loads
+    cli.parse_model_def_args(sys.argv[1:])
+    cli.announce_imports("byol")
+
+import contextlib
+import functools
+import itertools
 import time
 from typing import Any, Callable, Dict, Iterator, Optional
 
@@ -42,6 +50,7 @@ from runtime import (
     performance,
     plots,
     preflight,
+    progress,
     replicas,
     stops,
     sync_batchnorm,
@@ -144,6 +153,7 @@ class TrialBase(pytorch.PyTorchTrial):
         self.last_checkpoint: Optional[str] = None
         self.last_checkpoint_path: Optional[str] = None  # chief: directory of the last complete checkpoint
         self._last_print = self._last_time = time.time()
+        self._time_left: Optional[progress.Remaining] = None  # from the first step this process trains
 
         torch.manual_seed(s.seed)  # identical initial weights on every rank
         encoder = backbones.build_backbone(s.backbone, s.backbone_weights)
@@ -195,6 +205,11 @@ class TrialBase(pytorch.PyTorchTrial):
         """The training loader's collate function (None: PyTorch's default)."""
         return None
 
+    def training_prepare(self) -> Optional[Callable]:
+        """What the training loader's prefetcher does to each batch on the device, one batch ahead
+        of the step (``loaders.prefetch_to_device``; None: only the copy)."""
+        return None
+
     # ----------------------------------------------------------------- helpers
     @property
     def synced_batch_norm(self) -> bool:
@@ -238,7 +253,8 @@ class TrialBase(pytorch.PyTorchTrial):
         # 0 again after a resume, and would otherwise train on to the next one past max_length.
         return loaders.LazyTrainingLoader(self.train_dataset,
                                           lambda: BatchesUntil(self._sampler(self.global_step), self.total_steps),
-                                          self.settings.data.num_workers, self.device, self.training_collate())
+                                          self.settings.data.num_workers, self.device, self.training_collate(),
+                                          self.training_prepare())
 
     def build_validation_data_loader(self):
         return self.evaluation.data_loader()
@@ -316,11 +332,13 @@ class TrialBase(pytorch.PyTorchTrial):
         now = time.time()
         rate = self.global_batch_size / max(now - self._last_time, 1e-9)
         self._last_time = now
+        if self._time_left is None:
+            self._time_left = progress.Remaining(self.total_steps, self.global_step)
         if self.rank == 0 and (now - self._last_print > 5 or self.global_step in (1, self.total_steps)):
             self._last_print = now
             print(f"[train] step {self.global_step}/{self.total_steps} "
                   f"(epoch {self.global_step / self.steps_per_epoch:.2f}) loss {loss.item():.4f} "
-                  f"{rate:.0f} images/s", flush=True)
+                  f"{rate:.0f} images/s, {self._time_left.text(self.global_step)}", flush=True)
         return rate
 
     # ----------------------------------------------------------------- validation (linear_eval.py)
@@ -375,15 +393,19 @@ class BYOLTrial(TrialBase):
         return {"learner": self.learner, "heads": self.heads}
 
     def training_collate(self) -> Optional[Callable]:
-        # data.decode: device: the workers deliver JPEG bytes, decoded in step_loss (jpeg_decode.py)
+        # data.decode: device: the workers deliver JPEG bytes (jpeg_decode.py) ...
         return jpeg_decode.collate_encoded if self.settings.data.decode == "device" else None
+
+    def training_prepare(self) -> Optional[Callable]:
+        # ... decoded and cropped by the prefetcher, a batch ahead, on a side CUDA stream: step_loss
+        # receives uint8 views already on the device.
+        if self.settings.data.decode != "device":
+            return None
+        return functools.partial(jpeg_decode.decode_batch, image_size=self.settings.image_size, device=self.device)
 
     def step_loss(self, batch: Any, step: int) -> tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]:
         s = self.settings
-        views, labels = batch
-        if isinstance(views, jpeg_decode.EncodedBatch):  # data.decode: device (jpeg_decode.py)
-            views = views.decode(s.image_size, self.device)
-        view1, view2 = views
+        (view1, view2), labels = batch  # data.decode: device: decoded by the prefetcher (training_prepare)
         lr = optim.apply_schedule(self.optimizer, step, self.total_steps, round(s.warmup_epochs * self.steps_per_epoch))
         view1 = self.augment_global(self.augment1, self.to_device(view1), SeedStream.VIEW1)
         view2 = self.augment_global(self.augment2, self.to_device(view2), SeedStream.VIEW2)
