@@ -17,12 +17,21 @@ encoder and projector only, with weights xi an exponential moving average of the
 theta, never trained by gradient. The loss (eq. 2) is the mean squared error of the l2-normalised
 prediction and target projection, 2 - 2 cos(q(z1), sg(z'2)), symmetrised over the two views (eq. 4).
 
-As in the authors' reference code, each view goes through the networks on its own, so batch-norm
-statistics are per view, also with synchronised batch norm (then over that view of the global
-batch; ``tests/test_byol.py`` shows the statistics are per view); the projector's and
-predictor's output layers have no bias (appendix A); and an optional online linear classifier on the
-stopped-gradient representation sg(y) of the first view reports representation quality during
-pretraining at little cost (``num_classes``; its loss is returned separately and trains only it).
+Batch-norm statistics are per view, as in the authors' reference code, where each view goes
+through the networks on its own: here both views go through each network as ONE batch of 2B (one
+pass of the online network, one of the target; convolutions see 2B images at once), and every
+batch-norm layer normalises each view with that view's statistics. ``BYOL(net)`` makes the
+``nn.BatchNorm*d`` layers of ``net`` per-view capable in place (same modules, parameters and
+state_dict; ``runtime.sync_batchnorm.per_view_batch_norm``) and ``forward`` groups the batch by view
+only for its own two-view pass (``view_groups(2)``), so the loss, every gradient and the running
+statistics (updated once per view, view 1 then view 2) are those of separate passes, to float
+rounding; elsewhere (evaluation mode, ``return_embedding``, linear evaluation) the layers are plain
+batch norm. With synchronised batch norm each view's statistics span that view of the global batch
+(``runtime/sync_batchnorm.py``; ``tests/test_byol.py`` compares with separate passes). The
+projector's and predictor's output layers have no bias (appendix A); and an optional online linear
+classifier on the stopped-gradient representation sg(y) of the first view reports representation
+quality during pretraining at little cost (``num_classes``; its loss is returned separately and
+trains only it).
 """
 from __future__ import annotations
 
@@ -36,6 +45,7 @@ from torch import nn
 from augment import TwoViewAugmentation
 from backbone import check_initialisation, initialise_
 from optim import cosine_schedule, same_device_and_dtype
+from runtime.sync_batchnorm import per_view_batch_norm, view_groups
 
 
 def mlp(in_features: int, hidden_size: int, out_features: int, init: str = "reference") -> nn.Sequential:
@@ -195,6 +205,8 @@ class BYOL(nn.Module):
         # Built last, so that the networks above get the same initial weights with or without it.
         self.online_classifier = (initialise_(nn.Linear(feature_size, num_classes), init) if num_classes > 0
                                   else None)
+        # Both views in one pass with per-view batch-norm statistics (module docstring).
+        per_view_batch_norm(self)
 
     @torch.no_grad()
     def _probe_feature_size(self, channels: int, image_size: int) -> int:
@@ -240,18 +252,22 @@ class BYOL(nn.Module):
             return self.online_encoder(view1)
         if view2 is None:
             view1, view2 = self._augment(view1)
-        # Each view on its own: batch-norm statistics per view, as the reference.
-        y1, y2 = self.online_encoder(view1), self.online_encoder(view2)
-        p1 = self.online_predictor(self.online_projector(y1))
-        p2 = self.online_predictor(self.online_projector(y2))
-        with torch.no_grad():
-            t1 = self.target_projector(self.target_encoder(view1))
-            t2 = self.target_projector(self.target_encoder(view2))
+        if view1.shape != view2.shape:
+            raise ValueError(f"the two views must have the same shape, got {tuple(view1.shape)} and "
+                             f"{tuple(view2.shape)}")
+        # One pass of 2B per network; batch-norm statistics per view, as the reference's separate passes.
+        views = torch.cat([view1, view2])
+        with view_groups(2):
+            y = self.online_encoder(views)
+            p1, p2 = self.online_predictor(self.online_projector(y)).chunk(2)
+            with torch.no_grad():
+                t1, t2 = self.target_projector(self.target_encoder(views)).chunk(2)
         loss = (regression_loss(p1, t2) + regression_loss(p2, t1)).mean()
         if labels is None:
             return loss
         if self.online_classifier is None:
             raise ValueError("labels given, but this BYOL has no online classifier (num_classes=0)")
+        y1 = y[:view1.shape[0]]
         classifier_loss, accuracy = online_classifier_loss(self.online_classifier(y1.detach()), labels)
         return loss, classifier_loss, accuracy
 

@@ -1,7 +1,8 @@
 """The hot path's speed settings: mixed precision, memory format, compilation, threads.
 
 BYOL's step is two views forward and backward through the online network and two forward through
-the target (section 3.1), about 2.7 supervised steps per image, so a 1000-epoch run (section 3.3)
+the target (section 3.1; each network takes both views as one batch, ``byol.py``), about 2.7
+supervised steps per image, so a 1000-epoch run (section 3.3)
 pays for every factor of speed. None of this changes the method:
 
 * ``precision: bf16`` runs the forward passes under ``torch.autocast`` with bfloat16 (matrix
