@@ -22,7 +22,7 @@ through the networks on its own: here both views go through each network as ONE 
 pass of the online network, one of the target; convolutions see 2B images at once), and every
 batch-norm layer normalises each view with that view's statistics. ``BYOL(net)`` makes the
 ``nn.BatchNorm*d`` layers of ``net`` per-view capable in place (same modules, parameters and
-state_dict; ``runtime.sync_batchnorm.per_view_batch_norm``) and ``forward`` groups the batch by view
+state_dict; ``batchnorm.per_view_batch_norm``) and ``forward`` groups the batch by view
 only for its own two-view pass (``view_groups(2)``), so the loss, every gradient and the running
 statistics (updated once per view, view 1 then view 2) are those of separate passes, to float
 rounding; elsewhere (evaluation mode, ``return_embedding``, linear evaluation) the layers are plain
@@ -44,8 +44,8 @@ from torch import nn
 
 from augment import TwoViewAugmentation
 from backbone import check_initialisation, initialise_
+from batchnorm import per_view_batch_norm, view_groups
 from optim import cosine_schedule, same_device_and_dtype
-from runtime.sync_batchnorm import per_view_batch_norm, view_groups
 
 
 def mlp(in_features: int, hidden_size: int, out_features: int, init: str = "reference") -> nn.Sequential:

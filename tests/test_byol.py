@@ -447,8 +447,8 @@ def test_per_view_layer_costs_two_plain_layers_of_host_work():
     """A per-view layer on both views (one process) runs torch's batch-norm kernel once per view:
     forward + backward at most twice the top-level aten ops of a plain nn.BatchNorm2d layer (9 here:
     the layer's kernel, the batch counter and backward, plus the loss and gradient bookkeeping)."""
+    from batchnorm import per_view_batch_norm, view_groups
     from run_helpers import top_level_aten_ops
-    from runtime.sync_batchnorm import per_view_batch_norm, view_groups
 
     def ops(layer, views):
         x = torch.randn(8, 8, 5, 5, requires_grad=True)

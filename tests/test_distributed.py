@@ -62,7 +62,8 @@ SYNC_OPS_BOUND = 7
 SYNC_BN_CHECK = textwrap.dedent("""
     import copy, sys, torch, torch.distributed as dist
     sys.path.insert(0, {root!r})
-    from runtime.sync_batchnorm import convert_sync_batchnorm, view_groups
+    from batchnorm import view_groups
+    from runtime.sync_batchnorm import convert_sync_batchnorm
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     collectives = []
