@@ -83,11 +83,7 @@ def syncs_in(run) -> list:
     return [event.name for event in profile.events() if event.name in SYNCS] + reads.found
 
 
-def test_steps_between_checks_do_not_synchronise(trial_step, request):
-    if trial_step.kind == "paper views":  # strict: once it passes, the mark must go
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "augment.PhotometricAugment.plan calls nonzero on its CPU-side parameter draws (not a CUDA sync, "
-            "but a data-dependent size) until the mask-based augmentation of issue 16 item 3 lands")))
+def test_steps_between_checks_do_not_synchronise(trial_step):
     for _ in range(2):  # first steps: momentum buffers, LARS's trust-ratio buffers
         trial_step()
     trial = trial_step.trial
