@@ -207,7 +207,8 @@ def test_reducers_equal_over_one_and_two_processes(tmp_path, classifier_validati
                at_step(directory, 2), "--batches", "2", "--metrics-out", str(out),
                "--set", f"classifier_validation={str(classifier_validation).lower()}",
                "--set", "classifier={learning_rates: [0.4, 0.1], train_epochs: 1, batch_size: 64}"], nproc)
-        timings = ("wall_seconds", "training_seconds", "last_checkpoint")
+        # timings, and what names the run rather than measures it (its folder, its resolved settings)
+        timings = ("wall_seconds", "training_seconds", "last_checkpoint", "checkpoint_path", "config")
         results.append({k: v for k, v in metrics(str(out)).items() if k not in timings})
     one, two = results
     if classifier_validation:
