@@ -19,18 +19,25 @@ The work is split in two:
 * the geometric part (decode, crop, resize, flip) runs per image in data-loader workers and yields
   uint8 CHW tensors (:func:`geometric_transform`, :class:`TwoViewTransform`);
 * the photometric part (jitter, grayscale, blur, solarize, then normalisation) runs batched on the
-  training device with independent random parameters per sample (:class:`PhotometricAugment`);
-  every op is also callable on its own with one parameter per sample (``adjust_brightness(images,
-  delta)``, ``adjust_contrast``, ``adjust_saturation``, ``adjust_hue``, ``gaussian_blur(images,
-  kernel_size, sigma)``: images [B, 3, H, W] in [0, 1], parameters [B]).
+  training device with independent random parameters per sample (:class:`PhotometricAugment`;
+  both views as one batch: :class:`PhotometricViews`). It is one static program, as the reference
+  runs its conditional ops under ``vmap``: per-sample decisions are neutral parameters and masks,
+  never a data-dependent shape or a host read, so the ops are the same for any batch and any
+  draws (143 top-level aten ops for both views, draws included: ``tests/test_augment.py``) and
+  ``torch.compile`` captures it whole. Every op is also callable on its own with one parameter
+  per sample (``adjust_brightness(images, delta)``, ``adjust_contrast``, ``adjust_saturation``,
+  ``adjust_hue``, ``gaussian_blur(images, kernel_size, sigma)``: images [B, 3, H, W] in [0, 1],
+  parameters [B]), with the same arithmetic as inside the batch.
 
 Randomness: the geometric part uses the torch RNG of the worker, the photometric part the global
-CPU torch RNG, drawing a fixed number of values per batch.
+CPU torch RNG, drawing a fixed number of values per batch (13 per sample, in one ``torch.rand``).
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import types
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
@@ -228,28 +235,53 @@ def crop_flip_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor
 
 # ----------------------------------------------- batched photometric ops on float images in [0, 1]
 # Each op takes images [B, 3, H, W] in [0, 1] and one parameter per sample ([B] tensor), and clips
-# its result to [0, 1], as the reference does after every colour op.
+# its result to [0, 1], as the reference does after every colour op. Each is written as the stage of
+# the batched pipeline that runs it (:func:`_rgb_stage`, :func:`_hsv_stage`, ...), so that one
+# sample alone and the same sample in a batch get the same arithmetic.
+_TINY = torch.finfo(torch.float32).tiny
+_HUE_CHANNEL_OFFSETS = (5.0, 3.0, 1.0)  # n' of hsv_to_rgb for (R, G, B)
+
+
 def _per_sample(values: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return values.to(device=images.device, dtype=images.dtype).reshape(-1, 1, 1, 1)
 
 
+def _constant(values, images: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, device=images.device, dtype=images.dtype)
+
+
+def _mix_channels(matrix: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """[D, 3] x [B, 3, H, W] -> [B, D, H, W]: each output channel a weighted sum of the input's
+    (one matrix product, no [B, 3, H, W] temporaries)."""
+    return torch.einsum("dc,nchw->ndhw", matrix, images)
+
+
 def rgb_to_grayscale(images: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] -> [B, 3, H, W]: luma 0.2989 R + 0.5870 G + 0.1140 B on all three channels."""
-    red, green, blue = images.unbind(dim=1)
-    luma = _GRAY_WEIGHTS[0] * red + _GRAY_WEIGHTS[1] * green + _GRAY_WEIGHTS[2] * blue
-    return luma.unsqueeze(1).expand_as(images)
+    return _mix_channels(_constant([_GRAY_WEIGHTS], images), images).expand_as(images)
+
+
+def _rgb_stage(images: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mean_weight: torch.Tensor,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``clip(x * scale + shift + mean_c * mean_weight)`` with ``mean_c`` each channel's mean over
+    the image and one value of each parameter per sample ([B, 1, 1, 1]): brightness is
+    ``(1, delta, 0)``, contrast ``(factor, 0, 1 - factor)``, nothing ``(1, 0, 0)`` (exactly x).
+    ``out=images`` works in place (the pipeline's own buffer)."""
+    offset = torch.addcmul(shift, images.mean(dim=(-2, -1), keepdim=True), mean_weight)
+    return torch.addcmul(offset, images, scale, out=out).clamp_(0.0, 1.0)
 
 
 def adjust_brightness(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """Appendix B, "shifted by a uniformly random offset": ``x + delta`` (delta [B]), clipped."""
-    return (images + _per_sample(delta, images)).clamp(0.0, 1.0)
+    delta = _per_sample(delta, images)
+    return _rgb_stage(images, torch.ones_like(delta), delta, torch.zeros_like(delta))
 
 
 def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """``(x - mean_c) * factor + mean_c`` with ``mean_c`` each channel's mean over the image
-    (factor [B]), clipped."""
-    mean = images.mean(dim=(-2, -1), keepdim=True)
-    return ((images - mean) * _per_sample(factor, images) + mean).clamp(0.0, 1.0)
+    (factor [B]), clipped (computed as ``x * factor + mean_c * (1 - factor)``)."""
+    factor = _per_sample(factor, images)
+    return _rgb_stage(images, factor, torch.zeros_like(factor), 1.0 - factor)
 
 
 def rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
@@ -274,30 +306,61 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     hue, saturation, value = hsv.unbind(dim=1)
     chroma = value * saturation
     channels = []
-    for offset in (5.0, 3.0, 1.0):
+    for offset in _HUE_CHANNEL_OFFSETS:
         k = (6.0 * hue + offset).remainder(6.0)
         channels.append(value - chroma * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
     return torch.stack(channels, dim=1)
 
 
+def _hsv_stage(images: torch.Tensor, saturation_factor: torch.Tensor, hue_shifts: torch.Tensor,
+               constants: "_Constants") -> torch.Tensor:
+    """Saturation or hue: one RGB-HSV-RGB round trip without building the HSV image. With value
+    v = max, chroma c = max - min and the hue in sextants (6 h, from the channel that holds the
+    max), saturation ``s -> min(s * factor, 1)`` is ``c -> min(c * factor, v)``, and the hue shift
+    enters ``k`` of :func:`hsv_to_rgb` directly. ``saturation_factor`` [B, 1, 1, 1]; ``hue_shifts``
+    [B, 3, 1, 1] = ``6 delta + (5, 3, 1)`` (:func:`_hue_shifts`); ``constants``: its
+    ``channel_differences`` and ``sextant_offsets`` (:class:`_Constants`). Neutral values (1, no
+    delta) give back x up to float rounding. The result is
+    ``v - c' w`` with c' <= v and w in [0, 1]: already in [0, 1], no clip needed."""
+    value, channel_of_max = images.max(dim=1, keepdim=True)  # the first channel on ties: R, G, B
+    spread = value - images.amin(dim=1, keepdim=True)
+    # (G - B, B - R, R - G), exact (products by 0 and +-1); a contiguous buffer, reused below
+    work = torch.matmul(constants.channel_differences, images.flatten(2)).view_as(images)
+    # sextant: (G - B) / c, (B - R) / c + 2 or (R - G) / c + 4 by the max channel; 0 where c = 0
+    sextant = torch.addcdiv(constants.sextant_offsets, work, spread.clamp_min(_TINY), out=work)
+    sextant = sextant.gather(1, channel_of_max)
+    k = torch.add(sextant, hue_shifts, out=work).remainder_(6.0)  # one buffer reused: few big allocations
+    k = torch.minimum(k, 4.0 - k, out=k).clamp_(0.0, 1.0)
+    chroma = torch.minimum(spread * saturation_factor, value)
+    return torch.addcmul(value, chroma, k, value=-1.0, out=k)
+
+
+_CHANNEL_DIFFERENCES = ((0.0, 1.0, -1.0), (-1.0, 0.0, 1.0), (1.0, -1.0, 0.0))  # (G - B, B - R, R - G)
+_SEXTANT_OFFSETS = (0.0, 2.0, 4.0)
+
+
+def _hsv_constants(images: torch.Tensor) -> types.SimpleNamespace:
+    return types.SimpleNamespace(channel_differences=_constant(_CHANNEL_DIFFERENCES, images),
+                                 sextant_offsets=_constant(_SEXTANT_OFFSETS, images).view(1, 3, 1, 1))
+
+
+def _hue_shifts(delta: torch.Tensor) -> torch.Tensor:
+    """[B] hue deltas (turns) -> [B, 3] shifts of k for (R, G, B): ``6 delta + (5, 3, 1)``."""
+    return delta.reshape(-1, 1) * 6.0 + delta.new_tensor(_HUE_CHANNEL_OFFSETS)
+
+
 def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """HSV ``s -> clip(s * factor, 0, 1)`` (factor [B]): one RGB-HSV round trip, clipped."""
-    hue, saturation, value = rgb_to_hsv(images).unbind(dim=1)
-    saturation = (saturation * _per_sample(factor, images)[:, 0]).clamp(0.0, 1.0)
-    return hsv_to_rgb(torch.stack((hue, saturation, value), dim=1)).clamp(0.0, 1.0)
+    """HSV ``s -> clip(s * factor, 0, 1)`` (factor [B]), hue and value kept."""
+    factor = _per_sample(factor, images)
+    shifts = _hue_shifts(torch.zeros_like(factor)).view(-1, 3, 1, 1)
+    return _hsv_stage(images, factor, shifts, _hsv_constants(images))
 
 
 def adjust_hue(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """HSV ``h -> (h + delta) mod 1`` (delta [B] in turns): one RGB-HSV round trip, clipped."""
-    hue, saturation, value = rgb_to_hsv(images).unbind(dim=1)
-    hue = (hue + _per_sample(delta, images)[:, 0]).remainder(1.0)
-    return hsv_to_rgb(torch.stack((hue, saturation, value), dim=1)).clamp(0.0, 1.0)
-
-
-# Column j of the jitter parameters belongs to op j; the reference numbers them the same way
-# (0 brightness, 1 contrast, 2 saturation, 3 hue).
-_JITTER_NAMES = ("brightness", "contrast", "saturation", "hue")
-_JITTER_OPS = dict(zip(_JITTER_NAMES, (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)))
+    """HSV ``h -> (h + delta) mod 1`` (delta [B] in turns), saturation and value kept."""
+    delta = delta.to(device=images.device, dtype=images.dtype)
+    factor = torch.ones_like(_per_sample(delta, images))
+    return _hsv_stage(images, factor, _hue_shifts(delta).view(-1, 3, 1, 1), _hsv_constants(images))
 
 
 def blur_kernel_size(image_size: int) -> int:
@@ -306,21 +369,50 @@ def blur_kernel_size(image_size: int) -> int:
     return 2 * int(image_size / 10 / 2) + 1
 
 
+def _negative_half_squares(kernel_size: int) -> torch.Tensor:
+    """``-t^2 / 2`` for the taps t = -half..half of a kernel (float32, CPU)."""
+    half = kernel_size // 2
+    return -torch.arange(-half, half + 1, dtype=torch.float32).square() / 2.0
+
+
+def _blur_kernels(sigma: torch.Tensor, negative_half_squares: torch.Tensor) -> torch.Tensor:
+    """[B] sigmas -> [B, taps + 1]: normalised Gaussian kernels ``exp(-t^2 / (2 sigma^2))``, then a
+    0 (what :func:`band_indices` points at outside the band)."""
+    kernel = torch.exp(negative_half_squares / sigma.reshape(-1, 1).square())
+    return F.pad(kernel / kernel.sum(dim=1, keepdim=True), (0, 1))
+
+
+def band_indices(size: int, taps: int) -> torch.Tensor:
+    """[1, size, size] int64: entry (a, b) is the tap ``b - a + taps // 2`` of a kernel where
+    ``|b - a| <= taps // 2``, else ``taps`` (a zero): indexing a [B, taps + 1] kernel table with it
+    gives each sample's banded (Toeplitz) convolution matrix, zero padding included."""
+    half = taps // 2
+    offsets = torch.arange(size).view(1, -1) - torch.arange(size).view(-1, 1) + half
+    return torch.where((offsets >= 0) & (offsets < taps), offsets, taps).unsqueeze(0)
+
+
+def _separable_blur(images: torch.Tensor, kernels: torch.Tensor, band: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Zero-padded separable convolution with one symmetric kernel per sample (``kernels`` [B, taps
+    + 1], :func:`_blur_kernels`), as two batched products with each sample's banded matrix K
+    (``K @ x @ K``: rows, then columns): matrix products run at full speed on any device, where a
+    convolution with a different kernel per sample is a slow grouped one. ``band``: the
+    :func:`band_indices` of square images of this size (built here otherwise)."""
+    height, width = images.shape[-2:]
+    taps = kernels.shape[1] - 1
+    if band is None or band.shape[-1] != width:
+        band = band_indices(width, taps).to(kernels.device)
+    across = kernels[:, band]  # [B, 1, W, W]
+    down = across if height == width else kernels[:, band_indices(height, taps).to(kernels.device)]
+    return down @ (images @ across)
+
+
 def gaussian_blur(images: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
     """Separable Gaussian blur with a per-sample ``sigma`` [B] and **zero padding** (the reference's
-    'SAME' convolution: borders darken): one depthwise convolution per axis over all B*C channels."""
-    batch, channels, height, width = images.shape
+    'SAME' convolution: borders darken): two batched matrix products (:func:`_separable_blur`)."""
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"blur kernel_size must be a positive odd number of taps, got {kernel_size}")
-    half = kernel_size // 2
-    offsets = torch.arange(-half, half + 1, device=images.device, dtype=images.dtype)
-    kernel = torch.exp(-offsets.square() / (2.0 * sigma.to(images.device, images.dtype).view(-1, 1).square()))
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).unsqueeze(1).expand(batch, channels, kernel_size)
-    kernel = kernel.reshape(batch * channels, kernel_size)  # one kernel per (sample, channel)
-    flat = images.reshape(1, batch * channels, height, width)
-    flat = F.conv2d(flat, kernel.view(-1, 1, 1, kernel_size), padding=(0, half), groups=batch * channels)
-    flat = F.conv2d(flat, kernel.view(-1, 1, kernel_size, 1), padding=(half, 0), groups=batch * channels)
-    return flat.view(batch, channels, height, width)
+    kernels = _blur_kernels(sigma.to(images.dtype), _negative_half_squares(kernel_size).to(sigma.device, images.dtype))
+    return _separable_blur(images, kernels.to(images.device))
 
 
 def solarize(images: torch.Tensor) -> torch.Tensor:
@@ -356,19 +448,150 @@ class Normalize(nn.Module):
         return self.normalize_float(images.float() / 255.0)
 
 
+# ------------------------------------------------------- the batched pipeline: one static program
+# The colour jitter applies brightness (0), contrast (1), saturation (2) and hue (3) in a random
+# order per sample. Brightness and contrast are RGB affine maps ("rgb" stages), saturation and hue
+# HSV round trips ("hsv" stages). Every order of the four, with any of them switched off, is a
+# subsequence of this fixed schedule (the cheapest such schedule: two round trips, six affine maps;
+# checked when a module is built); a stage that a sample's order leaves out gets neutral
+# parameters (rgb: exactly x) or keeps the sample by a mask (hsv), so every sample goes through the
+# same ops, with the same arithmetic as the op applied alone, and the number of ops depends neither
+# on the batch nor on the draws.
+_SCHEDULE = ("rgb", "rgb", "hsv", "rgb", "rgb", "hsv", "rgb", "rgb")
+_JITTER_KIND = ("rgb", "rgb", "hsv", "hsv")
+_JITTER_NAMES = ("brightness", "contrast", "saturation", "hue")
+_STAGE_WIDTHS = {"rgb": (1, 1, 1), "hsv": (1, 3)}  # rgb: scale, shift, mean weight; hsv: factor, 3 shifts
+_ORDER_CODE = torch.tensor([64, 16, 4, 1])  # a permutation (o0, o1, o2, o3) -> a code in [0, 256)
+_NO_JITTER = 255                              # not a permutation's code: all stages neutral
+# Per-sample candidate values (columns), from the [B, 4] jitter factors (brightness delta,
+# contrast, saturation, hue delta): candidate = factors[:, source] * scale + offset.
+_CANDIDATES = {  # name: (source column, scale, offset)
+    "one": (0, 0.0, 1.0), "zero": (0, 0.0, 0.0), "brightness": (0, 1.0, 0.0), "contrast": (1, 1.0, 0.0),
+    "one_minus_contrast": (1, -1.0, 1.0), "saturation": (2, 1.0, 0.0),
+    **{f"hue{n}": (3, 6.0, offset) for n, offset in enumerate(_HUE_CHANNEL_OFFSETS)},
+    **{f"no_hue{n}": (0, 0.0, offset) for n, offset in enumerate(_HUE_CHANNEL_OFFSETS)},
+}
+_CANDIDATE_INDEX = {name: index for index, name in enumerate(_CANDIDATES)}
+_CANDIDATE_SOURCE = torch.tensor([source for source, _, _ in _CANDIDATES.values()])
+_CANDIDATE_SCALE = torch.tensor([scale for _, scale, _ in _CANDIDATES.values()])
+_CANDIDATE_OFFSET = torch.tensor([offset for _, _, offset in _CANDIDATES.values()])
+_NEUTRAL_SLOTS = {"rgb": ("one", "zero", "zero"), "hsv": ("one", "no_hue0", "no_hue1", "no_hue2")}
+_FLAGS = ("hsv_stage0", "hsv_stage1", "grayscale", "blur", "solarize")  # the bool columns
+# sample_parameters draws 13 x B uniforms: rows 0-4 jitter coin and the four factors, 5-8 the order
+# (B x 4), 9-12 grayscale coin, blur coin, blur sigma and solarize coin.
+_UNIFORM_ROWS = torch.tensor([0, 1, 2, 3, 4, 9, 10, 11, 12])  # all but the order's
+_COIN_ROWS = torch.tensor([0, 5, 6, 8])                      # of those: jitter, grayscale, blur, solarize
+
+
+def _jitter_stages(order: Sequence[int], enabled: Sequence[bool]) -> dict:
+    """``{op: stage}`` for one order: each enabled op in the first stage of its kind after the
+    previous op's (disabled ops are the identity and left out). Raises ValueError if the order
+    does not fit the schedule."""
+    stages, next_stage = {}, 0
+    for op in order:
+        if enabled[op]:
+            stages[op] = _SCHEDULE.index(_JITTER_KIND[op], next_stage)
+            next_stage = stages[op] + 1
+    return stages
+
+
+@dataclass(frozen=True)
+class _Program:
+    """The static part of the pipeline: which stages run (``jitter``: one flag per schedule stage),
+    the blur taps (0: no blur) and the layout of the packed per-sample floats."""
+
+    jitter: Tuple[bool, ...]
+    grayscale: bool
+    blur_taps: int
+    solarize: bool
+
+    def union(self, other: "_Program") -> "_Program":
+        if self.blur_taps and other.blur_taps and self.blur_taps != other.blur_taps:
+            raise ValueError(f"views with different blur kernels ({self.blur_taps} and {other.blur_taps} taps) "
+                             f"cannot share one pipeline: give them the same image_size")
+        return _Program(tuple(a or b for a, b in zip(self.jitter, other.jitter)), self.grayscale or other.grayscale,
+                        self.blur_taps or other.blur_taps, self.solarize or other.solarize)
+
+    @property
+    def split_sizes(self) -> list:
+        sizes = [width for kind in _SCHEDULE for width in _STAGE_WIDTHS[kind]]
+        return sizes + ([self.blur_taps + 1] if self.blur_taps else [])
+
+
+def _run_program(program: _Program, images: torch.Tensor, floats: torch.Tensor, flags: torch.Tensor,
+                 constants: "_Constants") -> torch.Tensor:
+    """The device part: uint8 images [N, 3, H, W], packed per-sample floats [N, K, 1, 1] and flags
+    [N, 5, 1, 1] (:meth:`PhotometricAugment.encode`, :func:`_pack`) -> normalised float32 images.
+    Straight-line code: no data-dependent shapes, no host reads, the same ops for any N and draws.
+    The image buffer is written in place wherever the result replaces it (a 2 x 32 x 224 x 224
+    float batch is 38 MB: fresh allocations of that size cost more than the arithmetic on a CPU)."""
+    x = images / 255.0
+    values = iter(floats.split(program.split_sizes, dim=1))
+    hsv_stage0, hsv_stage1, grayscale, blur, solarize_mask = flags.split(1, dim=1)
+    hsv_masks = iter((hsv_stage0, hsv_stage1))
+    for kind, used in zip(_SCHEDULE, program.jitter):
+        stage_values = [next(values) for _ in _STAGE_WIDTHS[kind]]
+        mask = next(hsv_masks) if kind == "hsv" else None
+        if not used:
+            continue
+        if kind == "rgb":
+            _rgb_stage(x, *stage_values, out=x)
+        else:
+            torch.where(mask, _hsv_stage(x, *stage_values, constants), x, out=x)
+    if program.grayscale:
+        torch.where(grayscale, _mix_channels(constants.gray_weights, x), x, out=x)
+    if program.blur_taps:
+        kernels = next(values).flatten(1)
+        torch.where(blur, _separable_blur(x, kernels, constants.band), x, out=x)
+    if program.solarize:  # solarize(x) for the samples that take it
+        torch.where(solarize_mask & (x >= _SOLARIZE_THRESHOLD), 1.0 - x, x, out=x)
+    return torch.sub(x, constants.mean, out=x).div_(constants.std)
+
+
+class _Constants(nn.Module):
+    """The pipeline's constant tensors, as buffers (they follow the module to the device)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], image_size: int, blur_taps: int):
+        super().__init__()
+        for name, values in (("mean", mean), ("std", std), ("sextant_offsets", _SEXTANT_OFFSETS)):
+            self.register_buffer(name, torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("gray_weights", torch.tensor([_GRAY_WEIGHTS]), persistent=False)
+        self.register_buffer("channel_differences", torch.tensor(_CHANNEL_DIFFERENCES), persistent=False)
+        self.register_buffer("band", band_indices(image_size, blur_taps) if blur_taps else None, persistent=False)
+
+
+def _pack(program: _Program, slots: torch.Tensor, flags: torch.Tensor, sigma: torch.Tensor,
+          negative_half_squares: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Host: the stage slots [N, 26], the blur kernels from ``sigma`` and the flags [N, 5], shaped
+    [N, K, 1, 1] to broadcast over images."""
+    if program.blur_taps:
+        slots = torch.cat([slots, _blur_kernels(sigma, negative_half_squares)], dim=1)
+    return slots.view(*slots.shape, 1, 1), flags.view(*flags.shape, 1, 1)
+
+
+def _to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list:
+    """CPU tensors to ``device`` without blocking the host (pinned memory on CUDA)."""
+    if device.type == "cpu":
+        return list(tensors)
+    if device.type == "cuda":
+        tensors = [t.pin_memory() for t in tensors]
+    return [t.to(device, non_blocking=True) for t in tensors]
+
+
 class PhotometricAugment(nn.Module):
     """Batched, on the training device: colour jitter (p ``jitter_p``: brightness, contrast,
     saturation and hue in a random order per sample, each followed by a clip), grayscale, Gaussian
     blur, solarize (in the order of appendix B), then normalisation with the dataset mean/std.
 
-    Each sample's work is done once. The random parameters are drawn on the CPU (from the global
-    CPU torch RNG, which the trial seeds with seed and global step), so which samples take which
-    op is known on the host without asking the device: at each of the four jitter positions, for
-    each op, the samples whose order puts that op there are gathered (``index_select``), changed
-    and scattered back (``index_copy``); grayscale, blur and solarize likewise touch only their
-    samples, and an RGB-HSV round trip is made only for a sample's saturation and hue steps. All
-    indices and per-sample values travel to the device in two copies per batch (pinned,
-    non-blocking on CUDA), so the device is never synchronised with the host.
+    Static shapes, as the reference computes its conditional ops under ``vmap`` (a select): every
+    sample goes through the same fixed program (the jitter schedule above, then grayscale, blur and
+    solarize), with neutral parameters or a mask where its draws skip an op. The random parameters
+    are drawn on the CPU (from the global CPU torch RNG, which the trial seeds with seed and global
+    step); :meth:`encode` turns them on the host into per-sample stage parameters and flags (table
+    look-ups, no per-sample Python), which travel to the device in two copies per batch (pinned,
+    non-blocking on CUDA). The device never waits for the host, the ops are the same for any batch
+    and any draws, and ``torch.compile`` sees one static graph. :class:`PhotometricViews` runs
+    several views (T and T') as one batch.
     """
 
     def __init__(self, view: ViewAugmentation, mean: Sequence[float], std: Sequence[float], image_size: int):
@@ -376,31 +599,64 @@ class PhotometricAugment(nn.Module):
         self.view = view
         self.kernel_size = blur_kernel_size(image_size)
         self.normalize = Normalize(mean, std)
+        # Host-side constants (plain attributes: they stay on the CPU when the module moves).
+        self._negative_half_squares = _negative_half_squares(self.kernel_size)
+        self._slot_table, self._hsv_mask_table, used = self._jitter_tables(view)
+        blur_taps = self.kernel_size if view.blur_p > 0 and self.kernel_size > 1 else 0  # 1 tap: the identity
+        self.program = _Program(used, view.grayscale_p > 0, blur_taps, view.solarize_p > 0)
+        self.constants = _Constants(mean, std, image_size, self.kernel_size)
+        ranges = [(0.0, 1.0), (-view.brightness, view.brightness),
+                  (max(0.0, 1.0 - view.contrast), 1.0 + view.contrast),
+                  (max(0.0, 1.0 - view.saturation), 1.0 + view.saturation), (-view.hue, view.hue),
+                  (0.0, 1.0), (0.0, 1.0), view.blur_sigma, (0.0, 1.0)]
+        # Each row as ``low + (high - low) * u`` in float32 (the coins' rows: u itself).
+        self._draw_scale = torch.tensor([high - low for low, high in ranges]).view(-1, 1)
+        self._draw_low = torch.tensor([low for low, _ in ranges]).view(-1, 1)
+        self._coin_p = torch.tensor([view.jitter_p, view.grayscale_p, view.blur_p, view.solarize_p]).view(-1, 1)
+
+    @staticmethod
+    def _jitter_tables(view: ViewAugmentation) -> Tuple[torch.Tensor, torch.Tensor, Tuple[bool, ...]]:
+        """For each order code: the candidate column of every stage slot [256, 26], the hsv-stage
+        masks [256, 2], and which stages any order uses. An op of zero strength is the identity and
+        is left out (as the reference)."""
+        enabled = [view.jitter_p > 0 and strength > 0
+                   for strength in (view.brightness, view.contrast, view.saturation, view.hue)]
+        starts = list(itertools.accumulate((len(_NEUTRAL_SLOTS[kind]) for kind in _SCHEDULE), initial=0))
+        hsv_stages = [stage for stage, kind in enumerate(_SCHEDULE) if kind == "hsv"]
+        neutral = [_CANDIDATE_INDEX[name] for kind in _SCHEDULE for name in _NEUTRAL_SLOTS[kind]]
+        slots = torch.tensor(neutral).repeat(256, 1)
+        masks = torch.zeros(256, len(hsv_stages), dtype=torch.bool)
+        used = [False] * len(_SCHEDULE)
+        # slot offsets within a stage and candidate columns of each op
+        op_slots = {0: {1: "brightness"}, 1: {0: "contrast", 2: "one_minus_contrast"}, 2: {0: "saturation"},
+                    3: {1 + n: f"hue{n}" for n in range(3)}}
+        for order in itertools.permutations(range(4)):
+            code = sum(op * weight for op, weight in zip(order, _ORDER_CODE.tolist()))
+            for op, stage in _jitter_stages(order, enabled).items():
+                used[stage] = True
+                for offset, name in op_slots[op].items():
+                    slots[code, starts[stage] + offset] = _CANDIDATE_INDEX[name]
+                if _SCHEDULE[stage] == "hsv":
+                    masks[code, hsv_stages.index(stage)] = True
+        return slots, masks, tuple(used)
 
     def sample_parameters(self, batch: int) -> dict:
         """All random draws for ``batch`` samples (a fixed number, whatever the settings or the data),
-        from the global CPU torch RNG; CPU tensors, one row per sample."""
-        view = self.view
-
-        def uniform(low: float, high: float) -> torch.Tensor:
-            return low + (high - low) * torch.rand(batch)
-
-        def coin(p: float) -> torch.Tensor:
-            return torch.rand(batch) < p
-
+        from the global CPU torch RNG; CPU tensors, one row per sample. One ``torch.rand`` of
+        13 x ``batch`` values, in this order: jitter coin, the four jitter factors, the order
+        (``batch`` x 4), grayscale coin, blur coin, blur sigma, solarize coin (the same values as
+        drawing each of them in turn)."""
+        draws = torch.rand(13, batch)
+        uniform = draws[_UNIFORM_ROWS] * self._draw_scale + self._draw_low
+        jitter, grayscale, blur, solarize_coin = (uniform[_COIN_ROWS] < self._coin_p).unbind(0)
         return {
-            "jitter": coin(view.jitter_p),
-            "factors": torch.stack([                         # columns in _JITTER_OPS order
-                uniform(-view.brightness, view.brightness),  # additive offset
-                uniform(max(0.0, 1.0 - view.contrast), 1.0 + view.contrast),
-                uniform(max(0.0, 1.0 - view.saturation), 1.0 + view.saturation),
-                uniform(-view.hue, view.hue),
-            ], dim=1),
-            "order": torch.rand(batch, 4).argsort(dim=1),
-            "grayscale": coin(view.grayscale_p),
-            "blur": coin(view.blur_p),
-            "sigma": uniform(*view.blur_sigma),
-            "solarize": coin(view.solarize_p),
+            "jitter": jitter,
+            "factors": uniform[1:5].t(),  # columns: brightness delta, contrast, saturation, hue delta
+            "order": draws[5:9].view(batch, 4).argsort(dim=1),
+            "grayscale": grayscale,
+            "blur": blur,
+            "sigma": uniform[7],
+            "solarize": solarize_coin,
         }
 
     @staticmethod
@@ -410,36 +666,15 @@ class PhotometricAugment(nn.Module):
             rows = rows.cpu()
         return {key: value[rows] for key, value in params.items()}
 
-    def plan(self, params: dict) -> list:
-        """``[(op name, sample indices, per-sample values or None)]`` in the order they apply, on the
-        CPU; groups that no sample takes, and ops configured off, are left out."""
-        view = self.view
-        steps = []
-        if view.jitter_p > 0:
-            strengths = (view.brightness, view.contrast, view.saturation, view.hue)
-            jitter, order, factors = params["jitter"].cpu(), params["order"].cpu(), params["factors"].cpu()
-            for position in range(4):
-                for op in range(4):
-                    if strengths[op] > 0:  # zero strength: the op is the identity (as the reference)
-                        rows = torch.nonzero(jitter & (order[:, position] == op)).flatten()
-                        steps.append((_JITTER_NAMES[op], rows, factors[rows, op]))
-        if view.grayscale_p > 0:
-            steps.append(("grayscale", torch.nonzero(params["grayscale"].cpu()).flatten(), None))
-        if view.blur_p > 0 and self.kernel_size > 1:  # a 1-tap kernel is the identity
-            rows = torch.nonzero(params["blur"].cpu()).flatten()
-            steps.append(("blur", rows, params["sigma"].cpu()[rows]))
-        if view.solarize_p > 0:
-            steps.append(("solarize", torch.nonzero(params["solarize"].cpu()).flatten(), None))
-        return [step for step in steps if len(step[1])]
-
-    def _run_step(self, name, images: torch.Tensor, values: Optional[torch.Tensor]) -> torch.Tensor:
-        if name == "grayscale":
-            return rgb_to_grayscale(images)
-        if name == "blur":
-            return gaussian_blur(images, self.kernel_size, values)
-        if name == "solarize":
-            return solarize(images)
-        return _JITTER_OPS[name](images, values)
+    def encode(self, params: dict) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Host: the draws (CPU tensors; ``order`` rows are permutations) -> per-sample stage slots
+        [B, 26] (the candidate value each stage parameter takes, by a table look-up of the sample's
+        order), flags [B, 5] (hsv stages taken, grayscale, blur, solarize) and blur sigmas [B]."""
+        codes = torch.where(params["jitter"], params["order"] @ _ORDER_CODE, _NO_JITTER)
+        candidates = params["factors"][:, _CANDIDATE_SOURCE] * _CANDIDATE_SCALE + _CANDIDATE_OFFSET
+        slots = candidates.gather(1, self._slot_table[codes])
+        coins = torch.stack([params["grayscale"], params["blur"], params["solarize"]], dim=1)
+        return slots, torch.cat([self._hsv_mask_table[codes], coins], dim=1), params["sigma"]
 
     def forward(self, images: torch.Tensor, params: Optional[dict] = None) -> torch.Tensor:
         """Augments a uint8 batch. ``params`` (from :meth:`sample_parameters`, one row per image)
@@ -450,32 +685,68 @@ class PhotometricAugment(nn.Module):
             params = self.sample_parameters(images.shape[0])
         elif len(params["sigma"]) != images.shape[0]:
             raise ValueError(f"params hold {len(params['sigma'])} samples for a batch of {images.shape[0]}")
-        x = images.float() / 255.0
-        steps = self.plan(params)
-        if steps:
-            rows, values = _to_device([torch.cat([rows for _, rows, _ in steps]),
-                                       torch.cat([v for _, _, v in steps if v is not None] or [torch.zeros(0)])],
-                                      x.device)
-            row_start = value_start = 0
-            for name, cpu_rows, cpu_values in steps:
-                count = len(cpu_rows)
-                index = rows[row_start:row_start + count]
-                row_start += count
-                step_values = None
-                if cpu_values is not None:
-                    step_values = values[value_start:value_start + count]
-                    value_start += count
-                x.index_copy_(0, index, self._run_step(name, x.index_select(0, index), step_values))
-        return self.normalize.normalize_float(x)
+        floats, flags = _to_device(_pack(self.program, *self.encode(params), self._negative_half_squares),
+                                   images.device)
+        constants = self.constants
+        if constants.mean.device != images.device:  # a module left on another device: copies, not moved
+            constants = types.SimpleNamespace(**{name: buffer.to(images.device)
+                                                 for name, buffer in constants.named_buffers()})
+        return _run_program(self.program, images, floats, flags, constants)
 
 
-def _to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list:
-    """CPU tensors to ``device`` without blocking the host (pinned memory on CUDA)."""
-    if device.type == "cpu":
-        return list(tensors)
-    if device.type == "cuda":
-        tensors = [t.pin_memory() for t in tensors]
-    return [t.to(device, non_blocking=True) for t in tensors]
+class PhotometricViews(nn.Module):
+    """Several views (T and T' of table 6) of uint8 batches through ONE pipeline, as one batch:
+    the views differ only in their draws (probabilities and ranges), so they share one program
+    (the union of the views' stages) and every op runs once for all of them.
+
+    :meth:`device_parameters` (host: encode each view's draws, two copies to the device) and
+    :meth:`forward` (device only, static: what ``torch.compile`` compiles) are split so that a
+    caller can compile the second; :meth:`views` does both.
+    """
+
+    def __init__(self, augments: Sequence[PhotometricAugment]):
+        super().__init__()
+        if not augments:
+            raise ValueError("PhotometricViews needs at least one view")
+        first = augments[0]
+        program = first.program
+        for other in augments[1:]:
+            if not all(torch.equal(getattr(other.constants, name).cpu(), getattr(first.constants, name).cpu())
+                       for name in ("mean", "std")):
+                raise ValueError("views of one pipeline need the same normalisation mean and std")
+            program = program.union(other.program)
+        self.augments = nn.ModuleList(augments)
+        self.program = program
+
+    def device_parameters(self, params: Sequence[dict], device: torch.device,
+                          rows=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Host: each view's draws (CPU, one dict per view, in order), their samples ``rows`` (an
+        index or slice; all when None) -> packed floats and flags of all views, on ``device``."""
+        encoded = [augment.encode(view_params) for augment, view_params in zip(self.augments, params)]
+        if rows is not None:
+            rows = rows.cpu() if isinstance(rows, torch.Tensor) else rows
+            encoded = [[part[rows] for part in parts] for parts in encoded]
+        slots, flags, sigma = (torch.cat(parts) if len(encoded) > 1 else parts[0] for parts in zip(*encoded))
+        packed = _pack(self.program, slots, flags, sigma, self.augments[0]._negative_half_squares)
+        floats, flags = _to_device(packed, device)
+        return floats, flags
+
+    def forward(self, images: Sequence[torch.Tensor], floats: torch.Tensor, flags: torch.Tensor,
+                channels_last: bool = False) -> Tuple[torch.Tensor, ...]:
+        """uint8 batches (one per view, on the device) -> normalised float32 views, every op run once
+        over all of them; ``channels_last`` lays the result out NHWC."""
+        for batch in images:
+            _check_uint8_batch(batch)
+        both = torch.cat(list(images)) if len(images) > 1 else images[0]
+        out = _run_program(self.program, both, floats, flags, self.augments[0].constants)
+        if channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
+        return tuple(out.split([batch.shape[0] for batch in images])) if len(images) > 1 else (out,)
+
+    def views(self, images: Sequence[torch.Tensor], params: Sequence[dict], rows=None,
+              channels_last: bool = False) -> Tuple[torch.Tensor, ...]:
+        """Both steps: draws on the host (``rows`` of them) -> normalised views on the images' device."""
+        return self(images, *self.device_parameters(params, images[0].device, rows), channels_last=channels_last)
 
 
 # ----------------------------------------------------------------------------- the library's default
@@ -531,6 +802,29 @@ def default_augmentation(image_size: int, view: int = 1) -> Callable[[torch.Tens
         BatchedCropFlip(image_size, settings.crop_scale, settings.flip_p),
         PhotometricAugment(settings, IMAGENET_MEAN, IMAGENET_STD, image_size),
     )
+
+
+class TwoViewAugmentation(nn.Module):
+    """The library's default: table 6's T and T' of a batch ([B, 3, H, W], float in [0, 1] or
+    uint8) -> (view 1, view 2), normalised with ImageNet's statistics. Both views are one batch of
+    2B: one crop-and-flip call (T and T' share crop and flip settings) and one photometric pipeline
+    (:class:`PhotometricViews`); static shapes, no host reads."""
+
+    def __init__(self, image_size: int):
+        super().__init__()
+        view1, view2 = paper_view_augmentations()
+        self.to_uint8 = _ToUint8()
+        self.crop = BatchedCropFlip(image_size, view1.crop_scale, view1.flip_p)
+        self.photometric = PhotometricViews([PhotometricAugment(view, IMAGENET_MEAN, IMAGENET_STD, image_size)
+                                             for view in (view1, view2)])
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        images = self.to_uint8(images)
+        crops = self.crop(torch.cat([images, images]))
+        drawn = [augment.sample_parameters(images.shape[0]) for augment in self.photometric.augments]
+        (both,) = self.photometric((crops,), *self.photometric.device_parameters(drawn, images.device))
+        view1, view2 = both.chunk(2)
+        return view1, view2
 
 
 class _ToUint8(nn.Module):

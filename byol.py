@@ -17,12 +17,21 @@ encoder and projector only, with weights xi an exponential moving average of the
 theta, never trained by gradient. The loss (eq. 2) is the mean squared error of the l2-normalised
 prediction and target projection, 2 - 2 cos(q(z1), sg(z'2)), symmetrised over the two views (eq. 4).
 
-As in the authors' reference code, each view goes through the networks on its own, so batch-norm
-statistics are per view, also with synchronised batch norm (then over that view of the global
-batch; ``tests/test_byol.py`` shows the statistics are per view); the projector's and
-predictor's output layers have no bias (appendix A); and an optional online linear classifier on the
-stopped-gradient representation sg(y) of the first view reports representation quality during
-pretraining at little cost (``num_classes``; its loss is returned separately and trains only it).
+Batch-norm statistics are per view, as in the authors' reference code, where each view goes
+through the networks on its own: here both views go through each network as ONE batch of 2B (one
+pass of the online network, one of the target; convolutions see 2B images at once), and every
+batch-norm layer normalises each view with that view's statistics. ``BYOL(net)`` makes the
+``nn.BatchNorm*d`` layers of ``net`` per-view capable in place (same modules, parameters and
+state_dict; ``batchnorm.per_view_batch_norm``) and ``forward`` groups the batch by view
+only for its own two-view pass (``view_groups(2)``), so the loss, every gradient and the running
+statistics (updated once per view, view 1 then view 2) are those of separate passes, to float
+rounding; elsewhere (evaluation mode, ``return_embedding``, linear evaluation) the layers are plain
+batch norm. With synchronised batch norm each view's statistics span that view of the global batch
+(``runtime/sync_batchnorm.py``; ``tests/test_byol.py`` compares with separate passes). The
+projector's and predictor's output layers have no bias (appendix A); and an optional online linear
+classifier on the stopped-gradient representation sg(y) of the first view reports representation
+quality during pretraining at little cost (``num_classes``; its loss is returned separately and
+trains only it).
 """
 from __future__ import annotations
 
@@ -33,19 +42,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from augment import default_augmentation
-from optim import cosine_schedule
+from augment import TwoViewAugmentation
+from backbone import check_initialisation, initialise_
+from batchnorm import per_view_batch_norm, view_groups
+from optim import cosine_schedule, same_device_and_dtype
 
 
-def mlp(in_features: int, hidden_size: int, out_features: int) -> nn.Sequential:
+def mlp(in_features: int, hidden_size: int, out_features: int, init: str = "reference") -> nn.Sequential:
     """Projector / predictor MLP of appendix A: Linear, BatchNorm, ReLU, Linear (no bias on the
-    output layer, as the reference)."""
-    return nn.Sequential(
+    output layer, as the reference), initialised as ``init`` says (``backbone.initialise_``:
+    the authors' haiku defaults, or torch's)."""
+    return initialise_(nn.Sequential(
         nn.Linear(in_features, hidden_size),
         nn.BatchNorm1d(hidden_size),
         nn.ReLU(inplace=True),
         nn.Linear(hidden_size, out_features, bias=False),
-    )
+    ), init)
 
 
 def online_classifier_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,18 +84,26 @@ def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
     Buffers (batch-norm running statistics) are copied from the online network: the target network
     is only ever used in training mode, so they never influence the loss, and copying keeps the
     target encoder usable as an evaluation encoder.
+
+    A few multi-tensor launches, not one per tensor, on ATen's fast path on CUDA
+    (``check_fast_path_restrictions``, aten/src/ATen/native/ForeachUtils.h): each call gets tensors
+    of one device and one dtype (:func:`optim.same_device_and_dtype`: float running statistics and
+    int64 ``num_batches_tracked`` go in separate calls, as would a bf16 parameter beside float32
+    ones), and each target tensor is paired with its online copy, of the same sizes and strides.
     """
     with torch.no_grad():
-        target_params = [p for p in target.parameters()]
-        online_params = [p.detach() for p in online.parameters()]
-        if len(target_params) != len(online_params):
-            raise ValueError("target and online networks have different parameter lists")
-        torch._foreach_lerp_(target_params, online_params, 1.0 - tau)
-        target_buffers, online_buffers = list(target.buffers()), list(online.buffers())
-        if len(target_buffers) != len(online_buffers):
-            raise ValueError("target and online networks have different buffer lists")
-        if target_buffers:  # multi-tensor copy: a few launches, not one per buffer
-            torch._foreach_copy_(target_buffers, online_buffers)
+        for kind, target_tensors, online_tensors in (
+                ("parameter", list(target.parameters()), [p.detach() for p in online.parameters()]),
+                ("buffer", list(target.buffers()), list(online.buffers()))):
+            if len(target_tensors) != len(online_tensors):
+                raise ValueError(f"target and online networks have different {kind} lists")
+            for positions in same_device_and_dtype(target_tensors):
+                targets = [target_tensors[i] for i in positions]
+                onlines = [online_tensors[i] for i in positions]
+                if kind == "parameter":
+                    torch._foreach_lerp_(targets, onlines, 1.0 - tau)
+                else:
+                    torch._foreach_copy_(targets, onlines)
 
 
 class RepresentationExtractor(nn.Module):
@@ -141,7 +161,11 @@ class BYOL(nn.Module):
     Arguments follow the widely used byol-pytorch interface: ``projection_size`` (256),
     ``projection_hidden_size`` (4096), ``moving_average_decay`` (tau, 0.99 there; the paper's
     tau_base is 0.996 with a cosine schedule, see ``optim.cosine_schedule``), ``augment_fn`` and
-    ``augment_fn2`` (batched callables used by ``forward(images)``).
+    ``augment_fn2`` (batched callables used by ``forward(images)``). ``init`` initialises the
+    projector, predictor and online classifier: ``reference`` (the authors': truncated normal
+    weights with std parameter 1/sqrt(fan_in), zero biases, ``backbone.reference_init_``) or
+    ``torchvision`` (torch's defaults); the encoder ``net`` is used as given (initialise it with
+    ``backbone.build_backbone(name, init=...)`` or ``backbone.reference_init_(net)``).
     """
 
     def __init__(
@@ -157,8 +181,10 @@ class BYOL(nn.Module):
         feature_size: Optional[int] = None,
         channels: int = 3,
         num_classes: int = 0,
+        init: str = "reference",
     ):
         super().__init__()
+        check_initialisation(init)
         self.net = net
         self.image_size = image_size
         self.moving_average_decay = moving_average_decay
@@ -166,8 +192,8 @@ class BYOL(nn.Module):
         if feature_size is None:
             feature_size = self._probe_feature_size(channels, image_size)
         self.feature_size = feature_size
-        self.online_projector = mlp(feature_size, projection_hidden_size, projection_size)
-        self.online_predictor = mlp(projection_size, projection_hidden_size, projection_size)
+        self.online_projector = mlp(feature_size, projection_hidden_size, projection_size, init)
+        self.online_predictor = mlp(projection_size, projection_hidden_size, projection_size, init)
         # The target starts as a copy of the online encoder and projector (section 3.1); it has no
         # predictor and never receives gradients.
         self.target_encoder = copy.deepcopy(self.online_encoder)
@@ -177,7 +203,10 @@ class BYOL(nn.Module):
         self.augment1 = augment_fn
         self.augment2 = augment_fn2 if augment_fn2 is not None else augment_fn
         # Built last, so that the networks above get the same initial weights with or without it.
-        self.online_classifier = nn.Linear(feature_size, num_classes) if num_classes > 0 else None
+        self.online_classifier = (initialise_(nn.Linear(feature_size, num_classes), init) if num_classes > 0
+                                  else None)
+        # Both views in one pass with per-view batch-norm statistics (module docstring).
+        per_view_batch_norm(self)
 
     @torch.no_grad()
     def _probe_feature_size(self, channels: int, image_size: int) -> int:
@@ -203,9 +232,10 @@ class BYOL(nn.Module):
         ema_update(self.target_projector, self.online_projector, tau)
 
     def _augment(self, images: torch.Tensor):
-        if self.augment1 is None:
-            self.augment1 = default_augmentation(self.image_size, view=1).to(images.device)
-            self.augment2 = default_augmentation(self.image_size, view=2).to(images.device)
+        if self.augment1 is None:  # table 6's T and T' as one batch: one crop call, one colour pipeline
+            self.augment1 = TwoViewAugmentation(self.image_size).to(images.device)
+        if isinstance(self.augment1, TwoViewAugmentation):
+            return self.augment1(images)
         return self.augment1(images), self.augment2(images)
 
     def forward(self, view1: torch.Tensor, view2: Optional[torch.Tensor] = None,
@@ -222,18 +252,22 @@ class BYOL(nn.Module):
             return self.online_encoder(view1)
         if view2 is None:
             view1, view2 = self._augment(view1)
-        # Each view on its own: batch-norm statistics per view, as the reference.
-        y1, y2 = self.online_encoder(view1), self.online_encoder(view2)
-        p1 = self.online_predictor(self.online_projector(y1))
-        p2 = self.online_predictor(self.online_projector(y2))
-        with torch.no_grad():
-            t1 = self.target_projector(self.target_encoder(view1))
-            t2 = self.target_projector(self.target_encoder(view2))
+        if view1.shape != view2.shape:
+            raise ValueError(f"the two views must have the same shape, got {tuple(view1.shape)} and "
+                             f"{tuple(view2.shape)}")
+        # One pass of 2B per network; batch-norm statistics per view, as the reference's separate passes.
+        views = torch.cat([view1, view2])
+        with view_groups(2):
+            y = self.online_encoder(views)
+            p1, p2 = self.online_predictor(self.online_projector(y)).chunk(2)
+            with torch.no_grad():
+                t1, t2 = self.target_projector(self.target_encoder(views)).chunk(2)
         loss = (regression_loss(p1, t2) + regression_loss(p2, t1)).mean()
         if labels is None:
             return loss
         if self.online_classifier is None:
             raise ValueError("labels given, but this BYOL has no online classifier (num_classes=0)")
+        y1 = y[:view1.shape[0]]
         classifier_loss, accuracy = online_classifier_loss(self.online_classifier(y1.detach()), labels)
         return loss, classifier_loss, accuracy
 

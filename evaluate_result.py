@@ -17,13 +17,18 @@ otherwise unless ``--classifier-train-epochs`` says, one run per learning rate o
         On a Determined cluster (Determined SDK; DET_MASTER or --master, `det user login` or
         DET_USER/DET_PASS): the experiment's final checkpoint (or the given one, or with --best the
         best by its searcher metric), evaluated by a new experiment (the submitted configuration,
-        CLASSIFIER_ONLY or FINE_TUNE, validation every epoch). Prints the new experiment's id.
+        CLASSIFIER_ONLY or FINE_TUNE, validation every quarter or --validate-every N epochs). Prints
+        the new experiment's id.
     python evaluate_result.py --checkpoint DIR [--classifier-train-epochs 80] [--fine-tune
-            [--encoder-lr X] [--head-lr Y]] [--checkpoint-dir OUT] [--metrics-out FILE] [--set K=V]
-        The same locally from a checkpoint directory (a local run's, or one fetched with
-        ``det checkpoint download``); also under ``USE_TORCH_DISTRIBUTED=1 torchrun``.
-    python evaluate_result.py --checkpoint DIR --export-encoder OUT.pt
-        The encoder as a plain ``state_dict`` (see ``export_encoder`` for what loads it where).
+            [--encoder-lr X] [--head-lr Y]] [--validate-every N] [--output-dir OUT] [--resume] [--set K=V]
+        The same locally from a checkpoint directory (a local run's, an alias such as
+        .../checkpoints/latest, or one fetched with ``det checkpoint download``); also under
+        ``USE_TORCH_DISTRIBUTED=1 torchrun``. Written under the run's folder
+        (``evaluations/linear-step-NNNNNN``); ``--resume`` continues an interrupted evaluation. Without
+        augmentation the heads train on features extracted once (model_def.HeadsTrial).
+    python evaluate_result.py --checkpoint DIR --export-encoder OUT.pt|OUT.safetensors
+        The encoder as a plain ``state_dict`` with its metadata and model card (see ``export_encoder``
+        for what loads it where).
     python evaluate_result.py features --checkpoint DIR --out FEATURES.pt
     python evaluate_result.py probe --features FEATURES.pt [--k 20]
         Fast iteration (``runtime/feature_probes.py``): frozen features of the classifier splits, then a weighted
@@ -42,6 +47,8 @@ if __name__ == "__main__":  # the command line first: --help and usage errors an
 import argparse
 import contextlib
 import copy
+import functools
+import json
 import os
 import time
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -49,6 +56,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 
 import backbone as backbones
+import data
 import model_def
 from runtime import checkpoints, faults, feature_probes, launch
 from runtime.checkpoints import checkpoint_config, load_encoder
@@ -84,17 +92,22 @@ def check_pretraining_checkpoint(hparams: Dict[str, Any], where: str) -> None:
 
 
 def evaluation_hparams(hparams: Dict[str, Any], reference: str, epochs: int, fine_tune: bool = False,
-                       head_lr: Optional[float] = None, encoder_lr: Optional[float] = None) -> Dict[str, Any]:
+                       head_lr: Optional[float] = None, encoder_lr: Optional[float] = None,
+                       validate_every: Optional[int] = None) -> Dict[str, Any]:
     """The pretraining run's hyperparameters turned into those of its evaluation run."""
     if epochs < 1:
         raise EvaluationError(f"--classifier-train-epochs must be >= 1, got {epochs}")
+    if validate_every is not None and validate_every < 1:
+        raise EvaluationError(f"--validate-every must be >= 1 (epochs), got {validate_every}")
     hparams = copy.deepcopy(hparams)
     classifier = dict(hparams.get("classifier") or {})
     # backbone_weights only initialised pretraining: the encoder now comes from the checkpoint.
-    # The pretraining checkpoint period counts pretraining batches: evaluation runs checkpoint every
-    # quarter of their length (and at the end).
+    # The pretraining periods count pretraining batches: evaluation runs validate (default) and
+    # checkpoint every quarter of their length, and both at the end; the head reported is chosen
+    # on CLS_VALIDATION at the end.
+    quarter = max(1, -(-epochs // 4))
     hparams.update(pretrained_checkpoint=reference, train_length={"epochs": epochs},
-                   validation_period={"epochs": 1}, checkpoint_period={"epochs": max(1, -(-epochs // 4))},
+                   validation_period={"epochs": validate_every or quarter}, checkpoint_period={"epochs": quarter},
                    backbone_weights=None)
     if fine_tune:
         rates = classifier.get("learning_rates") or [0.1]
@@ -113,22 +126,39 @@ def evaluation_hparams(hparams: Dict[str, Any], reference: str, epochs: int, fin
 
 
 # ------------------------------------------------------------------ encoders
-def export_encoder(directory: str, out: str, backbone_name: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """Writes the checkpoint's encoder (any mode) as a plain ``state_dict`` to ``out``.
+EXPORT_FORMATS = cli.EXPORT_FORMATS
+# timm's ResNets name their tensors as torchvision's (conv1, bn1, layer1..4, fc): the same export loads.
+TIMM_MODELS = {"resnet18": "resnet18", "resnet50": "resnet50"}
 
-    * ``resnet18`` / ``resnet50``: loads with ``strict=True`` into ``torchvision.models.<name>()``.
-      Our backbone has no classifier (``fc`` is an Identity), so the export adds
-      ``fc.weight`` / ``fc.bias`` for torchvision's 1000 classes **set to zero**: they make strict
+
+def export_format_of(out: str, export_format: Optional[str] = None) -> str:
+    """``--format``, else from the file name (``.safetensors``), else ``pt``."""
+    return export_format or ("safetensors" if out.endswith(".safetensors") else "pt")
+
+
+def export_encoder(directory: str, out: str, backbone_name: Optional[str] = None,
+                   export_format: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """Writes the checkpoint's encoder (any mode) as a plain ``state_dict`` to ``out`` (``torch.save``,
+    or safetensors with the metadata in its header), its metadata beside it (``OUT.json``: backbone,
+    input size, mean/std, source checkpoint and step, where it loads) and a short model card
+    (``OUT.md``).
+
+    * ``resnet18`` / ``resnet50``: loads with ``strict=True`` into ``torchvision.models.<name>()`` and
+      ``timm.create_model("<name>")``. Our backbone has no classifier (``fc`` is an Identity), so the
+      export adds ``fc.weight`` / ``fc.bias`` for 1000 classes **set to zero**: they make strict
       loading possible and are visibly untrained (every logit 0), never a fake classifier. Replace
       or train ``fc`` before using the model's outputs; everything else is the BYOL encoder.
-    * ``resnet18_cifar``, ``resnet50_cifar`` (3x3 stem, no max-pool) and ``small_cnn`` are not
-      torchvision architectures: they load only into ``backbone.build_backbone(name)``, strictly,
-      or through ``hyperparameters.backbone_weights`` of a new run.
+    * ``resnet18_cifar``, ``resnet50_cifar`` (3x3 stride-1 stem, no max-pool) and ``small_cnn`` are
+      neither torchvision nor timm architectures (timm's ResNet stems are 7x7 or three 3x3 convs,
+      always with a max-pool): they load only into ``backbone.build_backbone(name)``, strictly, or
+      through ``hyperparameters.backbone_weights`` of a new run.
     The claim is checked by loading the export before it is written.
     """
     check_output_file(out, "--export-encoder")
-    if backbone_name is None:
-        backbone_name = checkpoint_config(directory)[0].get("backbone", Settings().backbone)
+    export_format = export_format_of(out, export_format)
+    directory = os.path.realpath(directory)  # an alias names its UUID folder
+    hparams, config = checkpoint_config(directory)
+    backbone_name = backbone_name or hparams.get("backbone", Settings().backbone)
     state = load_encoder(directory, backbone_name).state_dict()  # verified against its marker first
     if backbone_name in TORCHVISION_BACKBONES:
         import torchvision
@@ -139,19 +169,99 @@ def export_encoder(directory: str, out: str, backbone_name: Optional[str] = None
     else:
         target = backbones.build_backbone(backbone_name)
     target.load_state_dict(state, strict=True)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    torch.save(state, out)
+    metadata = export_metadata(directory, hparams, config, backbone_name, state, export_format)
+    stem = os.path.splitext(out)[0]
+    if export_format == "safetensors":
+        from safetensors.torch import save_file  # the optional export format only
+
+        header = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
+        _write_atomically(out, lambda path: save_file({k: v.contiguous() for k, v in state.items()}, path,
+                                                      metadata=header))
+    else:
+        _write_atomically(out, lambda path: torch.save(state, path))
+    _write_atomically(stem + ".json", lambda path: _write_text(path, json.dumps(metadata, indent=2, sort_keys=True)))
+    _write_atomically(stem + ".md", lambda path: _write_text(path, model_card(metadata, os.path.basename(out))))
     return state
 
 
+def export_metadata(directory: str, hparams: Dict[str, Any], config: Dict[str, Any], backbone_name: str,
+                    state: Dict[str, torch.Tensor], export_format: str) -> Dict[str, Any]:
+    """What a user of the exported weights needs: architecture, input, normalisation, provenance."""
+    marker = checkpoints.verify_checkpoint(directory)
+    dataset = (hparams.get("data") or config.get("data") or {}).get("dataset", "unknown")
+    try:
+        info = data.dataset_info(dataset)
+        mean, std = list(info.mean), list(info.std)
+    except (ValueError, FileNotFoundError):
+        mean = std = None
+    image_size = int(hparams.get("image_size", Settings().image_size))
+    loads_into = {"byol": f"backbone.build_backbone({backbone_name!r})"}
+    if backbone_name in TORCHVISION_BACKBONES:
+        loads_into.update(torchvision=f"torchvision.models.{backbone_name}()",
+                          timm=f"timm.create_model({TIMM_MODELS[backbone_name]!r})")
+    return {"format": export_format, "backbone": backbone_name, "feature_size": backbones.feature_size(backbone_name),
+            "input_size": [3, image_size, image_size], "input_range": "RGB in [0, 1], then (x - mean) / std",
+            "mean": mean, "std": std, "dataset": dataset, "source_checkpoint": directory,
+            "source_step": int(marker.get("global_step", 0)), "training_mode": hparams.get("training_mode"),
+            "tensors": len(state), "zero_classifier": "fc.weight" in state, "loads_into": loads_into,
+            "method": "BYOL, Grill et al. 2020, arXiv 2006.07733"}
+
+
+def model_card(metadata: Dict[str, Any], file_name: str) -> str:
+    """A short model card (markdown) for an exported encoder."""
+    loads = "\n".join(f"- {where}: `{how}.load_state_dict(state, strict=True)`"
+                       for where, how in metadata["loads_into"].items())
+    fc = ("\n`fc.weight` / `fc.bias` are zeros: a placeholder that makes strict loading possible, not a "
+          "classifier. Replace or train `fc` before using the model's outputs.\n"
+          if metadata["zero_classifier"] else "")
+    return (f"# BYOL encoder: {metadata['backbone']}\n\n"
+            f"Self-supervised encoder ({metadata['method']}), pretrained without labels on "
+            f"`{metadata['dataset']}` ({metadata['training_mode']}), exported from checkpoint "
+            f"`{metadata['source_checkpoint']}` at global step {metadata['source_step']}.\n\n"
+            f"- file: `{file_name}` ({metadata['format']}, {metadata['tensors']} tensors); metadata beside it "
+            f"(`.json`)\n- input: {metadata['input_size']} ({metadata['input_range']}), mean {metadata['mean']}, "
+            f"std {metadata['std']}\n- output: the {metadata['feature_size']}-dimensional average-pooled "
+            f"representation\n\nLoads into:\n{loads}\n{fc}\n"
+            f"Intended use: features for linear probes, fine-tuning or retrieval on images like the training "
+            f"data. Not evaluated beyond the linear protocol of this project (`evaluate_result.py`).\n")
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(text)
+
+
+def _write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """``write(temporary)`` then a rename: ``path`` is never seen half-written."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
 # ------------------------------------------------------------------ the protocol, locally
+def evaluation_folder(directory: str, fine_tune: bool, lr: Optional[float] = None) -> str:
+    """Where an evaluation of checkpoint ``directory`` goes by default, grouped under the run it
+    evaluates: ``<run folder>/evaluations/linear-step-000200`` (``fine-tune-lr0.01-step-...``)."""
+    step = int(checkpoints.verify_checkpoint(directory).get("global_step", 0))
+    name = (f"fine-tune-lr{lr:g}" if fine_tune else "linear") + f"-{checkpoints.step_alias(step)}"
+    return os.path.join(checkpoints.run_folder(directory), "evaluations", name)
+
+
 def evaluate_checkpoint(directory: str, epochs: Optional[int] = None, fine_tune: bool = False,
                         head_lr: Optional[float] = None, encoder_lr: Optional[float] = None, sets: Sequence[str] = (),
-                        checkpoint_dir: Optional[str] = None, metrics_out: Optional[str] = None) -> Dict[str, Any]:
+                        checkpoint_dir: Optional[str] = None, metrics_out: Optional[str] = None,
+                        output_dir: Optional[str] = None, resume: bool = False,
+                        validate_every: Optional[int] = None) -> Dict[str, Any]:
     """Runs the linear protocol (or fine-tuning) on a local checkpoint; returns the final metrics.
     Fine-tuning without a given learning rate runs the paper's grid and keeps the run best on
-    CLS_VALIDATION."""
-    directory = os.path.abspath(directory)
+    CLS_VALIDATION (each rate in its own folder). ``resume``: continue interrupted evaluations from
+    their newest checkpoints."""
+    directory = os.path.realpath(directory)  # an alias (latest) is resolved: the evaluation names the UUID folder
     checkpoints.verify_checkpoint(directory)  # complete and unchanged, before anything else
     hparams, config = checkpoint_config(directory)
     check_pretraining_checkpoint(hparams, repr(directory))
@@ -159,47 +269,80 @@ def evaluate_checkpoint(directory: str, epochs: Optional[int] = None, fine_tune:
         overridden = copy.deepcopy(hparams)
         apply_overrides(overridden, {}, sets)
         epochs = default_epochs(fine_tune, (overridden.get("classifier") or {}).get("label_fraction"))
+    run = functools.partial(_evaluate_once, directory, hparams, config, epochs, sets=sets, resume=resume,
+                            validate_every=validate_every)
     if not fine_tune or head_lr is not None or encoder_lr is not None:
-        return _evaluate_once(directory, hparams, config, epochs, fine_tune, head_lr, encoder_lr, sets,
-                              checkpoint_dir, metrics_out)
+        out = output_dir or evaluation_folder(directory, fine_tune, head_lr if head_lr is not None else encoder_lr)
+        return run(fine_tune, head_lr, encoder_lr, output_dir=out, checkpoint_dir=checkpoint_dir,
+                   metrics_out=metrics_out)
     results = []
-    for lr in FINE_TUNE_LEARNING_RATES:
-        metrics = _evaluate_once(directory, hparams, config, epochs, True, lr, lr, sets, checkpoint_dir, None)
+    for lr in FINE_TUNE_LEARNING_RATES:  # one folder per rate, so each run's checkpoints stay apart
+        out = os.path.join(output_dir, f"lr{lr:g}") if output_dir else evaluation_folder(directory, True, lr)
+        metrics = run(True, lr, lr, output_dir=out,
+                      checkpoint_dir=os.path.join(checkpoint_dir, f"lr{lr:g}") if checkpoint_dir else None,
+                      metrics_out=None)
         results.append((metrics.get("validation_accuracy", float("-inf")), lr, metrics))
     _, lr, best = max(results, key=lambda item: item[0])  # ties: the first of the grid
     best = {**best, "fine_tune_lr": lr}
     print(f"[eval] fine-tuning grid {', '.join(f'{r:g}' for r in FINE_TUNE_LEARNING_RATES)}: lr {lr:g} chosen on "
           f"CLS_VALIDATION {best.get('validation_accuracy', float('nan')):.4f}: TEST top-1 "
           f"{best.get('test_accuracy', float('nan')):.4f}", flush=True)
-    if metrics_out:
-        import json
-
-        os.makedirs(os.path.dirname(os.path.abspath(metrics_out)), exist_ok=True)
-        with open(metrics_out, "w") as handle:
-            json.dump(best, handle, indent=2, sort_keys=True)
+    # The grid's choice beside its runs' folders.
+    if not metrics_out:
+        grid = os.path.basename(evaluation_folder(directory, True, lr)).replace(f"-lr{lr:g}-", "-grid-")
+        metrics_out = (os.path.join(output_dir, "metrics.json") if output_dir
+                       else os.path.join(checkpoints.run_folder(directory), "evaluations", grid + ".json"))
+    _write_atomically(metrics_out, lambda path: _write_text(path, json.dumps(best, indent=2, sort_keys=True)))
+    print(f"[eval] grid metrics written to {os.path.abspath(metrics_out)}", flush=True)
     return best
 
 
 def _evaluate_once(directory: str, hparams: Dict[str, Any], config: Dict[str, Any], epochs: int, fine_tune: bool,
-                   head_lr: Optional[float], encoder_lr: Optional[float], sets: Sequence[str],
-                   checkpoint_dir: Optional[str], metrics_out: Optional[str]) -> Dict[str, Any]:
-    hparams = evaluation_hparams(hparams, directory, epochs, fine_tune, head_lr, encoder_lr)
+                   head_lr: Optional[float], encoder_lr: Optional[float], sets: Sequence[str] = (),
+                   checkpoint_dir: Optional[str] = None, metrics_out: Optional[str] = None,
+                   output_dir: Optional[str] = None, resume: bool = False,
+                   validate_every: Optional[int] = None) -> Dict[str, Any]:
+    hparams = evaluation_hparams(hparams, directory, epochs, fine_tune, head_lr, encoder_lr, validate_every)
     data_section = dict(hparams.pop("data", None) or config.get("data") or {})
     apply_overrides(hparams, data_section, sets)
     distributed = launch.distributed_context()
     settings = parse_settings(hparams, data_section, distributed.get_size() if distributed else 1)
     load_encoder(directory, settings.backbone)  # a wrong checkpoint fails here, before any work
-    out = os.path.abspath(checkpoint_dir or os.path.dirname(directory))
+    output_dir = os.path.abspath(output_dir or evaluation_folder(directory, fine_tune, head_lr))
+    out = os.path.abspath(checkpoint_dir or os.path.join(output_dir, "checkpoints"))
+    metrics_out = metrics_out or os.path.join(output_dir, "metrics.json")
     check_output_dir(out, "--checkpoint-dir")
     launch.check_not_copied_into_itself(out)
     check_output_file(metrics_out, "--metrics-out")
+    latest = resume_point(out, resume)
     name = "fine-tune" if fine_tune else "linear-eval"
     exp_conf = {**config, "name": f"{config.get('name', 'byol')}-{name}", "hyperparameters": hparams,
                 "data": data_section, "searcher": evaluation_searcher()}
-    writes = CheckpointWrites(None, distributed.get_rank() if distributed else 0)
+    rank = distributed.get_rank() if distributed else 0
+    if rank == 0:
+        print(f"[eval] output folder {output_dir}: checkpoints in {out}, metrics {metrics_out}"
+              + (f"; continuing from {latest}" if latest else ""), flush=True)
+    writes = CheckpointWrites(latest, rank)
     with writes.explained():  # faults end with one clear message (faults.py)
-        return launch.train_and_report(model_def.build_trial, exp_conf, settings, distributed, out, None,
-                                       time.time(), metrics_out, writes, result_line=result_line)
+        return launch.train_and_report(model_def.build_trial, exp_conf, settings, distributed, out, latest,
+                                       time.time(), metrics_out, writes, result_line=result_line,
+                                       tensorboard_dir=os.path.join(output_dir, launch.TENSORBOARD_FOLDER))
+
+
+def resume_point(storage: str, resume: bool) -> Optional[str]:
+    """With ``--resume``: the newest complete checkpoint of the interrupted evaluation in ``storage``.
+    Without it, a folder that already holds an evaluation's checkpoints is refused (nothing is mixed
+    with or written over an earlier evaluation)."""
+    found = checkpoints.complete_checkpoints(storage)
+    if resume:
+        if not found:
+            raise EvaluationError(f"--resume: there is no complete evaluation checkpoint in {storage!r} to "
+                                  f"continue from; run without --resume to start the evaluation")
+        return found[-1][1]
+    if found:
+        raise EvaluationError(f"{storage!r} already holds the checkpoints of an evaluation (newest at step "
+                              f"{found[-1][0]}): continue it with --resume, or choose another --output-dir")
+    return None
 
 
 def result_line(settings: Settings, metrics: Dict[str, Any]) -> str:
@@ -292,13 +435,13 @@ def submitted_config(client, experiment) -> Dict[str, Any]:
 def evaluate_experiment(client, experiment_id: int, epochs: int, fine_tune: bool = False,
                         head_lr: Optional[float] = None, encoder_lr: Optional[float] = None,
                         model_dir: Optional[str] = None, checkpoint_uuid: Optional[str] = None,
-                        best: bool = False) -> int:
+                        best: bool = False, validate_every: Optional[int] = None) -> int:
     """Creates the evaluation experiment of one of ``experiment_id``'s checkpoints (see
     :func:`experiment_checkpoint`); returns its id."""
     experiment, checkpoint = experiment_checkpoint(client, experiment_id, checkpoint_uuid, best)
     hparams = copy.deepcopy(checkpoint.training.hparams)
     check_pretraining_checkpoint(hparams, f"{checkpoint.uuid} (experiment {experiment_id})")
-    hparams = evaluation_hparams(hparams, checkpoint.uuid, epochs, fine_tune, head_lr, encoder_lr)
+    hparams = evaluation_hparams(hparams, checkpoint.uuid, epochs, fine_tune, head_lr, encoder_lr, validate_every)
     config = submitted_config(client, experiment)
     data_section = hparams.get("data") or config.get("data")
     parse_settings(hparams, None if "data" in hparams else data_section,
@@ -337,16 +480,18 @@ def _main(argv: Sequence[str], make_client: Callable) -> int:
         epochs = args.classifier_train_epochs or default_epochs(args.fine_tune, None)
         new_id = evaluate_experiment(make_client(args.master), args.experiment_id, epochs,
                                      args.fine_tune, args.head_lr, args.encoder_lr, args.model_dir,
-                                     args.checkpoint_uuid, args.best)
+                                     args.checkpoint_uuid, args.best, args.validate_every)
         print(new_id, flush=True)
     elif args.export_encoder:
-        state = export_encoder(args.checkpoint, args.export_encoder)
-        print(f"[export] {len(state)} tensors -> {args.export_encoder}" +
-              (" (fc.* are zeros: a placeholder for strict loading into torchvision, not a classifier)"
+        state = export_encoder(args.checkpoint, args.export_encoder, export_format=args.format)
+        written = [args.export_encoder, *(os.path.splitext(args.export_encoder)[0] + ext for ext in (".json", ".md"))]
+        print(f"[export] {len(state)} tensors -> {', '.join(os.path.abspath(p) for p in written)}" +
+              (" (fc.* are zeros: a placeholder for strict loading into torchvision and timm, not a classifier)"
                if "fc.weight" in state else ""), flush=True)
     else:
         evaluate_checkpoint(args.checkpoint, args.classifier_train_epochs, args.fine_tune, args.head_lr,
-                            args.encoder_lr, args.set, args.checkpoint_dir, args.metrics_out)
+                            args.encoder_lr, args.set, args.checkpoint_dir, args.metrics_out, args.output_dir,
+                            args.resume, args.validate_every)
     return 0
 
 

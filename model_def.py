@@ -37,7 +37,7 @@ import backbone as backbones
 import data
 import optim
 from byol import BYOL
-from reducers import DeviceLossReducer
+from reducers import DeviceMeansReducer
 from runtime import (
     checkpoints,
     classifier,
@@ -55,7 +55,7 @@ from runtime import (
     stops,
     sync_batchnorm,
 )
-from runtime.sampling import GlobalBatchSampler, SeedStream, mix_seed
+from runtime.sampling import GlobalBatchSampler, SeededTransformDataset, SeedStream, mix_seed
 from runtime.settings import Settings, TrainingMode, parse_settings
 from utils import ConfigError
 
@@ -78,7 +78,10 @@ class EncoderWithHeads(torch.nn.Module):
             self.encoder.eval()  # frozen: batch-norm statistics stay those of pretraining
         return self
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, precomputed: bool = False) -> torch.Tensor:
+        """Every head's logits; ``precomputed``: ``images`` are already the frozen encoder's features."""
+        if precomputed:
+            return self.heads(images)
         with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
             features = self.encoder(images)
         return self.heads(features)
@@ -116,6 +119,7 @@ class TrialBase(pytorch.PyTorchTrial):
     pretraining: bool = False  # SELF_SUPERVISED (BYOLTrial) or not (HeadsTrial); read-only
     modes: tuple = ()  # the training modes this class runs
     batch_key = ""  # the hyperparameter that sets the global batch
+    device_metrics: tuple = ()  # the metrics of step_loss that are device tensors, besides the loss
 
     def __init__(self, context: pytorch.PyTorchTrialContext, settings: Settings) -> None:
         if settings.training_mode not in self.modes:
@@ -156,7 +160,7 @@ class TrialBase(pytorch.PyTorchTrial):
         self._time_left: Optional[progress.Remaining] = None  # from the first step this process trains
 
         torch.manual_seed(s.seed)  # identical initial weights on every rank
-        encoder = backbones.build_backbone(s.backbone, s.backbone_weights)
+        encoder = backbones.build_backbone(s.backbone, s.backbone_weights, init=s.init)
         feature_size = backbones.feature_size(s.backbone)
         self.heads = classifier.LinearHeads(feature_size, self.info.num_classes,
                                             len(s.classifier.learning_rates), s.classifier.logit_clip)
@@ -164,20 +168,20 @@ class TrialBase(pytorch.PyTorchTrial):
         view1, view2 = s.views
         self.augment1 = self._photometric(view1)
         self.augment2 = self._photometric(view2)
+        self.photometric = augment.PhotometricViews(  # T and T' of table 6 as one batch (augment.py)
+            [self.augment1, self.augment2] if self.pretraining else [self.augment1])
         self.normalize = augment.Normalize(self.info.mean, self.info.std).to(self.device)
-        # Optional torch.compile (``compile: true``) of the forward pass and the augmentations; the
-        # uncompiled modules stay what checkpoints hold.
-        self.model_call = performance.maybe_compile(self.model, s.compile)
-        self._augment_calls = {module: performance.maybe_compile(module, s.compile)
-                               for module in (self.augment1, self.augment2)}
+        # ``compile: true``: the device part of a step (photometric views, forward, loss) is ONE
+        # compiled function (performance.py); the uncompiled modules stay what checkpoints hold.
+        self.step_call = performance.maybe_compile(self.forward_step, s.compile)
         self.evaluation = linear_eval.LinearEvaluation(
             settings=s, context=context, device=self.device, rank=self.rank, world_size=self.world_size,
             dataset=eval_dataset, normalize=self.normalize, augmentations=(self.augment1, self.augment2),
             num_classes=self.info.num_classes, global_step=lambda: self.global_step, seeded=self.seeded,
             **self.readout())
-        # The training loss stays on the device and is read once per reporting period (reducers.py).
-        self.loss_reducer = context.wrap_reducer(DeviceLossReducer(), name="loss", for_training=True,
-                                                 for_validation=False)
+        # The per-step metrics stay on the device and are read once per reporting period (reducers.py).
+        self.step_metrics = context.wrap_reducer(DeviceMeansReducer(("loss",) + self.device_metrics), name=None,
+                                                 for_training=True, for_validation=False)
 
     # ----------------------------------------------------------------- what a subclass defines
     @property
@@ -194,7 +198,8 @@ class TrialBase(pytorch.PyTorchTrial):
         raise NotImplementedError
 
     def step_loss(self, batch: Any, step: int) -> tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]:
-        """``(loss, what backward gets, metrics)`` of global step ``step``; sets the learning rate."""
+        """``(loss, what backward gets, metrics)`` of global step ``step``; sets the learning rate.
+        ``metrics`` holds host numbers, and the device tensors named in ``device_metrics``."""
         raise NotImplementedError
 
     def after_step(self, step: int) -> Dict[str, Any]:
@@ -215,7 +220,7 @@ class TrialBase(pytorch.PyTorchTrial):
     def synced_batch_norm(self) -> bool:
         return self.settings.sync_batch_norm and self.world_size > 1
 
-    def _photometric(self, view) -> torch.nn.Module:
+    def _photometric(self, view) -> augment.PhotometricAugment:
         return augment.PhotometricAugment(view, self.info.mean, self.info.std, self.settings.image_size).to(self.device)
 
     def _sampler(self, start_step: int) -> GlobalBatchSampler:
@@ -232,16 +237,23 @@ class TrialBase(pytorch.PyTorchTrial):
             torch.manual_seed(mix_seed(self.settings.seed, self.global_step, stream))
             yield
 
-    def augment_global(self, augment, images: torch.Tensor, stream: int) -> torch.Tensor:
-        """Photometric parameters drawn for the whole global batch, this rank's rows applied: the
-        same image gets the same view whatever the number of processes (the sampler gives rank r
-        rows r*B..(r+1)*B-1 of each global batch)."""
-        per_rank = images.shape[0]
-        with self.seeded(stream):
-            params = augment.sample_parameters(per_rank * self.world_size)  # on the CPU (augment.py)
+    def view_parameters(self, views: augment.PhotometricViews, streams, per_rank: int):
+        """Host: each view's photometric parameters drawn for the whole global batch (seeded by
+        seed, global step and the view's stream), this rank's rows, packed and sent to the device
+        (``augment.PhotometricViews.device_parameters``): the same image gets the same view
+        whatever the number of processes (the sampler gives rank r rows r*B..(r+1)*B-1 of each
+        global batch)."""
+        drawn = []
+        for module, stream in zip(views.augments, streams):
+            with self.seeded(stream):
+                drawn.append(module.sample_parameters(per_rank * self.world_size))  # on the CPU (augment.py)
         rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-        views = self._augment_calls.get(augment, augment)(images, augment.select(params, rows))
-        return performance.images_channels_last(views) if self.channels_last else views
+        return views.device_parameters(drawn, self.device, rows)
+
+    def forward_step(self, *args) -> tuple:
+        """The device part of a step, from views on the device to the loss: what ``compile: true``
+        compiles as one function (:meth:`step_loss` calls it through ``self.step_call``)."""
+        raise NotImplementedError
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """Non-blocking host-to-device copy (pinned batches; a no-op for batches already there)."""
@@ -286,6 +298,9 @@ class TrialBase(pytorch.PyTorchTrial):
 
     # ----------------------------------------------------------------- training
     def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> Dict[str, Any]:
+        """One step without a host synchronisation, except at a check of the non-finite watch: the
+        device's metrics go to the reducer, and what is returned (Determined's harness calls
+        ``.cpu()`` on any tensor in it) holds only host numbers."""
         # batch_idx restarts at 0 after a local resume; self.global_step is restored from checkpoints.
         step = self.global_step
         loss, backward_loss, metrics = self.step_loss(batch, step)
@@ -297,10 +312,10 @@ class TrialBase(pytorch.PyTorchTrial):
             self.check_finite_loss()  # before this step's update: every rank stops at the same step
         self.context.backward(backward_loss)
         self.context.step_optimizer(self.optimizer)
-        self.loss_reducer.update(loss)
+        self.step_metrics.update(loss=loss, **{name: metrics.pop(name) for name in self.device_metrics})
         metrics.update(self.after_step(step))
         self.global_step += 1
-        metrics["images_per_second"] = self._throughput(loss)
+        metrics["images_per_second"] = self._throughput()
         return metrics
 
     def check_finite_loss(self) -> None:
@@ -328,7 +343,9 @@ class TrialBase(pytorch.PyTorchTrial):
         if self.world_size > 1:
             replicas.check_trial(self.context, self.heads, f"checkpoint {checkpoint} at step {self.global_step}")
 
-    def _throughput(self, loss: torch.Tensor) -> float:
+    def _throughput(self) -> float:
+        """Images per second of the last step; every 5 s (and at the first and last step) rank 0
+        prints a progress line with the loss the last non-finite check read (no read of its own)."""
         now = time.time()
         rate = self.global_batch_size / max(now - self._last_time, 1e-9)
         self._last_time = now
@@ -336,8 +353,10 @@ class TrialBase(pytorch.PyTorchTrial):
             self._time_left = progress.Remaining(self.total_steps, self.global_step)
         if self.rank == 0 and (now - self._last_print > 5 or self.global_step in (1, self.total_steps)):
             self._last_print = now
+            read = self.finite_watch.last_read
+            loss = f" loss {read[1]:.4f} at step {read[0] + 1}" if read else ""
             print(f"[train] step {self.global_step}/{self.total_steps} "
-                  f"(epoch {self.global_step / self.steps_per_epoch:.2f}) loss {loss.item():.4f} "
+                  f"(epoch {self.global_step / self.steps_per_epoch:.2f}){loss} "
                   f"{rate:.0f} images/s, {self._time_left.text(self.global_step)}", flush=True)
         return rate
 
@@ -357,6 +376,7 @@ class BYOLTrial(TrialBase):
     pretraining = True
     modes = (TrainingMode.SELF_SUPERVISED,)
     batch_key = "global_batch_size"
+    device_metrics = ("online_classifier_accuracy", "online_classifier_loss")
 
     @property
     def global_batch_size(self) -> int:
@@ -371,7 +391,7 @@ class BYOLTrial(TrialBase):
         # The reference's online classifier on sg(y): a training metric at every step (byol.py).
         learner = BYOL(encoder, s.image_size, hidden_layer=None, projection_size=s.projection_size,
                        projection_hidden_size=s.projection_hidden_size, feature_size=feature_size,
-                       num_classes=self.info.num_classes)
+                       num_classes=self.info.num_classes, init=s.init)
         if self.synced_batch_norm:
             # Global-batch statistics in encoder, projector and predictor (online and target):
             # one all_reduce per layer, on every device (sync_batchnorm.py).
@@ -407,16 +427,22 @@ class BYOLTrial(TrialBase):
         s = self.settings
         (view1, view2), labels = batch  # data.decode: device: decoded by the prefetcher (training_prepare)
         lr = optim.apply_schedule(self.optimizer, step, self.total_steps, round(s.warmup_epochs * self.steps_per_epoch))
-        view1 = self.augment_global(self.augment1, self.to_device(view1), SeedStream.VIEW1)
-        view2 = self.augment_global(self.augment2, self.to_device(view2), SeedStream.VIEW2)
-        with performance.autocast(self.device, s.precision):
-            loss, classifier_loss, classifier_accuracy = self.model_call(view1, view2,
-                                                                         labels=self.to_device(labels))
+        floats, flags = self.view_parameters(self.photometric, (SeedStream.VIEW1, SeedStream.VIEW2), view1.shape[0])
+        loss, classifier_loss, classifier_accuracy = self.step_call(
+            self.to_device(view1), self.to_device(view2), floats, flags, self.to_device(labels))
         # Accuracy on this training batch's labelled images (STL-10's unlabeled ones are skipped).
         metrics = {"lr": lr, "online_classifier_accuracy": classifier_accuracy.detach(),
                    "online_classifier_loss": classifier_loss.detach()}
         # The online classifier's loss trains only the classifier (its input is sg(y)).
         return loss, loss + classifier_loss, metrics
+
+    def forward_step(self, view1: torch.Tensor, view2: torch.Tensor, floats: torch.Tensor, flags: torch.Tensor,
+                     labels: torch.Tensor) -> tuple:
+        """Both photometric views in one pipeline (T and T', table 6), then the learner's loss and
+        its online classifier's loss and accuracy (section 3.1)."""
+        view1, view2 = self.photometric((view1, view2), floats, flags, channels_last=self.channels_last)
+        with performance.autocast(self.device, self.settings.precision):
+            return self.model(view1, view2, labels=labels)
 
     def after_step(self, step: int) -> Dict[str, Any]:
         s = self.settings
@@ -460,21 +486,51 @@ class HeadsTrial(TrialBase):
     def readout(self) -> Dict[str, torch.nn.Module]:
         return {"model": self.model}
 
+    @property
+    def cached_features(self) -> bool:
+        """Linear protocol without augmentation: every epoch sees the same frozen features, so they are
+        extracted once (``LinearEvaluation.classifier_train_features``, as before each pretraining
+        validation) and the heads train on them; the batches are the image path's (same sampler)."""
+        s = self.settings
+        return s.training_mode == TrainingMode.CLASSIFIER_ONLY and s.classifier.augmentation == "none"
+
+    def build_training_data_loader(self):
+        if not self.cached_features:
+            return super().build_training_data_loader()
+        encoder = getattr(self.model, "module", self.model).encoder
+        features, labels = self.evaluation.classifier_train_features(encoder, self.train_dataset)
+        # Indexed by the sampler's (index, seed) pairs; no transform.
+        cached = SeededTransformDataset(torch.utils.data.TensorDataset(features.cpu(), labels.cpu()), None)
+        return loaders.LazyTrainingLoader(cached, lambda: BatchesUntil(self._sampler(self.global_step),
+                                                                       self.total_steps), 0, self.device)
+
     def step_loss(self, batch: Any, step: int) -> tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]:
         s = self.settings
         images, labels = batch
         optim.apply_schedule(self.optimizer, step, self.total_steps)
         lr = self.optimizer.param_groups[0]["lr"]
-        images = self.to_device(images)
+        if self.cached_features:  # frozen features (build_training_data_loader): the heads alone
+            logits = self.model(self.to_device(images), precomputed=True)
+            loss = classifier.heads_loss(logits.float(), self.to_device(labels), s.classifier.logit_regularization)
+            return loss, loss, {"lr": lr}
+        parameters = ()
         if s.classifier.augmentation == "variant":  # appendix C.1: the pretraining augmentations
-            images = self.augment_global(self.augment1, images, SeedStream.HEAD_VARIANT)
+            parameters = self.view_parameters(self.photometric, (SeedStream.HEAD_VARIANT,), images.shape[0])
+        loss = self.step_call(self.to_device(images), self.to_device(labels), *parameters)
+        return loss, loss, {"lr": lr}
+
+    def forward_step(self, images: torch.Tensor, labels: torch.Tensor, *parameters: torch.Tensor) -> torch.Tensor:
+        """Photometric view (``classifier.augmentation: variant``, given its packed parameters) or
+        plain normalisation, then the heads' loss (appendix C.1)."""
+        s = self.settings
+        if parameters:
+            (images,) = self.photometric((images,), *parameters, channels_last=self.channels_last)
         else:
             images = self.normalize(images)
             images = performance.images_channels_last(images) if self.channels_last else images
         with performance.autocast(self.device, s.precision):
-            logits = self.model_call(images)
-        loss = classifier.heads_loss(logits.float(), self.to_device(labels), s.classifier.logit_regularization)
-        return loss, loss, {"lr": lr}
+            logits = self.model(images)
+        return classifier.heads_loss(logits.float(), labels, s.classifier.logit_regularization)
 
 
 def build_trial(context: pytorch.PyTorchTrialContext, settings: Optional[Settings] = None) -> TrialBase:

@@ -14,7 +14,7 @@ continues them exactly.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -45,41 +45,126 @@ class LARS(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
                         lars_adaptation=lars_adaptation)
         super().__init__(params, defaults)
+        # Per (group, device, dtype): the buffer that holds each tensor's trust ratio at its size
+        # (PerTensorValues); rebuilt when the tensors with a gradient change. Not optimiser state.
+        self._trust_buffers: dict = {}
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One update of every parameter with a gradient, a handful of multi-tensor
-        (``torch._foreach_*``) launches per group instead of several per tensor (a ResNet-50 has
-        161 parameter tensors). Same arithmetic, in the same order, as the per-tensor form in the
-        class docstring."""
+        """One update of every parameter with a gradient: a handful of multi-tensor
+        (``torch._foreach_*``) launches per group and dtype instead of several per tensor (a
+        ResNet-50 has 161 parameter tensors), no host synchronisation. Same arithmetic, in the same
+        order, as the per-tensor form in the class docstring.
+
+        ATen's multi-tensor fast path on CUDA (``check_fast_path_restrictions`` in
+        aten/src/ATen/native/ForeachUtils.h) needs (a) one device and one dtype for every tensor of
+        every list of a call, strided, non-overlapping and dense, and (b) in list-list ops, equal
+        sizes and strides for the paired tensors. (a): parameters are split by device and dtype
+        (:func:`same_device_and_dtype`), and gradients and momentum buffers share their parameter's
+        dtype. (b): a gradient has its parameter's sizes and strides (autograd's layout contract),
+        a momentum buffer is a clone of a gradient, and the trust ratios are multiplied in as
+        tensors of each gradient's sizes and strides (:class:`PerTensorValues`), not as 0-d tensors
+        paired with whole gradients (which sends the call to the per-tensor slow path)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            if group["weight_decay"]:
-                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-            if group["lars_adaptation"]:
-                param_norms = torch.stack(torch._foreach_norm(params))
-                grad_norms = torch.stack(torch._foreach_norm(grads))
-                trust = torch.where((param_norms > 0) & (grad_norms > 0),
-                                    group["eta"] * param_norms / grad_norms, torch.ones_like(param_norms))
-                grads = torch._foreach_mul(grads, list(trust.unbind()))
-            fresh = [i for i, p in enumerate(params) if "momentum_buffer" not in self.state[p]]
-            for i in fresh:
-                self.state[params[i]]["momentum_buffer"] = torch.clone(grads[i]).detach()
-            fresh_set = set(fresh)
-            kept = [i for i in range(len(params)) if i not in fresh_set]
-            if kept:
-                buffers = [self.state[params[i]]["momentum_buffer"] for i in kept]
-                torch._foreach_mul_(buffers, group["momentum"])
-                torch._foreach_add_(buffers, [grads[i] for i in kept])
-            torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-group["lr"])
+        for index, group in enumerate(self.param_groups):
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            for positions in same_device_and_dtype(with_grad):
+                params = [with_grad[i] for i in positions]
+                self._update(params, group, (index, params[0].device, params[0].dtype))
         return loss
+
+    def _update(self, params: List[torch.Tensor], group: dict, key: tuple) -> None:
+        """The update of ``params`` (one device and dtype) of ``group``."""
+        grads = [p.grad for p in params]
+        if group["weight_decay"]:
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        if group["lars_adaptation"]:
+            param_norms = torch.stack(torch._foreach_norm(params))
+            grad_norms = torch.stack(torch._foreach_norm(grads))
+            trust = torch.where((param_norms > 0) & (grad_norms > 0),
+                                group["eta"] * param_norms / grad_norms, torch.ones_like(param_norms))
+            buffer = self._trust_buffers.get(key)
+            if buffer is None or not buffer.fits(grads):
+                buffer = self._trust_buffers[key] = PerTensorValues(grads)
+            grads = torch._foreach_mul(grads, buffer.fill(trust))
+        fresh = [i for i, p in enumerate(params) if "momentum_buffer" not in self.state[p]]
+        for i in fresh:  # the first step only
+            self.state[params[i]]["momentum_buffer"] = torch.clone(grads[i]).detach()
+        fresh_set = set(fresh)
+        kept = [i for i in range(len(params)) if i not in fresh_set]
+        if kept:
+            buffers = [self.state[params[i]]["momentum_buffer"] for i in kept]
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, [grads[i] for i in kept])
+        torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-group["lr"])
+
+
+def same_device_and_dtype(tensors: Sequence[torch.Tensor]) -> List[List[int]]:
+    """Positions of ``tensors`` grouped by (device, dtype), groups in order of first appearance: the
+    tensors of one ``torch._foreach_*`` call must share both to take ATen's multi-tensor fast path
+    (``check_fast_path_restrictions``, aten/src/ATen/native/ForeachUtils.h). Ours, because torch's
+    own grouping (``torch.utils._foreach_utils``) is private."""
+    groups: Dict[tuple, List[int]] = {}
+    for position, tensor in enumerate(tensors):
+        groups.setdefault((tensor.device, tensor.dtype), []).append(position)
+    return list(groups.values())
+
+
+def _dense_strides(tensor: torch.Tensor) -> Tuple[int, ...]:
+    """``tensor``'s strides if it is non-overlapping and dense (its elements fill a block of memory
+    in some order of dimensions: contiguous, channels_last, ...), else the contiguous ones."""
+    expected = 1
+    for dim in sorted((d for d in range(tensor.dim()) if tensor.size(d) != 1), key=tensor.stride):
+        if tensor.stride(dim) != expected:
+            break
+        expected *= tensor.size(dim)
+    else:
+        return tensor.stride()
+    contiguous, step = [], 1
+    for size in reversed(tensor.shape):
+        contiguous.insert(0, step)
+        step *= size
+    return tuple(contiguous)
+
+
+class PerTensorValues:
+    """One value per tensor of a list, held as tensors of those tensors' sizes and strides (views of
+    one flat buffer), so that a list-list ``torch._foreach_*`` call pairing them with the list stays
+    on ATen's fast path (equal sizes and strides of paired tensors). :meth:`fill` writes a 1-D
+    tensor of values (on the device, no host synchronisation) in two launches: ``repeat_interleave``
+    with a known output size (so it need not read the counts back), and a copy into the buffer.
+    Costs one buffer of the list's size, kept while the list's layout stays the same."""
+
+    def __init__(self, like: Sequence[torch.Tensor]):
+        self.layout = self._layout(like)
+        first = like[0]
+        counts = [t.numel() for t in like]
+        self.total = sum(counts)
+        counts_on_host = torch.tensor(counts, dtype=torch.int64)
+        if first.device.type == "cuda":  # a non-blocking copy needs pinned memory: no synchronisation
+            counts_on_host = counts_on_host.pin_memory()
+        self.counts = counts_on_host.to(first.device, non_blocking=True)
+        self.flat = torch.empty(self.total, dtype=first.dtype, device=first.device)
+        offsets = [0]
+        for count in counts[:-1]:
+            offsets.append(offsets[-1] + count)
+        self.views = [self.flat.as_strided(t.shape, _dense_strides(t), offset)
+                      for t, offset in zip(like, offsets)]
+
+    @staticmethod
+    def _layout(tensors: Sequence[torch.Tensor]) -> tuple:
+        return tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+
+    def fits(self, tensors: Sequence[torch.Tensor]) -> bool:
+        return self._layout(tensors) == self.layout
+
+    def fill(self, values: torch.Tensor) -> List[torch.Tensor]:
+        """Tensor ``i`` of the result holds ``values[i]`` everywhere."""
+        self.flat.copy_(torch.repeat_interleave(values, self.counts, output_size=self.total))
+        return self.views
 
 
 def is_excluded(name: str, param: nn.Parameter) -> bool:

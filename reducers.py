@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
+import torch
 from determined import pytorch
 
 
@@ -37,31 +38,38 @@ class WeightedMeanReducer(pytorch.MetricReducer):
         return combine_means(per_slot_metrics)
 
 
-class DeviceLossReducer(pytorch.MetricReducer):
-    """The training loss of every step, kept on the device and read back once per reporting period
-    (one synchronisation per period instead of one per step). Reports the mean over steps and
-    processes; ``per_batch`` holds the per-step means over processes of the last period (for the
-    curves of ``plots.MetricsHistory``)."""
+class DeviceMeansReducer(pytorch.MetricReducer):
+    """Per-step scalar metrics of training (the loss; during pretraining also the online
+    classifier's loss and accuracy), kept on the device and read back once per reporting period:
+    one synchronisation per period for all of them, where returning them from ``train_batch`` would
+    cost one per step (Determined's harness calls ``.cpu()`` on every tensor it gets). Reports, under
+    each name, the mean over steps and processes, as the harness reports a per-batch metric;
+    ``per_batch`` holds, per step of the last period, the means over processes (for the curves of
+    ``plots.MetricsHistory``). Register it with ``name=None`` (its result is a dict)."""
 
-    def __init__(self) -> None:
-        self.per_batch: List[float] = []
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = tuple(names)
+        self.per_batch: List[Dict[str, float]] = []
         self.reset()
 
     def reset(self) -> None:
         self.values: List[Any] = []
 
-    def update(self, loss) -> None:
-        self.values.append(loss.detach().float().reshape(1))
+    def update(self, **metrics) -> None:
+        """One step's 0-d tensors, one per name (no host synchronisation)."""
+        if set(metrics) != set(self.names):
+            raise ValueError(f"step metrics {sorted(metrics)} differ from the reducer's {sorted(self.names)}")
+        self.values.append(torch.stack([metrics[name].detach() for name in self.names]).float())
 
-    def per_slot_reduce(self) -> List[float]:
-        import torch
+    def per_slot_reduce(self) -> List[List[float]]:
+        return torch.stack(self.values).tolist() if self.values else []
 
-        return torch.cat(self.values).tolist() if self.values else []
-
-    def cross_slot_reduce(self, per_slot_metrics: Sequence[List[float]]) -> float:
+    def cross_slot_reduce(self, per_slot_metrics: Sequence[List[List[float]]]) -> Dict[str, float]:
         slots = [slot for slot in per_slot_metrics if slot]
-        self.per_batch = [float(np.mean(column)) for column in zip(*slots)] if slots else []
-        return float(np.mean(self.per_batch)) if self.per_batch else float("nan")
+        self.per_batch = [dict(zip(self.names, np.mean(np.asarray(rows, dtype=np.float64), axis=0).tolist()))
+                          for rows in zip(*slots)]
+        return {name: float(np.mean([step[name] for step in self.per_batch])) if self.per_batch else float("nan")
+                for name in self.names}
 
 
 def combine_means(per_slot: Sequence[tuple[float, int]]) -> float:

@@ -5,7 +5,7 @@ through the online network and forward through the target; its views come from t
 augmentations. Rows (images per second; one image = one source image, i.e. two views):
 
 * ``ours library``: ``byol.BYOL`` as a library (README "Using the method as a library"):
-  ``learner(images)`` augments both views itself (``augment.default_augmentation``: batched crop and
+  ``learner(images)`` augments both views itself (``augment.TwoViewAugmentation``: batched crop and
   photometric ops on the device), SGD with momentum, EMA update; "no aug" passes prepared views.
 * ``ours trial step``: ``model_def.BYOLTrial.train_batch`` (its ``step_loss`` and ``after_step``:
   photometric views of the global batch, LARS, EMA; the non-finite watch): what a Determined run
@@ -77,7 +77,7 @@ sys.path.insert(0, ROOT)
 
 import augment
 import backbone as backbones
-from augment import IMAGENET_MEAN, IMAGENET_STD, default_augmentation
+from augment import IMAGENET_MEAN, IMAGENET_STD
 from byol import BYOL
 from runtime import jpeg_decode, performance
 
@@ -100,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--decode-size", type=int, default=500, help="side of the JPEGs of the decode rows")
     parser.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated groups of rows: {', '.join(GROUPS)}")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--compile", action="store_true",
+                        help="add a row: the trial pipeline's photometric part compiled (inductor; minutes on a CPU)")
     parser.add_argument("--done-when", action="store_true",
                         help="issue 16's acceptance rows: op counts and ratios at fixed sizes (module docstring)")
     args = parser.parse_args(argv)
@@ -202,19 +204,27 @@ def ours_trial_rows(args, device, images, directory, **extra_hparams) -> List[Ro
     trial = BYOLTrial(context, settings)
     trial.model.train()
     batch = ((images, images.flip(-1)), torch.zeros(len(images), dtype=torch.int64))
-    with_augmentation = dict(trial._augment_calls)
-    normalize_only = {module: (lambda views, _params: trial.normalize(views)) for module in with_augmentation}
 
-    def step(calls):
-        trial._augment_calls = calls
+    class SwitchableViews(augment.PhotometricViews):
+        """The trial's photometric views, or ("no aug") normalisation only."""
+        augmenting = True
+
+        def forward(self, images, floats, flags, channels_last=False):
+            if self.augmenting:
+                return super().forward(images, floats, flags, channels_last)
+            return tuple(trial.normalize(view) for view in images)
+
+    trial.photometric = views = SwitchableViews(list(trial.photometric.augments))
+
+    def step(augmenting: bool):
+        views.augmenting = augmenting
         context._current_batch_idx = trial.global_step  # what the harness's loop sets before a step
         trial.train_batch(batch, 0, trial.global_step)
 
-    rows = [Row("model", "ours trial step, with photometric augmentation", len(images),
-                lambda: step(with_augmentation)),
-            Row("model", "ours trial step, no augmentation", len(images), lambda: step(normalize_only))]
+    rows = [Row("model", "ours trial step, with photometric augmentation", len(images), lambda: step(True)),
+            Row("model", "ours trial step, no augmentation", len(images), lambda: step(False))]
     rows[0].context = stack  # kept open for the whole run
-    rows[0].trial, rows[0].with_augmentation = trial, lambda: step(with_augmentation)
+    rows[0].trial, rows[0].with_augmentation = trial, lambda: step(True)
     return rows
 
 
@@ -299,23 +309,28 @@ def lightly_rows(args, device, images, autocast) -> List[Row]:
 def augmentation_rows(args, device, images) -> List[Row]:
     rows = []
     on_device = images.to(device)
-    view1, view2 = (default_augmentation(args.image_size, view).to(device) for view in (1, 2))
+    both_views = augment.TwoViewAugmentation(args.image_size).to(device)
     rows.append(Row("augment", "ours batched two views (library: crop + photometric on the device)", len(images),
-                    lambda: (view1(on_device), view2(on_device))))
+                    lambda: both_views(on_device)))
     views = augment.paper_view_augmentations()
     geometric = augment.TwoViewTransform(args.image_size, *views)
-    photometric = [augment.PhotometricAugment(v, IMAGENET_MEAN, IMAGENET_STD, args.image_size).to(device)
-                   for v in views]
+    photometric = augment.PhotometricViews([augment.PhotometricAugment(v, IMAGENET_MEAN, IMAGENET_STD, args.image_size)
+                                            for v in views]).to(device)
     pil_images = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]
 
-    def trial_pipeline():
+    def trial_pipeline(apply):
         pairs = [geometric(image) for image in pil_images]   # what the data-loader workers do
         first = torch.stack([pair[0] for pair in pairs]).to(device)
         second = torch.stack([pair[1] for pair in pairs]).to(device)
-        photometric[0](first), photometric[1](second)
+        drawn = [module.sample_parameters(len(pil_images)) for module in photometric.augments]
+        apply((first, second), *photometric.device_parameters(drawn, device))   # both views as one batch
 
     rows.append(Row("augment", "ours trial pipeline (per-image crops as in workers + batched photometric)",
-                    len(images), trial_pipeline))
+                    len(images), lambda: trial_pipeline(photometric)))
+    if args.compile:  # the photometric part as compile: true runs it (compiled once, in the warm-up)
+        compiled = performance.maybe_compile(photometric, True)
+        rows.append(Row("augment", "ours trial pipeline, photometric part compiled (compile: true)", len(images),
+                        lambda: trial_pipeline(compiled)))
     try:
         from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
 
@@ -453,7 +468,9 @@ def labelled(label: str, function: Callable) -> Callable:
 
 
 TRIAL_PHASES = {  # the trial's methods (or its context's) whose ops make each phase
-    "augmentation": ("trial", "augment_global"), "forward + loss": ("trial", "model_call"),
+    # the photometric draws on the host, then both views on the device inside the step function
+    "augmentation": ("trial", "view_parameters"), "augmentation (device)": ("trial", "photometric"),
+    "forward + loss": ("trial", "step_call"),
     "backward": ("context", "backward"), "optimiser (LARS)": ("context", "step_optimizer"),
     "EMA and after-step": ("trial", "after_step")}
 

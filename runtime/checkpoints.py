@@ -167,9 +167,20 @@ class TrialStateCallback(pytorch.PyTorchCallback):
                               {"settings": self.trial.settings.as_hparams(), "total_steps": self.trial.total_steps,
                                "processes": self.trial.world_size})
         self.trial.checkpoint_written(checkpoint_dir)
+        if is_local():  # on a cluster the master names checkpoints (and the folder may be a staging one)
+            aliases = write_aliases(checkpoint_dir, self.trial.global_step)
+            print(f"[byol] checkpoint at step {self.trial.global_step}: {os.path.abspath(checkpoint_dir)} "
+                  f"(also {', '.join(aliases)})", flush=True)
 
     def on_checkpoint_upload_end(self, uuid: str) -> None:
         self.trial.checkpoint_uploaded(uuid)  # every rank: records it and checks the replicas
+
+
+def is_local() -> bool:
+    """Off a cluster (Determined's local mode)."""
+    import determined as det
+
+    return det.get_cluster_info() is None
 
 
 def is_warm_start() -> bool:
@@ -250,10 +261,12 @@ def write_complete_marker(directory: str, global_step: int, run: Optional[Dict[s
 
 def complete_checkpoints(parent: str) -> list:
     """``(global_step, path)`` of the complete checkpoints directly under ``parent``, oldest first
-    (marker present; files are verified by :func:`verify_checkpoint`)."""
+    (marker present; files are verified by :func:`verify_checkpoint`; aliases are not counted)."""
     found = []
     if os.path.isdir(parent):
         for name in os.listdir(parent):
+            if os.path.islink(os.path.join(parent, name)):
+                continue  # an alias (write_aliases) of a checkpoint listed under its own name
             marker = os.path.join(parent, name, COMPLETE_FILE)
             try:
                 with open(marker) as handle:
@@ -261,6 +274,40 @@ def complete_checkpoints(parent: str) -> list:
             except (OSError, ValueError, KeyError, TypeError):
                 continue
     return sorted(found, key=lambda item: (item[0], os.path.getmtime(item[1])))
+
+
+# ----------------------------------------------------------------------------- names a person can find
+# Determined's local mode names checkpoint folders by UUID. Beside them, local runs keep relative
+# symbolic links: ``latest`` and ``step-000200`` -> ``<uuid>``, each replaced atomically (a new link
+# under a temporary name, then ``os.replace``), so a reader never sees a missing or half-made alias.
+LATEST_ALIAS = "latest"
+
+
+def step_alias(step: int) -> str:
+    return f"step-{int(step):06d}"
+
+
+def write_aliases(checkpoint_dir: str, global_step: int) -> list:
+    """Points ``step-NNNNNN`` and ``latest`` in the checkpoint's storage folder at it; returns their paths."""
+    storage, name = os.path.split(os.path.abspath(checkpoint_dir))
+    written = []
+    for alias in (step_alias(global_step), LATEST_ALIAS):
+        path = os.path.join(storage, alias)
+        temporary = os.path.join(storage, f".{alias}.{os.getpid()}.tmp")
+        if os.path.lexists(temporary):
+            os.remove(temporary)
+        os.symlink(name, temporary)
+        os.replace(temporary, path)
+        written.append(path)
+    return written
+
+
+def run_folder(checkpoint_dir: str) -> str:
+    """The output folder of the run that wrote ``checkpoint_dir`` (aliases resolved): the folder above
+    its storage folder when that is named ``checkpoints`` (``<output-dir>/checkpoints/<uuid>``), else
+    the storage folder itself."""
+    storage = os.path.dirname(os.path.realpath(checkpoint_dir))
+    return os.path.dirname(storage) if os.path.basename(storage) == "checkpoints" else storage
 
 
 def _alternatives(directory: str) -> str:
@@ -358,9 +405,11 @@ def encoder_state(checkpoint: Dict[str, Any], where: str) -> Dict[str, torch.Ten
 
 # Settings that may differ on resume without changing what the resumed steps compute: how often to
 # validate or checkpoint, the linear evaluation's read-out, where the data lives and how it is loaded.
+# "init" decides only the weights of step 0, which a resume replaces (and checkpoints written before
+# it existed have none).
 RESUME_FREE_KEYS = ("train_length", "validation_period", "checkpoint_period", "classifier_validation",
                     "compare_random_init", "classifier", "data.root", "data.download", "data.num_workers",
-                    "data.gcs.cache_dir", "data.gcs.max_in_flight", "data.gcs.retry_deadline")
+                    "data.gcs.cache_dir", "data.gcs.max_in_flight", "data.gcs.retry_deadline", "init")
 
 
 def _flatten(values: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

@@ -29,11 +29,11 @@ MODEL_DEF_EPILOG = """\
 examples:
   model_def.py --config config/local-digits.yaml
   model_def.py --config config/const-cifar10.yaml --epochs 1 --set data.root=/data/cifar10
-  model_def.py --config config/local-digits.yaml --checkpoint-dir outputs/x --resume-from outputs/x/UUID"""
+  model_def.py --config config/local-digits.yaml --output-dir outputs/x --resume-from outputs/x/checkpoints/latest"""
 
 EVALUATE_USAGE = """\
 evaluate_result.py (--checkpoint DIR | --experiment-id N) [options]
-       evaluate_result.py --checkpoint DIR --export-encoder OUT.pt
+       evaluate_result.py --checkpoint DIR --export-encoder OUT.pt|OUT.safetensors
        evaluate_result.py features --checkpoint DIR --out FEATURES.pt [options]
        evaluate_result.py probe --features FEATURES.pt [--k K]"""
 
@@ -57,7 +57,8 @@ commands (each has its own --help):
 
 EVALUATE_EPILOG = """\
 examples:
-  evaluate_result.py --checkpoint outputs/local-digits/checkpoints/UUID --classifier-train-epochs 80
+  evaluate_result.py --checkpoint outputs/local-digits/checkpoints/latest
+  evaluate_result.py --checkpoint outputs/local-digits/checkpoints/latest --resume    (after an interruption)
   evaluate_result.py --checkpoint DIR --fine-tune --set classifier.label_fraction=0.01
   evaluate_result.py --experiment-id 42 --best
   evaluate_result.py features --checkpoint DIR --out features.pt
@@ -66,6 +67,7 @@ examples:
 PROBE_COMMANDS = ("features", "probe")
 FINE_TUNE_LEARNING_RATES = (0.01, 0.02, 0.05, 0.1, 0.005)  # the paper's semi-supervised grid (appendix C.2)
 DEBUG_HELP = "show the traceback of an error (or set BYOL_DEBUG=1)"
+EXPORT_FORMATS = ("pt", "safetensors")  # evaluate_result.py --export-encoder
 
 
 def model_def_parser() -> argparse.ArgumentParser:
@@ -77,13 +79,20 @@ def model_def_parser() -> argparse.ArgumentParser:
                         help="train N epochs (overrides hyperparameters.train_length)")
     length.add_argument("--batches", type=int, metavar="N",
                         help="train N batches (overrides hyperparameters.train_length)")
+    parser.add_argument("--output-dir", metavar="DIR",
+                        help="the run's folder: checkpoints/ (UUID folders with the aliases latest and step-NNNNNN), "
+                             "metrics.json, metrics.png, tensorboard/, evaluations/ (default: the folder above "
+                             "--checkpoint-dir if given; with --resume-from, the resumed run's folder; else "
+                             "outputs/<config file name>)")
     parser.add_argument("--checkpoint-dir", metavar="DIR",
                         help="where checkpoints go (default: the config's checkpoint_storage.host_path, else "
-                             "Determined's local default ~/.local/share/determined)")
+                             "OUTPUT_DIR/checkpoints)")
     parser.add_argument("--resume-from", metavar="DIR",
-                        help="a checkpoint directory to continue from exactly (same settings, bit-identical weights)")
+                        help="a checkpoint directory, or an alias such as OUTPUT_DIR/checkpoints/latest, to continue "
+                             "from exactly (same settings, bit-identical weights)")
     parser.add_argument("--metrics-out", metavar="FILE",
-                        help="write the final metrics as JSON to FILE (and the training curves as PNG beside it)")
+                        help="the final metrics as JSON (default: OUTPUT_DIR/metrics.json; the training curves as "
+                             "PNG beside it)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a hyperparameter, or with data. the data section (a yaml value; repeatable), "
                              "e.g. --set backbone=resnet18_cifar --set data.root=/data/cifar10")
@@ -126,16 +135,31 @@ def evaluate_parser() -> argparse.ArgumentParser:
     protocol.add_argument("--encoder-lr", type=float, metavar="LR",
                           help="fine-tuning: the encoder's base learning rate (default: classifier.encoder_lr, "
                                "else the head's)")
+    protocol.add_argument("--validate-every", type=int, metavar="N",
+                          help="validate every N epochs (default: every quarter of the run); always at the end")
+    protocol.add_argument("--resume", action="store_true",
+                          help="with --checkpoint: continue an interrupted evaluation (the same command plus "
+                               "--resume) from the newest checkpoint in its folder")
     protocol.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="with --checkpoint: override a hyperparameter, or data.KEY, of the checkpoint's "
                                "configuration (repeatable)")
     outputs = parser.add_argument_group("outputs")
-    outputs.add_argument("--export-encoder", metavar="OUT.pt",
-                         help="with --checkpoint: write the encoder's state_dict to OUT.pt and stop (no evaluation)")
+    outputs.add_argument("--export-encoder", metavar="OUT",
+                         help="with --checkpoint: write the encoder's state_dict to OUT (OUT.pt, or "
+                              "OUT.safetensors), its metadata to OUT.json and a model card to OUT.md, and stop "
+                              "(no evaluation)")
+    outputs.add_argument("--format", choices=EXPORT_FORMATS,
+                         help="--export-encoder's format (default: safetensors for a .safetensors name, else pt)")
+    outputs.add_argument("--output-dir", metavar="DIR",
+                         help="with --checkpoint: the evaluation's folder: checkpoints/, metrics.json, metrics.png, "
+                              "tensorboard/ (default: <run folder>/evaluations/linear-step-NNNNNN, beside the "
+                              "evaluated run's checkpoints/)")
     outputs.add_argument("--checkpoint-dir", metavar="DIR",
-                         help="with --checkpoint: where the evaluation's checkpoints go (default: beside --checkpoint)")
+                         help="with --checkpoint: where the evaluation's checkpoints go (default: "
+                              "OUTPUT_DIR/checkpoints)")
     outputs.add_argument("--metrics-out", metavar="FILE",
-                         help="with --checkpoint: write the final metrics as JSON (and the curves as PNG) here")
+                         help="with --checkpoint: the final metrics as JSON, the curves as PNG beside it "
+                              "(default: OUTPUT_DIR/metrics.json)")
     cluster = parser.add_argument_group("cluster (with --experiment-id)")
     cluster.add_argument("--master", metavar="URL", help="the Determined master (default: DET_MASTER)")
     cluster.add_argument("--model-dir", metavar="DIR",
@@ -194,9 +218,12 @@ def parse_evaluate_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("give one of --checkpoint DIR (evaluated here) or --experiment-id N (on a cluster)")
     if args.experiment_id is None and (args.checkpoint_uuid or args.best):
         parser.error("--checkpoint-uuid and --best choose a checkpoint of --experiment-id")
-    if args.experiment_id is not None and (args.export_encoder or args.set or args.checkpoint_dir or args.metrics_out):
-        parser.error("--export-encoder, --set, --checkpoint-dir and --metrics-out need --checkpoint "
-                     "(fetch the checkpoint with `det checkpoint download`)")
+    if args.experiment_id is not None and (args.export_encoder or args.set or args.checkpoint_dir or args.metrics_out
+                                           or args.output_dir or args.resume):
+        parser.error("--export-encoder, --set, --output-dir, --checkpoint-dir, --metrics-out and --resume need "
+                     "--checkpoint (fetch the checkpoint with `det checkpoint download`)")
+    if args.format and not args.export_encoder:
+        parser.error("--format applies to --export-encoder")
     return args
 
 

@@ -113,13 +113,17 @@ def free_ports(count: int) -> list:
 
 @contextlib.contextmanager
 def local_trial_context(hparams: Dict, exp_conf: Dict, distributed: Optional[core.DistributedContext],
-                        checkpoint_dir: Optional[str], writes: Optional["CheckpointWrites"] = None
-                        ) -> Iterator[pytorch.PyTorchTrialContext]:
+                        checkpoint_dir: Optional[str], writes: Optional["CheckpointWrites"] = None,
+                        tensorboard_dir: Optional[str] = None) -> Iterator[pytorch.PyTorchTrialContext]:
     """``determined.pytorch.init`` for local mode, plus a checkpoint directory of our choice
-    (``pytorch.init`` has no ``checkpoint_storage`` argument; ``core.init`` has)."""
-    with core.init(distributed=distributed, checkpoint_storage=checkpoint_dir,
-                   preempt_mode=core.PreemptMode.WorkersAskChief,
-                   tensorboard_mode=core.TensorboardMode.MANUAL) as core_context:
+    (``pytorch.init`` has no ``checkpoint_storage`` argument; ``core.init`` has) and the TensorBoard
+    folder (``tensorboard_dir``; without it torch's SummaryWriter writes to ``./runs/``). Off a
+    cluster ``core.init`` is ``core._dummy_init`` without the TensorBoard path, so that is called."""
+    import pathlib
+
+    with core._dummy_init(distributed=distributed, checkpoint_storage=checkpoint_dir,
+                          tensorboard_path=pathlib.Path(tensorboard_dir) if tensorboard_dir else None,
+                          preempt_mode=core.PreemptMode.WorkersAskChief) as core_context:
         if writes is not None:
             core_context.checkpoint.store_path = writes.watch(core_context.checkpoint.store_path)
         yield pytorch.PyTorchTrialContext(
@@ -178,13 +182,21 @@ def run_trial(make_trial: Callable, context: pytorch.PyTorchTrialContext, settin
 
 
 def final_metrics(trial, started: float, training_seconds: Optional[float] = None) -> Dict[str, Any]:
-    """The run's final metrics: the last validation's, the step reached, the times and the last
-    checkpoint; after pretraining with ``compare_random_init``, first the comparison of the BYOL
-    encoder with a random one and raw pixels, which trains feature probes (every rank takes part).
-    ``wall_seconds`` is the whole command, from ``started`` (:func:`process_started`) to the final metrics;
-    ``training_seconds`` the Trainer's part of it (training and validations)."""
+    """The run's final metrics: the last validation's, the last training period's (``final_loss``,
+    ``online_classifier_accuracy``), the step reached, the times, the last checkpoint (id and path)
+    and the resolved settings (``config``); after pretraining with ``compare_random_init``, first the
+    comparison of the BYOL encoder with a random one and raw pixels, which trains feature probes
+    (every rank takes part). ``wall_seconds`` is the whole command, from ``started``
+    (:func:`process_started`) to the final metrics; ``training_seconds`` the Trainer's part of it
+    (training and validations)."""
     metrics = {key: value for key, value in trial.evaluation.last_validation.items()
                if isinstance(value, (int, float))}
+    history = getattr(trial, "metrics_history", None)
+    training = history.last_training() if history is not None else {}
+    if "loss" in training:
+        metrics["final_loss"] = training["loss"]
+    if "online_classifier_accuracy" in training:  # the reference's online classifier (byol.py), pretraining
+        metrics["online_classifier_accuracy"] = training["online_classifier_accuracy"]
     if trial.pretraining and trial.settings.compare_random_init:
         comparing = time.time()
         comparison = trial.evaluation.compare_representations()  # BYOL vs random init vs pixels, one fair probe
@@ -193,8 +205,11 @@ def final_metrics(trial, started: float, training_seconds: Optional[float] = Non
             metrics["representation_probe_seconds"] = round(time.time() - comparing, 1)
     if training_seconds is not None:
         metrics["training_seconds"] = round(training_seconds, 1)
+    path = trial.last_checkpoint_path
     metrics.update({"global_step": trial.global_step, "wall_seconds": round(time.time() - started, 1),
-                    "last_checkpoint": trial.last_checkpoint})
+                    "last_checkpoint": trial.last_checkpoint,
+                    "checkpoint_path": os.path.abspath(path) if path else None,
+                    "config": {"hyperparameters": trial.settings.as_hparams()}})
     return metrics
 
 
@@ -236,20 +251,46 @@ def local_main(args: argparse.Namespace, started: float, make_trial: Callable) -
         print(f"[byol] note: the config asks for {slots_of(config)} slots; running {slots} local processes",
               flush=True)
     settings = parse_settings(hparams, data_section, slots)
-    if args.resume_from:  # only a completely written, unchanged checkpoint (checkpoints.py)
-        checkpoints.verify_checkpoint(args.resume_from)
-    checkpoint_dir = os.path.abspath(args.checkpoint_dir or default_checkpoint_dir(config)
-                                     or local_storage_default())
+    # An alias (latest, step-NNNNNN) is resolved once: the run continues from that UUID folder even
+    # when the alias moves on to the checkpoints this run writes.
+    latest = os.path.realpath(args.resume_from) if args.resume_from else None
+    if latest:  # only a completely written, unchanged checkpoint (checkpoints.py)
+        checkpoints.verify_checkpoint(latest)
+    output_dir, checkpoint_dir, metrics_out = output_paths(args, config, latest)
     check_output_dir(checkpoint_dir, "--checkpoint-dir")
     check_not_copied_into_itself(checkpoint_dir)
-    check_output_file(args.metrics_out, "--metrics-out")  # before training, not after it
+    check_output_file(metrics_out, "--metrics-out")  # before training, not after it
     settings = choose_threads(settings, distributed)
-    latest = os.path.abspath(args.resume_from) if args.resume_from else None
     writes = CheckpointWrites(latest, distributed.get_rank() if distributed else 0, slots, checkpoint_dir)
+    if not distributed or distributed.get_rank() == 0:
+        print(f"[byol] output folder {output_dir}: checkpoints in {checkpoint_dir}, metrics {metrics_out}, "
+              f"TensorBoard {os.path.join(output_dir, TENSORBOARD_FOLDER)}", flush=True)
     with writes.explained():
         train_and_report(make_trial, config, settings, distributed, checkpoint_dir, latest, started,
-                         args.metrics_out, writes)
+                         metrics_out, writes, tensorboard_dir=os.path.join(output_dir, TENSORBOARD_FOLDER))
     return 0
+
+
+TENSORBOARD_FOLDER = "tensorboard"
+
+
+def output_paths(args: argparse.Namespace, config: Dict[str, Any], resumed: Optional[str]) -> tuple[str, str, str]:
+    """``(output folder, checkpoint storage, metrics file)`` of a local run, absolute: ``--output-dir``;
+    else the folder above ``--checkpoint-dir``; else, resuming, the resumed run's folder
+    (``checkpoints.run_folder``) and storage; else ``outputs/<config file name>``."""
+    storage = args.checkpoint_dir or default_checkpoint_dir(config)
+    if args.output_dir:
+        output_dir = args.output_dir
+    elif args.checkpoint_dir:
+        output_dir = os.path.dirname(os.path.abspath(args.checkpoint_dir))
+    elif resumed:
+        output_dir = checkpoints.run_folder(resumed)
+        storage = storage or os.path.dirname(resumed)
+    else:
+        output_dir = os.path.join("outputs", os.path.splitext(os.path.basename(args.config))[0])
+    output_dir = os.path.abspath(output_dir)
+    checkpoint_dir = os.path.abspath(storage or os.path.join(output_dir, "checkpoints"))
+    return output_dir, checkpoint_dir, os.path.abspath(args.metrics_out or os.path.join(output_dir, "metrics.json"))
 
 
 # Flags that change the run locally; on a cluster only the master's experiment config counts.
@@ -287,14 +328,15 @@ def run_on_cluster(info: "det.ClusterInfo", args: argparse.Namespace, make_trial
 def train_and_report(make_trial: Callable, exp_conf: Dict[str, Any], settings: Settings, distributed,
                      checkpoint_dir: str,
                      latest: Optional[str], started: float, metrics_out: Optional[str] = None,
-                     writes: Optional[CheckpointWrites] = None, result_line=None) -> Dict[str, Any]:
+                     writes: Optional[CheckpointWrites] = None, result_line=None,
+                     tensorboard_dir: Optional[str] = None) -> Dict[str, Any]:
     """Trains in local mode, then prints the summary (plus ``result_line(settings, metrics)``) and
     writes the metrics JSON and the curves' PNG beside it (rank 0). Returns the final metrics."""
     stops.REQUEST.install()  # SIGTERM / SIGINT: finish the step, checkpoint, exit (stops.py)
     stopping = False
     try:
         with local_trial_context(exp_conf["hyperparameters"], exp_conf, distributed, checkpoint_dir,
-                                 writes) as context:
+                                 writes, tensorboard_dir) as context:
             training = time.time()
             trial = run_trial(make_trial, context, settings, latest)
             requests = stops.requests_of(trial.finite_watch.stop_signals, trial.rank)
@@ -302,6 +344,7 @@ def train_and_report(make_trial: Callable, exp_conf: Dict[str, Any], settings: S
             if stopping:
                 raise stopped(trial, checkpoint_dir, requests)
             metrics = final_metrics(trial, started, time.time() - training)
+            metrics["config"]["data"] = exp_conf.get("data") or {}
         if context.distributed.rank == 0:
             print_summary(trial, metrics)
             if result_line is not None:
@@ -323,9 +366,24 @@ def stopped(trial, checkpoint_dir: str, requests: Dict[int, int]) -> RunFailed:
     path = os.path.join(checkpoint_dir, trial.last_checkpoint) if trial.last_checkpoint else None
     if path is None:
         where = "no checkpoint was written"
+    elif os.path.basename(sys.argv[0]) == "model_def.py":
+        argv, skip = [], False
+        for arg in sys.argv[1:]:
+            if skip or arg == "--resume-from":
+                skip = not skip
+                continue
+            if not arg.startswith("--resume-from="):
+                argv.append(arg)
+        again = (f"{shlex.join([interpreter(), sys.argv[0], *argv])} --resume-from {path}"
+                 if trial.world_size == 1 else f"the same torchrun command with --resume-from {path}")
+        where = f"checkpoint {path}; continue with: {again}"
+    elif os.path.basename(sys.argv[0]) == "evaluate_result.py":  # evaluations continue with --resume
+        argv = [arg for arg in sys.argv[1:] if arg != "--resume"]
+        again = (f"{shlex.join([interpreter(), sys.argv[0], *argv])} --resume" if trial.world_size == 1
+                 else "the same torchrun command with --resume")
+        where = f"checkpoint {path}; continue with: {again}"
     else:
-        command = faults.continue_command(path, trial.world_size)
-        where = f"checkpoint {path}; continue with: {command}" if command else f"checkpoint {path}"
+        where = f"checkpoint {path}"
     signum = requests.get(trial.rank) or requests[min(requests)]
     name = stops.signal_name(signum)
     if trial.rank not in requests:
@@ -337,11 +395,11 @@ def stopped(trial, checkpoint_dir: str, requests: Dict[int, int]) -> RunFailed:
     return failure
 
 
-def local_storage_default() -> str:
-    """Where Determined's local mode stores checkpoints when no directory is configured."""
-    import appdirs
-
-    return appdirs.user_data_dir("determined")
+def interpreter() -> str:
+    """This Python (``sys.executable``, e.g. the venv's), relative to the working directory when
+    inside it (``.venv/bin/python``), for commands a person copies."""
+    relative = os.path.relpath(sys.executable)
+    return relative if not relative.startswith(os.pardir) else sys.executable
 
 
 def check_not_copied_into_itself(checkpoint_dir: str) -> None:
@@ -394,6 +452,11 @@ def print_summary(trial, metrics: Dict[str, Any]) -> None:
                      f"{metrics['knn_accuracy']:.4f}")
     if "representation_probe" in metrics:
         lines.append(feature_probes.format_comparison(metrics["representation_probe"]))
-    if metrics.get("last_checkpoint"):
-        lines.append(f"[byol] last checkpoint: {metrics['last_checkpoint']}")
+    if "final_loss" in metrics:
+        lines.append(f"[byol] final training loss {metrics['final_loss']:.4f}" + (
+            f", online classifier accuracy {metrics['online_classifier_accuracy']:.4f} (on sg(y) of the labelled "
+            f"training images)" if "online_classifier_accuracy" in metrics else "")
+            + " (means over the last training period, at most an epoch)")
+    if metrics.get("checkpoint_path") or metrics.get("last_checkpoint"):
+        lines.append(f"[byol] last checkpoint: {metrics.get('checkpoint_path') or metrics['last_checkpoint']}")
     print("\n".join(lines), flush=True)

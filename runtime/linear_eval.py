@@ -26,6 +26,7 @@ import torch
 from determined import pytorch
 
 import backbone as backbones
+from augment import PhotometricViews
 from data import Split
 from reducers import ValidatedAccuracyReducer, WeightedMeanReducer
 from runtime import classifier, faults, feature_probes, knn, loaders
@@ -58,6 +59,8 @@ class LinearEvaluation:
         self.settings, self.context, self.device = settings, context, device
         self.rank, self.world_size = rank, world_size
         self.dataset, self.normalize, self.augmentations = dataset, normalize, tuple(augmentations)
+        # both views as one batch (augment.py)
+        self.views = PhotometricViews(self.augmentations) if self.augmentations else None
         self.num_classes, self.global_step, self.seeded = num_classes, global_step, seeded
         self.learner, self.heads, self.model = learner, heads, model
         self.last_validation: Dict[str, Any] = {}
@@ -92,8 +95,7 @@ class LinearEvaluation:
             with self.seeded(SeedStream.EVALUATION_VIEWS):
                 drawn = [augment.sample_parameters(len(self.dataset)) for augment in self.augmentations]
             self._view_parameters = (self.global_step(), drawn)
-        view1, view2 = (augment(images, augment.select(drawn, positions.cpu()))
-                        for augment, drawn in zip(self.augmentations, self._view_parameters[1]))
+        view1, view2 = self.views.views((images, images), self._view_parameters[1], rows=positions.cpu())
         return view1, view2
 
     # ------------------------------------------------------------------ around each validation
@@ -119,10 +121,13 @@ class LinearEvaluation:
                   + ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())), flush=True)
         self.knn_bank = None  # frees the CLS_TRAIN features until the next validation
 
-    def classifier_train_features(self, encoder: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen features and labels of all of CLS_TRAIN (gathered from every rank, in dataset order)."""
+    def classifier_train_features(self, encoder: torch.nn.Module, dataset=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen features and labels of all of CLS_TRAIN (gathered from every rank, in dataset order):
+        before each pretraining validation, and once for the linear protocol without augmentation
+        (``dataset``: the trial's un-augmented labelled CLS_TRAIN, model_def.HeadsTrial)."""
         s = self.settings
-        dataset = faults.ReadGuard(loaders.classifier_feature_dataset(s, s.image_size))
+        if dataset is None:
+            dataset = faults.ReadGuard(loaders.classifier_feature_dataset(s, s.image_size))
         loader = loaders.sharded_loader(dataset, self.batch_size, self.rank, self.world_size,
                                         s.data.num_workers)
         features, labels = classifier.extract_features(encoder, loader, self.device, self.normalize,
@@ -177,7 +182,7 @@ class LinearEvaluation:
             raise ValueError("compare_representations reads out a BYOL learner: pretraining only")
         s = self.settings
         torch.manual_seed(mix_seed(s.seed, SeedStream.RANDOM_ENCODER))
-        random_encoder = backbones.build_backbone(s.backbone).to(self.device)
+        random_encoder = backbones.build_backbone(s.backbone, init=s.init).to(self.device)
         encoders = {"BYOL encoder": self.learner.online_encoder, "random-init encoder": random_encoder,
                     "raw pixels": None}
         representations = {name: self.representation_splits(encoder, f"comparison: {name},")

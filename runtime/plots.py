@@ -18,7 +18,9 @@ from typing import Any, Dict, List, Sequence
 
 from determined import pytorch
 
-TRAINING_KEYS = ("loss", "lr", "tau")
+# online_classifier_accuracy: the reference's online linear classifier on sg(y) (byol.py), scored
+# on each pretraining batch's labelled images; drawn with the validation accuracies.
+TRAINING_KEYS = ("loss", "lr", "tau", "online_classifier_accuracy")
 POINTS_PER_WORKLOAD = 20
 ACCURACY_KEYS = ("validation_accuracy", "test_accuracy", "test_top5_accuracy", "knn_accuracy")
 LOSS_KEYS = ("validation_byol_loss",)
@@ -50,16 +52,22 @@ class MetricsHistory(pytorch.PyTorchCallback):
         self.trial = trial
         self.training: List[Dict[str, float]] = []
         self.validation: List[Dict[str, float]] = []
+        self._last_workload: Dict[str, float] = {}
 
     def on_training_workload_end(self, avg_metrics: Dict[str, Any], batch_metrics: Any) -> None:
         """Per-batch metrics, averaged over at most ``POINTS_PER_WORKLOAD`` consecutive bins (a
         workload is an epoch or less), so curves show the schedules without a point per step."""
+        averages = _plain_numbers({k: v for k, v in (avg_metrics or {}).items() if k in TRAINING_KEYS})
+        if averages:
+            self._last_workload = averages
         batches = [_plain_numbers({k: v for k, v in (m or {}).items() if k in TRAINING_KEYS})
                    for m in (batch_metrics or [])]
-        # The trial's loss is not a per-batch metric (read from the device once per workload).
-        per_batch_loss = getattr(getattr(self.trial, "loss_reducer", None), "per_batch", None) or []
-        if len(per_batch_loss) == len(batches) and not any("loss" in m for m in batches):
-            batches = [{**m, "loss": loss} for m, loss in zip(batches, per_batch_loss)]
+        # The trial's loss is not a per-batch metric (read from the device once per workload, with the
+        # other device metrics: reducers.DeviceMeansReducer).
+        on_device = getattr(getattr(self.trial, "step_metrics", None), "per_batch", None) or []
+        if len(on_device) == len(batches):
+            batches = [{**{k: v for k, v in step.items() if k in TRAINING_KEYS}, **m}
+                       for m, step in zip(batches, on_device)]
         if not any(batches):
             batches = [_plain_numbers({k: v for k, v in (avg_metrics or {}).items() if k in TRAINING_KEYS})]
         end = self.trial.global_step
@@ -71,6 +79,17 @@ class MetricsHistory(pytorch.PyTorchCallback):
             if keys:
                 record = {key: sum(m[key] for m in chunk if key in m) / sum(key in m for m in chunk) for key in keys}
                 self.training.append({"step": float(end - len(batches) + hi), **record})
+        # A metric reported only as the workload's average (a reducer) is one point at its end.
+        only_averaged = {key: value for key, value in averages.items() if not any(key in m for m in batches)}
+        if only_averaged and self.training and self.training[-1]["step"] == float(end):
+            self.training[-1].update(only_averaged)
+
+    def last_training(self) -> Dict[str, float]:
+        """The last workload's averages (training metrics of the last epoch or period): the
+        harness's averages when this process saw them, else the last recorded point."""
+        if self._last_workload:
+            return dict(self._last_workload)
+        return {k: v for k, v in self.training[-1].items() if k != "step"} if self.training else {}
 
     def on_validation_end(self, metrics: Dict[str, Any]) -> None:
         record = _plain_numbers(metrics)
@@ -117,7 +136,8 @@ def write_metrics_plot(history: MetricsHistory, path: str, title: str = "") -> s
         (loss_ax, "loss", [("training loss", history.training, "loss"),
                            ("validation BYOL loss", history.validation, "validation_byol_loss")]),
         (lr_ax, "learning rate", [("learning rate", history.training, "lr")]),
-        (acc_ax, "accuracy", [(key.replace("_", " "), history.validation, key) for key in ACCURACY_KEYS]),
+        (acc_ax, "accuracy", [(key.replace("_", " "), history.validation, key) for key in ACCURACY_KEYS]
+         + [("online classifier accuracy (training)", history.training, "online_classifier_accuracy")]),
     )
     for axis, label, curves in panels:
         drawn = 0

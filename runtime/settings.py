@@ -61,6 +61,7 @@ class Settings:
     seed: int = 0
     backbone: str = "small_cnn"
     backbone_weights: Optional[str] = None
+    init: str = "reference"                      # reference (the authors') | torchvision (backbone.py)
     image_size: int = 32
     global_batch_size: int = 256
     train_length: Length = Length(epochs=10)
@@ -170,6 +171,9 @@ def parse_settings(hyperparameters: dict, data_section: Optional[dict] = None, s
     values["tau_base"] = checked_number(values, "tau_base", prefix, minimum=0, maximum=1)
     values["projection_size"] = checked_number(values, "projection_size", prefix, int, minimum=1)
     values["projection_hidden_size"] = checked_number(values, "projection_hidden_size", prefix, int, minimum=1)
+    if values["init"] not in backbone.INITIALISATIONS:
+        reject(prefix + "init", values["init"], f"allowed: {', '.join(backbone.INITIALISATIONS)} (the authors' "
+               "initialisation, or torchvision's and torch's own)")
     if values["precision"] not in PRECISIONS:
         reject(prefix + "precision", values["precision"], f"allowed: {', '.join(PRECISIONS)}")
     if values["channels_last"] is not None and not isinstance(values["channels_last"], bool):

@@ -7,6 +7,7 @@ The straight runs that several tests compare against are made once per test sess
 from __future__ import annotations
 
 import atexit
+import collections
 import functools
 import json
 import os
@@ -189,3 +190,22 @@ def train_in_process(config_path, out_dir, name: str = "run") -> dict:
                         "--metrics-out", metrics_file])
     assert code == 0, f"model_def.py exited with {code}"
     return metrics(metrics_file)
+
+
+def top_level_aten_ops(work) -> collections.Counter:
+    """The aten ops that ``work()`` calls at the top level (not from inside another aten op), as
+    ``torch.profiler`` records them on the CPU: the host's op-by-op work (collectives, ``c10d::``,
+    are not aten ops and are not counted)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        work()
+    counts = collections.Counter()
+    for event in prof.events():
+        parent, nested = event.cpu_parent, False
+        while parent is not None and not nested:
+            nested = parent.name.startswith(("aten::", "c10d::"))
+            parent = parent.cpu_parent
+        if event.name.startswith("aten::") and not nested:
+            counts[event.name] += 1
+    return counts

@@ -20,13 +20,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "runtime"
 ENTRY_FILES = ("model_def", "evaluate_result", "generate_blob_list")
-DESIGN_CARD = ("augment", "backbone", "byol", "data", "evaluate_result", "generate_blob_list", "model_def", "optim",
-               "reducers", "utils")
+DESIGN_CARD = ("augment", "backbone", "batchnorm", "byol", "data", "evaluate_result", "generate_blob_list",
+               "model_def", "optim", "reducers", "utils")
 
 # The layers of docs/architecture.md, lowest first: a module may import from its own layer and the
 # layers below it, never from a layer above.
 LAYERS = (
-    ("foundation", ("utils", "optim", "reducers", "runtime.cli", "runtime.progress", "runtime.sampling",
+    ("foundation", ("utils", "batchnorm", "optim", "reducers", "runtime.cli", "runtime.progress", "runtime.sampling",
                     "runtime.stops", "runtime.nonfinite", "runtime.performance", "runtime.replicas",
                     "runtime.sync_batchnorm", "runtime.plots")),
     ("method", ("augment", "backbone", "byol")),

@@ -1,5 +1,6 @@
 """Tests of augment.py: settings validation, the per-image geometric part, and the batched
 photometric ops checked against torchvision.transforms.v2.functional (paper appendix B, table 6)."""
+import itertools
 import pickle
 
 import numpy as np
@@ -247,8 +248,9 @@ def _per_sample_loop(module, images, params):
 
 @pytest.mark.parametrize("view", [0, 1])
 def test_batched_augment_equals_a_per_sample_loop(view):
-    """Each sample's ops, gathered and scattered per (order position, op), equal doing each sample
-    alone; both views of table 6 (all ops, solarize and rare blur included)."""
+    """Each sample's ops, run by the fixed schedule with neutral parameters and masks, equal doing
+    each sample alone (bit for bit: the same arithmetic); both views of table 6 (all ops, solarize
+    and rare blur included)."""
     images = _images(batch=48, size=32)
     module = PhotometricAugment(augment.paper_view_augmentations()[view], MEAN, STD, 32)
     torch.manual_seed(view)
@@ -257,19 +259,171 @@ def test_batched_augment_equals_a_per_sample_loop(view):
     assert torch.allclose(module(images, params), _per_sample_loop(module, images, params), atol=1e-6)
 
 
-def test_plan_touches_each_sample_once_per_op():
-    module = PhotometricAugment(augment.paper_view_augmentations()[1], MEAN, STD, 32)
+def test_every_jitter_order_fits_the_static_schedule():
+    """Each of the 24 orders, with any ops switched off, runs in order through the fixed stages
+    (each op in a stage of its kind, strictly later than the previous op's); the tables send every
+    order's ops to those stages and nothing else."""
+    for order in itertools.permutations(range(4)):
+        for enabled in itertools.product((False, True), repeat=4):
+            stages = augment._jitter_stages(order, enabled)
+            assert sorted(stages) == [op for op in range(4) if enabled[op]]
+            positions = [stages[op] for op in order if enabled[op]]
+            assert positions == sorted(set(positions))
+            assert all(augment._SCHEDULE[stage] == augment._JITTER_KIND[op] for op, stage in stages.items())
+    module = PhotometricAugment(ViewAugmentation(**dict(NOTHING, jitter_p=1.0, saturation=0.0, hue=0.0)), MEAN, STD, 16)
+    assert [kind for kind, used in zip(augment._SCHEDULE, module.program.jitter) if used] == ["rgb", "rgb"]
+    assert not any(PhotometricAugment(ViewAugmentation(**NOTHING), MEAN, STD, 16).program.jitter)
+
+
+def _old_sample_parameters(view, batch):
+    """The draws as the first implementation made them, one ``torch.rand`` per kind in turn."""
+    def uniform(low, high):
+        return low + (high - low) * torch.rand(batch)
+
+    def coin(p):
+        return torch.rand(batch) < p
+
+    return {"jitter": coin(view.jitter_p),
+            "factors": torch.stack([uniform(-view.brightness, view.brightness),
+                                    uniform(max(0.0, 1.0 - view.contrast), 1.0 + view.contrast),
+                                    uniform(max(0.0, 1.0 - view.saturation), 1.0 + view.saturation),
+                                    uniform(-view.hue, view.hue)], dim=1),
+            "order": torch.rand(batch, 4).argsort(dim=1), "grayscale": coin(view.grayscale_p),
+            "blur": coin(view.blur_p), "sigma": uniform(*view.blur_sigma), "solarize": coin(view.solarize_p)}
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_draws_are_those_of_drawing_each_kind_in_turn(batch):
+    """One torch.rand for all draws gives the values of the first implementation's sequence of
+    draws (resume and any number of processes depend on them), and leaves the RNG in the same state."""
+    odd = ViewAugmentation(flip_p=0.3, jitter_p=0.55, brightness=0.3, contrast=0.9, saturation=1.2, hue=0.45,
+                           grayscale_p=0.35, blur_p=0.6, blur_sigma=(0.3, 1.7), solarize_p=0.45)
+    for view in (*augment.paper_view_augmentations(), odd):
+        torch.manual_seed(batch)
+        new = PhotometricAugment(view, MEAN, STD, 32).sample_parameters(batch)
+        after_new = torch.rand(3)
+        torch.manual_seed(batch)
+        old = _old_sample_parameters(view, batch)
+        assert torch.equal(torch.rand(3), after_new)
+        assert new.keys() == old.keys()
+        for key in old:
+            assert new[key].dtype == old[key].dtype and torch.equal(new[key], old[key]), key
+
+
+def _round_trip_loop(module, images, params):
+    """Each sample alone with the textbook ops: contrast as (x - mean) * f + mean, saturation and
+    hue through rgb_to_hsv / hsv_to_rgb, grayscale as a weighted sum of the three channels."""
+    out = []
+    for i in range(images.shape[0]):
+        x = images[i:i + 1].float() / 255
+        if params["jitter"][i]:
+            for op in params["order"][i].tolist():
+                value = float(params["factors"][i, op])
+                if op == 0:
+                    x = (x + value).clamp(0, 1)
+                elif op == 1:
+                    mean = x.mean(dim=(2, 3), keepdim=True)
+                    x = ((x - mean) * value + mean).clamp(0, 1)
+                else:
+                    hue, saturation, brightness = augment.rgb_to_hsv(x).unbind(1)
+                    if op == 2:
+                        saturation = (saturation * value).clamp(0, 1)
+                    else:
+                        hue = (hue + value).remainder(1.0)
+                    x = augment.hsv_to_rgb(torch.stack([hue, saturation, brightness], 1)).clamp(0, 1)
+        if params["grayscale"][i]:
+            x = (0.2989 * x[:, 0] + 0.5870 * x[:, 1] + 0.1140 * x[:, 2]).unsqueeze(1).expand_as(x)
+        if params["blur"][i] and module.kernel_size > 1:
+            half, sigma = module.kernel_size // 2, float(params["sigma"][i])
+            padded = torch.nn.functional.pad(x, [half] * 4)  # zeros: the reference's 'SAME' convolution
+            x = TF.gaussian_blur(padded, [module.kernel_size] * 2, [sigma] * 2)[..., half:-half, half:-half]
+        if params["solarize"][i]:
+            x = torch.where(x < 0.5, x, 1 - x)
+        out.append(x)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("view", [0, 1])
+def test_static_pipeline_equals_the_textbook_ops_per_sample(view):
+    """The masked, fixed-schedule pipeline equals each sample done alone with the textbook formulas
+    (HSV round trips, torchvision's blur on a zero-padded image) to float rounding."""
+    images = _images(batch=32, size=32)
+    module = PhotometricAugment(augment.paper_view_augmentations()[view], (0, 0, 0), (1, 1, 1), 32)
+    torch.manual_seed(10 + view)
+    params = module.sample_parameters(32)
+    assert params["blur"].any() and (view == 0 or params["solarize"].any())
+    assert (module(images, params) - _round_trip_loop(module, images, params)).abs().max() < 1e-5
+
+
+def _two_views(batch, size=32):
+    modules = [PhotometricAugment(view, MEAN, STD, size) for view in augment.paper_view_augmentations()]
+    images = [_images(batch=batch, size=size, seed=seed) for seed in (1, 2)]
+    return augment.PhotometricViews(modules), images
+
+
+def test_two_views_in_one_pipeline_equal_each_view_alone():
+    views, images = _two_views(24)
     torch.manual_seed(0)
-    params = module.sample_parameters(64)
-    steps = module.plan(params)
-    jitter = [rows for name, rows, _ in steps if name in ("brightness", "contrast", "saturation", "hue")]
-    assert len(jitter) <= 16 and sum(len(r) for r in jitter) == 4 * int(params["jitter"].sum())
-    for name in ("grayscale", "blur", "solarize"):
-        rows = [r for n, r, _ in steps if n == name]
-        assert torch.equal(rows[0] if rows else torch.zeros(0, dtype=torch.long),
-                           torch.nonzero(params[name]).flatten())
-    off = PhotometricAugment(ViewAugmentation(**dict(NOTHING, jitter_p=1.0, saturation=0.0, hue=0.0)), MEAN, STD, 16)
-    assert {name for name, _, _ in off.plan(off.sample_parameters(8))} == {"brightness", "contrast"}
+    drawn = [module.sample_parameters(48) for module in views.augments]
+    rows = slice(24, 48)
+    together = views.views(images, drawn, rows=rows)
+    alone = [module(batch, module.select(params, rows)) for module, batch, params in zip(views.augments, images, drawn)]
+    assert all(torch.equal(a, b) for a, b in zip(together, alone))
+    last = views.views(images, drawn, rows=torch.arange(24, 48), channels_last=True)
+    assert last[0].is_contiguous(memory_format=torch.channels_last) and torch.equal(last[1], together[1])
+
+
+def _top_level_aten_ops(function) -> list:
+    """Names of the aten ops ``function`` calls itself (not those an op calls), from the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        function()
+    names = []
+    for event in profiler.events():
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        if event.name.startswith("aten::") and parent is None:
+            names.append(event.name)
+    return names
+
+
+def test_two_views_take_a_fixed_small_number_of_ops():
+    """Issue 16: both views, from the draws for the global batch to normalised views, in at most
+    150 top-level aten ops, the same number for any batch size, and never a data-dependent op
+    (nonzero, boolean masks, index_copy) or a host read."""
+    def step(views, images, batch):
+        drawn = [module.sample_parameters(2 * batch) for module in views.augments]
+        views.views(images, drawn, rows=slice(batch, 2 * batch))
+
+    counts = []
+    for batch in (4, 32):
+        views, images = _two_views(batch, size=48)
+        step(views, images, batch)
+        names = _top_level_aten_ops(lambda: step(views, images, batch))  # noqa: B023 (called at once)
+        counts.append(len(names))
+        assert not {"aten::nonzero", "aten::item", "aten::_local_scalar_dense", "aten::index_copy_",
+                    "aten::index_select", "aten::masked_select", "aten::index_put_"} & set(names)
+    assert counts[0] == counts[1] <= 150, counts
+
+
+def test_photometric_views_compile_to_one_graph_without_recompiles():
+    """The device part compiles whole (no graph break) and is not recompiled for new draws."""
+    from torch._dynamo.utils import counters
+
+    views, images = _two_views(8)
+    compiled = torch.compile(views, dynamic=False, backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        for seed in range(3):
+            torch.manual_seed(seed)
+            parameters = views.device_parameters([module.sample_parameters(8) for module in views.augments],
+                                                 torch.device("cpu"))
+            assert all(torch.equal(a, b) for a, b in zip(compiled(images, *parameters), views(images, *parameters)))
+        assert dict(counters["graph_break"]) == {}
+        assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["ok"] == 1
+    finally:
+        torch._dynamo.reset()
 
 
 # ------------------------------------------------------------------------- the batched module
@@ -350,8 +504,8 @@ def test_photometric_rejects_bad_batches():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the host-sync check is CUDA's)")
 def test_photometric_augment_never_synchronises_the_device():
-    """Parameters and the plan live on the CPU; indices and values travel by non-blocking copies:
-    torch's sync debug mode raises on any synchronising call inside the forward pass."""
+    """Parameters and their encoding live on the CPU; the packed values travel by non-blocking
+    copies: torch's sync debug mode raises on any synchronising call inside the forward pass."""
     module = PhotometricAugment(augment.paper_view_augmentations()[1], MEAN, STD, 96).cuda()
     images = _images(batch=64, size=96).cuda()
     torch.manual_seed(0)

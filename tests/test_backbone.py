@@ -104,3 +104,68 @@ def test_missing_weights_file(tmp_path):
 def test_registry_feature_sizes_match_specs():
     assert backbone.SmallConvNet(8).feature_size == 64
     assert feature_size("resnet50") == 2048 and feature_size("resnet18_cifar") == 512
+
+
+# --------------------------------------------------------------- initialisation (backbone.INITIALISATIONS)
+# haiku's TruncatedNormal(stddev) cuts a standard normal at +-2 and does not rescale it: the sample
+# standard deviation is that of the cut normal, 0.8796 (scipy.stats.truncnorm.std(-2, 2)), times stddev.
+CUT_NORMAL_STD = 0.87962566103423978
+
+
+def fan_in(weight: torch.Tensor) -> int:
+    return weight[0].numel()
+
+
+def check_truncated_fan_in(weight: torch.Tensor, name: str) -> None:
+    """Sample std within 5% (3% for large tensors) of 0.8796/sqrt(fan_in), nothing beyond 2 std, mean ~0."""
+    std = 1.0 / fan_in(weight) ** 0.5
+    tolerance = 0.03 if weight.numel() >= 20000 else 0.05 if weight.numel() >= 4000 else 0.15
+    assert weight.std().item() == pytest.approx(CUT_NORMAL_STD * std, rel=tolerance), name
+    assert weight.abs().max().item() <= 2 * std * (1 + 1e-6), name
+    assert abs(weight.mean().item()) < 4 * std / weight.numel() ** 0.5 + 1e-7, name
+
+
+def batch_norms(net: nn.Module):
+    return [(n, m) for n, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_reference_initialisation_is_the_authors(name):
+    torch.manual_seed(0)
+    net = build_backbone(name)  # init="reference" by default
+    for layer_name, layer in net.named_modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            check_truncated_fan_in(layer.weight.detach(), layer_name)
+            assert layer.bias is None or not layer.bias.any(), layer_name
+    zeros = [n for n, m in batch_norms(net) if not m.weight.any()]
+    # haiku's BlockV1 zeroes batchnorm_2 of bottleneck blocks only: ResNet-50 has 16, ResNet-18 none
+    expected = ([f"layer{g}.{b}.bn3" for g, blocks in enumerate((3, 4, 6, 3), 1) for b in range(blocks)]
+                if name.startswith("resnet50") else [])
+    assert zeros == expected
+    for norm_name, norm in batch_norms(net):
+        assert not norm.bias.any(), norm_name
+        if norm_name not in expected:
+            assert torch.equal(norm.weight, torch.ones_like(norm.weight)), norm_name
+
+
+def test_torchvision_initialisation_is_kept_as_an_option():
+    torch.manual_seed(0)
+    net = build_backbone("resnet50", init="torchvision")
+    torch.manual_seed(0)
+    plain = torchvision.models.resnet50(weights=None)
+    assert all(torch.equal(a, b) for (key, a), b in zip(net.state_dict().items(), plain.state_dict().values())
+               if not key.startswith("fc."))
+    conv = net.layer4[0].conv2.weight  # torchvision: kaiming normal, fan_out, ReLU gain
+    assert conv.std().item() == pytest.approx((2.0 / (conv.shape[0] * 9)) ** 0.5, rel=0.03)
+    assert not any(not m.weight.any() for _, m in batch_norms(net))  # no zero-init residual scale
+    with pytest.raises(ValueError, match="unknown initialisation 'kaiming'; known: reference, torchvision"):
+        build_backbone("small_cnn", init="kaiming")
+
+
+def test_initialisation_is_a_pure_function_of_the_seed():
+    states = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        states.append(build_backbone("resnet18_cifar").state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(states[0].values(), states[1].values()))
+    assert not torch.equal(states[0]["conv1.weight"], states[2]["conv1.weight"])

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from foreach_rules import fast_path_violations, recorded_foreach_calls
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -116,20 +117,47 @@ def test_ema_update_copies_batch_norm_statistics():
     torch.testing.assert_close(target.running_var, online.running_var)
 
 
-def test_multi_tensor_ema_equals_the_update_one_tensor_at_a_time():
+def ema_networks(mixed: bool):
+    """An online network (running statistics and num_batches_tracked moved) and its target; ``mixed``:
+    a bfloat16 and a float64 layer beside float32 ones, and a channels_last convolution."""
     torch.manual_seed(1)
     online = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 3), nn.BatchNorm1d(3))
-    target = __import__("copy").deepcopy(online)
     online(torch.randn(5, 3, 4, 4))  # moves running statistics and num_batches_tracked
+    if mixed:
+        online[0].to(memory_format=torch.channels_last)
+        online[3].bfloat16()
+        online[4].double()
+    target = __import__("copy").deepcopy(online)
     with torch.no_grad():
         for param in online.parameters():
             param.add_(torch.randn_like(param))
-    expected_params = [0.97 * t + 0.03 * o for t, o in zip(target.parameters(), online.parameters())]
+        for buffer in online.buffers():
+            buffer.add_(1)
+    return online, target
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["float32", "mixed dtypes"])
+def test_multi_tensor_ema_equals_the_update_one_tensor_at_a_time(mixed):
+    online, target = ema_networks(mixed)
+    expected_params = [t.lerp(o, 0.03) for t, o in zip(target.parameters(), online.parameters())]
     ema_update(target, online, tau=0.97)
     for ours, reference in zip(target.parameters(), expected_params):
+        assert ours.dtype == reference.dtype and ours.stride() == reference.stride()
         torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7)
     for ours, reference in zip(target.buffers(), online.buffers()):
         assert ours.dtype == reference.dtype and torch.equal(ours, reference)
+
+
+def test_ema_calls_stay_on_the_multi_tensor_fast_path():
+    """ATen's fast-path rules (tests/foreach_rules.py): one dtype per call (float statistics apart
+    from int64 num_batches_tracked; bfloat16 and float64 layers apart), paired sizes and strides."""
+    online, target = ema_networks(mixed=True)
+    with recorded_foreach_calls() as calls:
+        ema_update(target, online, tau=0.9)
+    dtypes = {(name.split(".")[0], lists[0][0].dtype) for name, lists, _ in calls}
+    assert {("_foreach_copy_", torch.int64), ("_foreach_copy_", torch.float32),
+            ("_foreach_lerp_", torch.bfloat16), ("_foreach_lerp_", torch.float64)} <= dtypes, dtypes
+    assert fast_path_violations(calls) == []
 
 
 def test_update_moving_average_default_decay_and_explicit_tau():
@@ -302,21 +330,148 @@ def _capture_representations(learner: BYOL) -> list:
 
 
 def test_batch_norm_statistics_are_per_view_for_online_and_target():
-    """View 2 is an affine map of view 1 (x -> 3x + 5). With statistics per view the normalised
-    representations of the two views are the same, in the online and the target network; with one
-    forward over both views (2B statistics) they would differ by about 1.5 standard deviations."""
+    """View 2 is an affine map of view 1 (x -> 3x + 5). Both views go through each network as one
+    batch of 2B, and with statistics per view the normalised representations of the two halves are
+    the same, in the online and the target network; the same layers given the 2B batch outside the
+    learner's two-view pass use 2B statistics (plain batch norm), and the halves differ by about 1.5
+    standard deviations."""
     torch.manual_seed(0)
     learner = _normalising_learner()
     view1 = torch.randn(8, 3, 4, 4)
     seen = _capture_representations(learner)
     learner(view1, 3 * view1 + 5)
-    names = [name for name, _ in seen]
-    assert names == ["online_encoder", "online_encoder", "target_encoder", "target_encoder"]
-    for network in ("online_encoder", "target_encoder"):
-        y1, y2 = (output for name, output in seen if name == network)
-        assert y1.shape[0] == 8 and torch.allclose(y1, y2, atol=1e-4)
+    assert [name for name, _ in seen] == ["online_encoder", "target_encoder"]  # one pass each
+    for _, output in seen:
+        assert output.shape[0] == 16 and torch.allclose(output[:8], output[8:], atol=1e-4)
     joint = learner.online_encoder(torch.cat([view1, 3 * view1 + 5]))
     assert (joint[:8] - joint[8:]).abs().mean() > 1.0
+
+
+def separate_passes(learner: BYOL, view1: torch.Tensor, view2: torch.Tensor, labels=None):
+    """The authors' order of work: each view through each network on its own (outside the learner's
+    two-view pass the layers are plain batch norm), view 1 before view 2."""
+    y1, y2 = learner.online_encoder(view1), learner.online_encoder(view2)
+    p1 = learner.online_predictor(learner.online_projector(y1))
+    p2 = learner.online_predictor(learner.online_projector(y2))
+    with torch.no_grad():
+        t1 = learner.target_projector(learner.target_encoder(view1))
+        t2 = learner.target_projector(learner.target_encoder(view2))
+    loss = (regression_loss(p1, t2) + regression_loss(p2, t1)).mean()
+    if labels is None:
+        return loss
+    return (loss, *byol.online_classifier_loss(learner.online_classifier(y1.detach()), labels))
+
+
+def _assert_same_training_state(ours: BYOL, reference: BYOL, tolerance: float) -> None:
+    largest = max((float(p.grad.abs().max()) for p in reference.parameters() if p.grad is not None), default=0.0)
+    for (name, a), (_, b) in zip(ours.named_parameters(), reference.named_parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:  # relative to the tensor's gradient (a bias before batch norm has ~0)
+            scale = max(float(b.grad.abs().max()), 1e-2 * largest)
+            torch.testing.assert_close(a.grad / scale, b.grad / scale, rtol=0, atol=tolerance, msg=name)
+        torch.testing.assert_close(a, b, rtol=0, atol=tolerance, msg=name)
+    for (name, a), (_, b) in zip(ours.named_buffers(), reference.named_buffers()):
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance, msg=name)  # running stats: twice, in order
+
+
+@pytest.mark.parametrize("network, dtype, tolerance", [
+    ("small_cnn", torch.float64, 1e-10), ("resnet18", torch.float64, 1e-10), ("small_cnn", torch.float32, 1e-4),
+])
+def test_one_pass_of_both_views_equals_separate_passes(network, dtype, tolerance):
+    """Section 3.1 with the reference's per-view batch norm: the loss, the online classifier, the
+    gradient of every parameter and the running statistics after two training steps (SGD between,
+    EMA after) are those of separate passes per view, to float rounding. (ResNet-18 in float32 at
+    batch 6 and 32 px differs by up to 4e-3 of a gradient's scale: its last layers normalise 6 to 24
+    values, which amplifies the rounding of convolutions summed over 2B instead of B images.)"""
+    from backbone import SmallConvNet
+
+    torch.manual_seed(0)
+    if network == "small_cnn":
+        net, size, layer, features = SmallConvNet(32), 16, None, 256
+    else:
+        net, size, layer, features = torchvision.models.resnet18(), 32, "avgpool", None
+    ours = BYOL(net, image_size=size, hidden_layer=layer, feature_size=features, projection_size=16,
+                projection_hidden_size=32, num_classes=3).to(dtype)
+    with torch.no_grad():  # a target unlike the online network, and non-trivial batch-norm affine
+        for param in ours.target_parameters():
+            param.add_(0.05 * torch.randn_like(param))
+        for module in ours.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5), module.bias.normal_(0, 0.1)
+    reference = __import__("copy").deepcopy(ours)
+    optimisers = [torch.optim.SGD(learner.parameters(), lr=0.05, momentum=0.9) for learner in (ours, reference)]
+    for _ in range(2):
+        view1 = torch.randn(6, 3, size, size, dtype=dtype)
+        view2 = 2 * torch.randn(6, 3, size, size, dtype=dtype) + 1   # statistics unlike view 1's
+        labels = torch.tensor([0, 1, 2, -1, 1, 0])
+        results = [ours(view1, view2, labels=labels), separate_passes(reference, view1, view2, labels)]
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+        for loss, classifier_loss, _ in results:
+            (loss + classifier_loss).backward()
+        _assert_same_training_state(ours, reference, tolerance)
+        for learner, optimiser in zip((ours, reference), optimisers):
+            optimiser.step()
+            optimiser.zero_grad()
+            learner.update_moving_average(0.9)
+    _assert_same_training_state(ours, reference, tolerance)
+    assert all(bn.num_batches_tracked == 4 for bn in ours.modules() if isinstance(bn, nn.BatchNorm2d))
+
+
+def test_library_use_keeps_the_network_and_single_view_calls_are_plain_batch_norm():
+    """``BYOL(resnet)`` changes the network's batch-norm layers in place (same modules, still
+    ``nn.BatchNorm2d``, same state_dict keys); ``learner(images)`` augments and runs one pass per
+    network; evaluation mode and ``return_embedding`` are plain batch norm."""
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18()
+    plain = __import__("copy").deepcopy(resnet)
+    layer, keys = resnet.layer1[0].bn1, list(resnet.state_dict())
+    learner = BYOL(resnet, image_size=32, hidden_layer="avgpool", projection_hidden_size=32, projection_size=8,
+                   augment_fn=lambda images: images, augment_fn2=lambda images: images.flip(-1))
+    assert resnet.layer1[0].bn1 is layer and isinstance(layer, nn.BatchNorm2d) and list(resnet.state_dict()) == keys
+    images = torch.rand(4, 3, 32, 32)
+    calls = []
+    learner.target_encoder.register_forward_hook(lambda *args: calls.append(args[2].shape[0]))
+    learner(images).backward()
+    assert calls == [8]                                   # both views, one target pass
+    plain.load_state_dict(resnet.state_dict())
+    for mode in (True, False):                            # single-view calls equal a plain ResNet
+        resnet.train(mode), plain.train(mode)
+        embedding = learner(images, return_embedding=True)
+        plain.fc = nn.Identity()
+        torch.testing.assert_close(embedding, plain(images))
+    torch.testing.assert_close(list(resnet.buffers()), list(plain.buffers()))
+
+
+def test_per_view_layer_costs_two_plain_layers_of_host_work():
+    """A per-view layer on both views (one process) runs torch's batch-norm kernel once per view:
+    forward + backward at most twice the top-level aten ops of a plain nn.BatchNorm2d layer (9 here:
+    the layer's kernel, the batch counter and backward, plus the loss and gradient bookkeeping)."""
+    from batchnorm import per_view_batch_norm, view_groups
+    from run_helpers import top_level_aten_ops
+
+    def ops(layer, views):
+        x = torch.randn(8, 8, 5, 5, requires_grad=True)
+
+        def step():
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            with view_groups(views):
+                layer(x).sum().backward()
+        step()
+        return sum(top_level_aten_ops(step).values())
+
+    plain = ops(nn.BatchNorm2d(8), 1)
+    assert ops(per_view_batch_norm(nn.BatchNorm2d(8)), 2) <= 2 * plain
+
+
+def test_batch_norm_layers_that_cannot_be_per_view_are_refused_by_name():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(ValueError, match=r"'net.1' \(SyncBatchNorm\).*convert_sync_batchnorm"):
+        BYOL(net, image_size=8, hidden_layer=None, feature_size=4, projection_size=4, projection_hidden_size=8)
+    learner = tiny_learner()
+    with pytest.raises(ValueError, match="same shape"):
+        learner(torch.randn(4, 3, 8, 8), torch.randn(2, 3, 8, 8))
 
 
 def test_projector_and_predictor_outputs_have_no_bias():
@@ -367,10 +522,11 @@ PER_VIEW_SYNC_BN = textwrap.dedent("""
     seen = []
     learner.online_encoder.register_forward_hook(lambda m, i, o: seen.append(o))
     learner(view1, 3 * view1 + 5)
+    (y,) = seen                                        # both views in one pass
     # per-view statistics over the global batch: view 2's representation equals view 1's
-    assert torch.allclose(seen[0], seen[1], atol=1e-4), "per view"
+    assert torch.allclose(y[:8], y[8:], atol=1e-4), "per view"
     # and they are global: the representation of this shard is not standardised on its own
-    assert seen[0].mean(0).abs().max() > 0.1, "global statistics"
+    assert y[:8].mean(0).abs().max() > 0.1, "global statistics"
     open(f"{{sys.argv[1]}}/rank{{rank}}.ok", "w").write("ok")
 """)
 
@@ -392,3 +548,35 @@ def test_readme_library_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(example, "README.md", "exec"), {})
     assert (tmp_path / "improved-net.pt").stat().st_size > 1_000_000
+
+
+# ------------------------------------------------------------------------------- initialisation
+def test_heads_start_as_the_authors_or_as_torch():
+    """Projector, predictor and online classifier: haiku's hk.Linear default (truncated normal, std
+    parameter 1/sqrt(fan_in), sample std 0.8796/sqrt(fan_in): 0.0194 at fan-in 2048) and zero biases;
+    init="torchvision" keeps torch's (uniform +-1/sqrt(fan_in): std 0.0128 at 2048, non-zero biases)."""
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(12, 2048))
+    torch.manual_seed(0)
+    learner = BYOL(encoder, image_size=2, hidden_layer=None, projection_size=64, projection_hidden_size=4096,
+                   feature_size=2048, channels=3, num_classes=10)
+    hidden, out = learner.online_projector[0], learner.online_projector[3]
+    assert hidden.weight.std().item() == pytest.approx(0.87962566 / 2048 ** 0.5, rel=0.01)
+    assert hidden.weight.abs().max().item() <= 2 / 2048 ** 0.5
+    assert not hidden.bias.any() and out.bias is None
+    assert out.weight.std().item() == pytest.approx(0.87962566 / 4096 ** 0.5, rel=0.02)
+    assert learner.online_predictor[0].weight.std().item() == pytest.approx(0.87962566 / 64 ** 0.5, rel=0.01)
+    assert not learner.online_classifier.bias.any()
+    assert learner.online_classifier.weight.std().item() == pytest.approx(0.87962566 / 2048 ** 0.5, rel=0.05)
+    assert torch.equal(learner.online_projector[1].weight, torch.ones(4096))
+    for target, online in zip(learner.target_parameters(), learner.online_parameters()):
+        assert torch.equal(target, online)
+    assert torch.equal(encoder[1].weight, learner.net[1].weight)  # the encoder is used as given
+    torch.manual_seed(0)
+    torch_init = BYOL(nn.Sequential(nn.Flatten(), nn.Linear(12, 2048)), image_size=2, hidden_layer=None,
+                      projection_size=64, projection_hidden_size=4096, feature_size=2048, num_classes=10,
+                      init="torchvision")
+    weight = torch_init.online_projector[0].weight
+    assert weight.std().item() == pytest.approx(1 / (3 * 2048) ** 0.5, rel=0.01)
+    assert torch_init.online_projector[0].bias.abs().max() > 0 and torch_init.online_classifier.bias.abs().max() > 0
+    with pytest.raises(ValueError, match="unknown initialisation"):
+        BYOL(encoder, image_size=2, hidden_layer=None, feature_size=2048, init="haiku")

@@ -32,8 +32,11 @@ def test_evaluation_hparams_linear_and_fine_tune():
     hp = _pretraining_hparams()["hyperparameters"]
     linear = evaluate_result.evaluation_hparams(hp, "/ck/abc", 80)
     assert linear["training_mode"] == "CLASSIFIER_ONLY" and linear["pretrained_checkpoint"] == "/ck/abc"
-    assert linear["train_length"] == {"epochs": 80} and linear["validation_period"] == {"epochs": 1}
+    assert linear["train_length"] == {"epochs": 80} and linear["validation_period"] == {"epochs": 20}
     assert linear["checkpoint_period"] == {"epochs": 20}
+    assert evaluate_result.evaluation_hparams(hp, "/ck/abc", 80, validate_every=5)["validation_period"] == {"epochs": 5}
+    with pytest.raises(evaluate_result.EvaluationError, match="--validate-every must be >= 1"):
+        evaluate_result.evaluation_hparams(hp, "/ck/abc", 80, validate_every=0)
     assert linear["classifier"]["learning_rates"] == hp["classifier"]["learning_rates"]
     assert hp["training_mode"] == "SELF_SUPERVISED"  # the input is left alone
     tuned = evaluate_result.evaluation_hparams(hp, "/ck/abc", 3)
@@ -101,7 +104,7 @@ def test_cluster_path_creates_the_classifier_experiment_of_the_final_checkpoint(
     config = _created(cluster, 2)
     hp = config["hyperparameters"]
     assert hp["training_mode"] == "CLASSIFIER_ONLY" and hp["pretrained_checkpoint"] == "ckpt-30-uuid"
-    assert hp["train_length"] == {"epochs": 80} and hp["validation_period"] == {"epochs": 1}
+    assert hp["train_length"] == {"epochs": 80} and hp["validation_period"] == {"epochs": 20}
     assert config["searcher"] == {"name": "single", "metric": "validation_accuracy", "smaller_is_better": False}
     assert config["name"] == "byol-local-digits-linear-eval-ckpt-30-"
     assert config["data"] == _pretraining_hparams()["data"] and config["entrypoint"].startswith("python3 model_def.py")
@@ -196,22 +199,31 @@ def _fake_checkpoint(directory, backbone, written_as=None, mode="SELF_SUPERVISED
     return net
 
 
-def test_export_resnet18_loads_strictly_into_torchvision(tmp_path, capsys):
-    net = _fake_checkpoint(tmp_path / "ck", "resnet18")
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_export_of_torchvision_resnets_loads_strictly_into_torchvision_and_timm(tmp_path, capsys, name):
+    import timm
+
+    net = _fake_checkpoint(tmp_path / "ck", name)
     out = tmp_path / "export" / "encoder.pt"
     code, printed, err = _run(["--checkpoint", str(tmp_path / "ck"), "--export-encoder", str(out)], None, capsys)
     assert code == 0, err
-    assert "fc.* are zeros" in printed
+    assert "fc.* are zeros" in printed and str(tmp_path / "export" / "encoder.json") in printed
     state = torch.load(out, weights_only=True)
-    model = torchvision.models.resnet18()
-    model.load_state_dict(state, strict=True)
-    assert torch.equal(model.layer4[1].conv2.weight, net.layer4[1].conv2.weight)
-    assert torch.equal(model.fc.weight, torch.zeros(1000, 512)) and not model.fc.bias.any()
+    for model in (getattr(torchvision.models, name)(), timm.create_model(name, pretrained=False)):
+        model.load_state_dict(state, strict=True)
+        assert torch.equal(model.layer4[1].conv2.weight, net.layer4[1].conv2.weight)
+        assert not model.fc.weight.any() and not model.fc.bias.any()
     # ... and into our backbone through its weights loader (which drops fc).
-    backbones.build_backbone("resnet18", str(out))
+    backbones.build_backbone(name, str(out))
+    metadata = json.loads((tmp_path / "export" / "encoder.json").read_text())
+    assert metadata["backbone"] == name and metadata["input_size"] == [3, 32, 32]
+    assert metadata["source_checkpoint"] == str(tmp_path / "ck") and metadata["source_step"] == 0
+    assert metadata["loads_into"]["timm"] == f"timm.create_model('{name}')" and metadata["format"] == "pt"
+    card = (tmp_path / "export" / "encoder.md").read_text()
+    assert f"# BYOL encoder: {name}" in card and "are zeros" in card and str(tmp_path / "ck") in card
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "resnet18_cifar"])
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18_cifar", "resnet50_cifar"])
 def test_export_of_our_architectures_loads_into_build_backbone_only(tmp_path, name):
     net = _fake_checkpoint(tmp_path / "ck", name)
     out = tmp_path / "encoder.pt"
@@ -222,6 +234,27 @@ def test_export_of_our_architectures_loads_into_build_backbone_only(tmp_path, na
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), net.state_dict().values()))
     with pytest.raises(RuntimeError):
         torchvision.models.resnet18().load_state_dict(torch.load(out, weights_only=True), strict=True)
+    metadata = json.loads((tmp_path / "encoder.json").read_text())
+    assert set(metadata["loads_into"]) == {"byol"} and not metadata["zero_classifier"]
+
+
+@pytest.mark.parametrize("argv_format", [[], ["--format", "safetensors"]])
+def test_export_as_safetensors_carries_its_metadata(tmp_path, capsys, argv_format):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    net = _fake_checkpoint(tmp_path / "ck", "resnet18")
+    out = tmp_path / ("encoder.safetensors" if not argv_format else "encoder.bin")
+    code, _, err = _run(["--checkpoint", str(tmp_path / "ck"), "--export-encoder", str(out), *argv_format],
+                        None, capsys)
+    assert code == 0, err
+    model = torchvision.models.resnet18()
+    model.load_state_dict(load_file(str(out)), strict=True)
+    assert torch.equal(model.conv1.weight, net.conv1.weight)
+    with safe_open(str(out), framework="pt") as handle:
+        header = handle.metadata()
+    assert header["backbone"] == "resnet18" and header["format"] == "safetensors"
+    assert json.loads(header["input_size"]) == [3, 32, 32] and header["source_checkpoint"] == str(tmp_path / "ck")
 
 
 def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path, capsys):
@@ -262,7 +295,7 @@ def _tiny_config(tmp_path):
 
 
 def _checkpoints_in(directory):
-    return sorted(p for p in directory.iterdir() if (p / checkpoints.STATE_FILE).is_file())
+    return sorted(p for p in directory.iterdir() if (p / checkpoints.STATE_FILE).is_file() and not p.is_symlink())
 
 
 def _evaluate(checkpoint, work, name, *extra, processes=1):
@@ -432,16 +465,57 @@ def test_fine_tune_defaults_follow_the_semi_supervised_protocol(monkeypatch, tmp
     calls = []
     validation = {0.01: 0.5, 0.02: 0.7, 0.05: 0.7, 0.1: 0.6, 0.005: 0.1}
 
-    def fake(directory, hparams, config, epochs, fine_tune, head_lr, encoder_lr, sets, checkpoint_dir, metrics_out):
+    def fake(directory, hparams, config, epochs, fine_tune, head_lr, encoder_lr, sets=(), output_dir=None, **_):
         calls.append((epochs, head_lr, encoder_lr))
+        assert output_dir.endswith(f"evaluations/fine-tune-lr{head_lr:g}-step-000007")
         return {"validation_accuracy": validation[head_lr], "test_accuracy": 1.0 - validation[head_lr]}
 
     monkeypatch.setattr(evaluate_result, "_evaluate_once", fake)
     monkeypatch.setattr(evaluate_result, "checkpoint_config", lambda d: (_pretraining_hparams()["hyperparameters"], {}))
-    monkeypatch.setattr(evaluate_result.checkpoints, "verify_checkpoint", lambda d: None)
+    monkeypatch.setattr(evaluate_result.checkpoints, "verify_checkpoint", lambda d: {"global_step": 7})
     best = evaluate_result.evaluate_checkpoint(str(tmp_path), fine_tune=True, sets=["classifier.label_fraction=0.01"],
                                                metrics_out=str(tmp_path / "m.json"))
     assert [lr for _, lr, _ in calls] == list(evaluate_result.FINE_TUNE_LEARNING_RATES)
     assert all(epochs == 30 and head == enc for epochs, head, enc in calls)
     assert best["fine_tune_lr"] == 0.02 and best["test_accuracy"] == pytest.approx(0.3)
     assert json.loads((tmp_path / "m.json").read_text())["fine_tune_lr"] == 0.02
+
+
+@pytest.mark.slow
+def test_interrupted_evaluation_resumes_exactly(pretrained, tmp_path, capsys, monkeypatch):
+    """An evaluation that stopped after its epoch-2 checkpoint continues with --resume and ends with
+    the heads (and their optimiser state) of the evaluation that never stopped; the same command
+    without --resume refuses to mix a new evaluation into the folder."""
+    import shutil
+
+    from run_helpers import assert_identical, load, training_state
+
+    checkpoint, _, _ = pretrained
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    argv = ["--checkpoint", str(checkpoint), "--classifier-train-epochs", "4", "--output-dir", str(tmp_path / "eval")]
+    assert evaluate_result.main(argv) == 0
+    storage = str(tmp_path / "eval" / "checkpoints")
+    found = checkpoints.complete_checkpoints(storage)
+    steps = [step for step, _ in found]
+    assert len(steps) == 4 and "CLS_TRAIN features" in capsys.readouterr().err  # cached once: no augmentation
+    straight = training_state(load(found[-1][1]))
+    for _, path in found[2:]:  # as if stopped after the second epoch's checkpoint
+        shutil.rmtree(path)
+    for name in ("latest", checkpoints.step_alias(steps[2]), checkpoints.step_alias(steps[3])):
+        os.remove(os.path.join(storage, name))
+    assert evaluate_result.main(argv) == 2
+    assert "already holds the checkpoints of an evaluation" in capsys.readouterr().err
+    assert evaluate_result.main(argv + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"continuing from {found[1][1]}" in out
+    resumed = checkpoints.complete_checkpoints(storage)
+    assert [step for step, _ in resumed] == steps
+    assert_identical(training_state(load(resumed[-1][1])), straight, "final evaluation checkpoint")
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["global_step"] == steps[-1]
+
+
+def test_resume_without_an_evaluation_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(evaluate_result.EvaluationError, match="no complete evaluation checkpoint"):
+        evaluate_result.resume_point(str(tmp_path), resume=True)
+    assert evaluate_result.resume_point(str(tmp_path), resume=False) is None

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from foreach_rules import fast_path_violations, recorded_foreach_calls
 from torch import nn
 
 from optim import LARS, apply_schedule, cosine_schedule, is_excluded, lars_param_groups, scaled_learning_rate
@@ -186,9 +187,27 @@ def lars_step_one_tensor_at_a_time(optimizer: LARS) -> None:
             param.data.add_(state["momentum_buffer"], alpha=-group["lr"])
 
 
-def test_multi_tensor_lars_equals_the_per_tensor_update():
+def mixed_model() -> nn.Module:
+    """Parameters of three dtypes in both LARS groups, and a channels_last convolution."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1), nn.Flatten(),
+                          nn.Linear(12, 2), nn.Linear(2, 2))
+    model[0].to(memory_format=torch.channels_last)
+    model[1].bfloat16()
+    model[2].bfloat16()
+    model[4].double()
+    return model
+
+
+# Float rounding of each dtype; bfloat16 (8 bits of mantissa, ulp 2^-7 relative at most) drifts by a
+# few ulps over the steps, as the multi-tensor ops round in their own order.
+TOLERANCE = {torch.float32: dict(rtol=1e-6, atol=1e-7), torch.float64: dict(rtol=1e-12, atol=1e-14),
+             torch.bfloat16: dict(rtol=5 * 2 ** -7, atol=1e-2)}
+
+
+@pytest.mark.parametrize("build", [small_model, mixed_model], ids=["float32", "mixed dtypes"])
+def test_multi_tensor_lars_equals_the_per_tensor_update(build):
     torch.manual_seed(3)
-    models = [small_model(), small_model()]
+    models = [build(), build()]
     models[1].load_state_dict(models[0].state_dict())
     optimizers = [LARS(lars_param_groups(m.named_parameters(), 1e-2), lr=0.7, momentum=0.9, weight_decay=1e-2,
                        eta=1e-3) for m in models]
@@ -205,8 +224,35 @@ def test_multi_tensor_lars_equals_the_per_tensor_update():
             optimizers[0].step()
             lars_step_one_tensor_at_a_time(optimizers[1])
         for ours, reference in zip(models[0].parameters(), models[1].parameters()):
-            torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7)
+            assert ours.dtype == reference.dtype and ours.stride() == reference.stride()
+            torch.testing.assert_close(ours, reference, **TOLERANCE[ours.dtype])
         for param, other in zip(models[0].parameters(), models[1].parameters()):
             if param in optimizers[0].state:
                 torch.testing.assert_close(optimizers[0].state[param]["momentum_buffer"],
-                                           optimizers[1].state[other]["momentum_buffer"], rtol=1e-6, atol=1e-7)
+                                           optimizers[1].state[other]["momentum_buffer"], **TOLERANCE[param.dtype])
+
+
+def test_lars_calls_stay_on_the_multi_tensor_fast_path():
+    """ATen's fast-path rules (tests/foreach_rules.py) hold for every ``_foreach_`` call of LARS, with
+    mixed dtypes, a channels_last weight and gradients missing, on the first step (new momentum
+    buffers) and later ones; the checker itself flags the trust ratios paired as 0-d tensors."""
+    torch.manual_seed(0)
+    model = mixed_model()
+    model[5].bias.requires_grad_(False)
+    optimizer = LARS(lars_param_groups(model.named_parameters(), 1e-2), lr=0.5, weight_decay=1e-2)
+    for _ in range(2):
+        for param in model.parameters():
+            param.grad = torch.randn_like(param) if param.requires_grad else None
+        with recorded_foreach_calls() as calls:
+            optimizer.step()
+        names = {name for name, _, _ in calls}
+        assert {"_foreach_norm", "_foreach_mul", "_foreach_add_"} <= {n.split(".")[0] for n in names}, names
+        assert fast_path_violations(calls) == []
+    params = [p for p in model.parameters() if p.dtype == torch.float32]
+    trust = torch.ones(len(params))
+    with recorded_foreach_calls() as calls:
+        torch._foreach_mul([p.detach() for p in params], list(trust.unbind()))
+    assert any("pairs sizes" in line for line in fast_path_violations(calls))
+    with recorded_foreach_calls() as calls:
+        torch._foreach_copy_([torch.zeros(2), torch.zeros((), dtype=torch.int64)], [torch.ones(2), torch.ones(())])
+    assert any("mixes" in line for line in fast_path_violations(calls))

@@ -1,4 +1,4 @@
-"""The hot path's switches (performance.py, nonfinite.py, reducers.DeviceLossReducer,
+"""The hot path's switches (performance.py, nonfinite.py, reducers.DeviceMeansReducer,
 loaders.prefetch_to_device) run on CPU and give finite results close to the plain float32 path."""
 import copy
 import math
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from byol import BYOL
-from reducers import DeviceLossReducer
+from reducers import DeviceMeansReducer
 from run_helpers import load, metrics, train, write_config  # noqa: F401  (sys.path)
 from runtime import loaders, nonfinite, performance
 from runtime.settings import parse_settings
@@ -118,16 +118,22 @@ def test_non_finite_watch_names_the_first_bad_step_without_reading_every_step():
         nonfinite.NonFiniteWatch(0)
 
 
-def test_device_loss_reducer_reads_once_and_keeps_per_step_means():
-    reducer = DeviceLossReducer()
+def test_device_means_reducer_reads_once_and_keeps_per_step_means():
+    reducer = DeviceMeansReducer(("loss", "accuracy"))
     for value in (1.0, 3.0, 5.0):
-        reducer.update(torch.tensor(value, requires_grad=True) * 1)
+        reducer.update(loss=torch.tensor(value, requires_grad=True) * 1, accuracy=torch.tensor(value / 10))
     slot0 = reducer.per_slot_reduce()
-    assert slot0 == [1.0, 3.0, 5.0]
-    assert reducer.cross_slot_reduce([slot0, [3.0, 5.0, 7.0]]) == pytest.approx(4.0)
-    assert reducer.per_batch == [2.0, 4.0, 6.0]
+    assert [row[0] for row in slot0] == [1.0, 3.0, 5.0]  # one row per step
+    assert [row[1] for row in slot0] == pytest.approx([0.1, 0.3, 0.5])
+    assert reducer.cross_slot_reduce([slot0, [[3.0, 0.3], [5.0, 0.5], [7.0, 0.7]]]) == pytest.approx(
+        {"loss": 4.0, "accuracy": 0.4})
+    assert reducer.per_batch == [pytest.approx({"loss": 2.0, "accuracy": 0.2}),
+                                 pytest.approx({"loss": 4.0, "accuracy": 0.4}),
+                                 pytest.approx({"loss": 6.0, "accuracy": 0.6})]
+    with pytest.raises(ValueError, match="differ"):
+        reducer.update(loss=torch.tensor(1.0))
     reducer.reset()
-    assert reducer.per_slot_reduce() == [] and math.isnan(reducer.cross_slot_reduce([[]]))
+    assert reducer.per_slot_reduce() == [] and math.isnan(reducer.cross_slot_reduce([[]])["loss"])
 
 
 def test_prefetch_to_device_keeps_batches_and_order():
@@ -146,3 +152,40 @@ def test_trial_runs_with_bf16_and_channels_last_on_cpu(tmp_path):
                     str(tmp_path / "m.json")], timeout=600)
     assert "[byol] finished 3 steps" in result.stdout, result.stdout[-2000:]
     assert math.isfinite(metrics(str(tmp_path / "m.json"))["validation_byol_loss"])
+
+
+def test_compile_true_compiles_the_whole_step_once(tmp_path, monkeypatch):
+    """``compile: true``: a real trial step's device part (both photometric views, the learner's
+    forward and loss) is one compiled graph, with no graph break and no recompile on later steps
+    (the "aot_eager" backend: dynamo and AOT autograd without inductor's code generation)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from model_def import BYOLTrial
+    from runtime import launch
+
+    monkeypatch.setattr(performance, "COMPILE_BACKEND", "aot_eager")
+    hparams = {"backbone": "small_cnn", "image_size": 16, "global_batch_size": 8, "projection_size": 8,
+               "projection_hidden_size": 16, "train_length": {"batches": 10}, "classifier_validation": False,
+               "compile": True}
+    data = {"dataset": "digits", "root": str(tmp_path / "data"), "num_workers": 0}
+    generator = torch.Generator().manual_seed(0)
+    with launch.local_trial_context(hparams, {"hyperparameters": hparams, "data": data}, None,
+                                    str(tmp_path / "checkpoints")) as context:
+        trial = BYOLTrial(context, parse_settings(hparams, data))
+        torch._dynamo.reset()
+        counters.clear()
+        try:
+            for step in range(3):
+                images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=generator)
+                context._current_batch_idx = step  # what the harness's loop sets before a step
+                labels = torch.randint(0, 10, (8,), generator=generator)
+                trial.train_batch(((images, images.flip(-1)), labels), 0, step)
+                if step == 0:
+                    first = (dict(counters["frames"]), dict(counters["stats"]))
+            assert dict(counters["graph_break"]) == {}
+            assert first == (dict(counters["frames"]), dict(counters["stats"]))  # nothing compiled after step 1
+            assert counters["frames"]["ok"] == 1 and counters["stats"]["unique_graphs"] == 1
+            assert trial.global_step == 3 and trial.finite_watch.local_first_bad() is None  # finite losses
+        finally:
+            torch._dynamo.reset()

@@ -96,3 +96,28 @@ def test_plot_is_a_png_with_the_curves(tmp_path):
         return int((image.max(axis=2) - image.min(axis=2) > 60).sum())
     assert coloured(full) > 200
     assert coloured(blank) == 0
+
+
+def test_online_classifier_accuracy_is_recorded_and_the_last_period_kept(tmp_path):
+    """The reference's online classifier accuracy (a per-batch training metric) is a curve of its own,
+    and the last workload's averages are what the run reports as its final training figures."""
+    trial = _Trial()
+    history = plots.MetricsHistory(trial)
+    assert history.last_training() == {}
+    trial.global_step = 4
+    batches = [{"loss": 2.0, "online_classifier_accuracy": torch.tensor(a)} for a in (0.25, 0.5, 0.75, 1.0)]
+    history.on_training_workload_end({"loss": 2.0, "online_classifier_accuracy": 0.625, "lr": 0.1}, batches)
+    assert [p["online_classifier_accuracy"] for p in history.training] == [0.25, 0.5, 0.75, 1.0]
+    assert history.last_training() == {"loss": 2.0, "online_classifier_accuracy": 0.625, "lr": 0.1}
+    restored = plots.MetricsHistory(trial)  # a resumed run at its end has only the checkpointed points
+    restored.load_state_dict(history.state_dict())
+    assert restored.last_training() == {"loss": 2.0, "online_classifier_accuracy": 1.0, "lr": 0.1}
+    # Drawn in the accuracy panel (the right third), the only accuracy recorded here.
+    image = _pixels(plots.write_metrics_plot(history, str(tmp_path / "online.png")))
+    right = image[:, 2 * image.shape[1] // 3:]
+    assert int((right.max(axis=2) - right.min(axis=2) > 60).sum()) > 50
+    # Reported as a reducer (the workload's average only): one point at the workload's end.
+    trial.global_step = 8
+    history.on_training_workload_end({"loss": 1.0, "online_classifier_accuracy": 0.5},
+                                     [{"loss": 1.0, "lr": 0.1} for _ in range(4)])
+    assert history.training[-1] == {"step": 8.0, "loss": 1.0, "lr": 0.1, "online_classifier_accuracy": 0.5}

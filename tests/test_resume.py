@@ -136,3 +136,31 @@ def test_checkpoint_with_code_references_is_not_loaded(tmp_path, capsys):
     assert code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(f"error: checkpoint {str(ckpt)!r} holds more than tensors") and "posix.getcwd" in error
+
+
+@pytest.mark.slow
+def test_a_run_keeps_its_files_in_one_output_folder_with_readable_aliases(tmp_path):
+    """Checkpoints (UUID folders with latest / step-NNNNNN aliases), metrics.json (with the config,
+    the final loss, the online classifier's accuracy and the checkpoint's path), metrics.png and the
+    TensorBoard files in one folder; --resume-from takes an alias and continues in the same folder."""
+    config = write_config(str(tmp_path), train_length={"batches": 2})
+    out = tmp_path / "run"
+    result = train(["--config", config, "--output-dir", str(out)])
+    first, second = [path for _, path in complete(str(out / "checkpoints"))]
+    assert f"[byol] checkpoint at step 2: {second} (also {out / 'checkpoints' / 'step-000002'}, " in result.stdout
+    for alias, target in (("step-000001", first), ("step-000002", second), ("latest", second)):
+        link = out / "checkpoints" / alias
+        assert link.is_symlink() and os.readlink(link) == os.path.basename(target)  # relative: the folder moves
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["checkpoint_path"] == second and metrics["last_checkpoint"] == os.path.basename(second)
+    assert metrics["config"]["hyperparameters"]["projection_size"] == 16 and metrics["config"]["data"]["dataset"]
+    assert metrics["final_loss"] > 0 and 0 <= metrics["online_classifier_accuracy"] <= 1
+    assert "online classifier accuracy" in result.stdout and f"last checkpoint: {second}" in result.stdout
+    assert (out / "metrics.png").is_file()
+    assert any(p.name.startswith("events.") for p in (out / "tensorboard").iterdir())
+    # The alias is resolved at start; the continued run writes into the resumed run's folder.
+    result = train(["--config", config, "--batches", "3", "--resume-from", str(out / "checkpoints" / "latest")])
+    assert f"output folder {out}:" in result.stdout
+    assert [step for step, _ in complete(str(out / "checkpoints"))] == [1, 2, 3]
+    assert os.path.realpath(out / "checkpoints" / "latest") == at_step(str(out / "checkpoints"), 3)
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 3

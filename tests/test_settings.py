@@ -225,3 +225,11 @@ def test_view_augmentations_are_parsed_once_with_each_views_defaults():
         parse_settings({"augmentation": {"view1": {"blurr_p": 0.5}}})
     with pytest.raises(ConfigError, match="unknown key"):
         parse_settings({"views": []})
+
+
+def test_initialisation_is_reference_by_default_and_checked(digits_config):
+    assert parse_settings({}, {}).init == "reference"
+    assert parse_settings({"init": "torchvision"}, {}).init == "torchvision"
+    message = error_for(edited(digits_config, hyperparameters__init="kaiming"))
+    assert "hyperparameters.init" in message and "'kaiming'" in message
+    assert "reference, torchvision" in message

@@ -62,7 +62,7 @@ def write_config(tmp_path, image_folder, **overrides):
 
 
 def only_checkpoint(directory):
-    found = sorted(p for p in directory.iterdir() if (p / "state_dict.pth").exists())
+    found = sorted(p for p in directory.iterdir() if (p / "state_dict.pth").exists() and not p.is_symlink())
     assert found, f"no checkpoint written in {directory}"
     return max(found, key=lambda p: json.loads((p / "metadata.json").read_text())["steps_completed"])
 
