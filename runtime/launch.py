@@ -15,6 +15,7 @@ import datetime
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from typing import Any, Callable, Dict, Iterator, Optional
