@@ -482,6 +482,8 @@ def trial_step_ops(row: Row) -> Dict[str, int]:
     saved = []
     for label, (owner, name) in TRIAL_PHASES.items():
         target = owners[owner]
+        if isinstance(getattr(target, name, None), torch.nn.Module):  # a module: label its forward, keep it
+            target, name = getattr(target, name), "forward"
         if callable(getattr(target, name, None)):   # a method others may rename: skipped, then "other"
             saved.append((target, name, target.__dict__.get(name)))
             setattr(target, name, labelled(label, getattr(target, name)))
