@@ -204,22 +204,35 @@ def process_group_torn_down() -> Iterator[None]:
     end_process_group(synchronise=True)
 
 
+def interpreter() -> str:
+    """This Python (``sys.executable``, e.g. the venv's), relative to the working directory when
+    inside it (``.venv/bin/python``), for commands a person copies."""
+    relative = os.path.relpath(sys.executable)
+    return relative if not relative.startswith(os.pardir) else sys.executable
+
+
 def continue_command(checkpoint: str, world_size: int) -> Optional[str]:
-    """The command that continues this run from ``checkpoint``: this command line with
-    ``--resume-from`` (replaced, if given), or under torchrun the same torchrun command with it;
-    None for a command other than ``model_def.py``'s."""
-    if os.path.basename(sys.argv[0]) != "model_def.py":
+    """The command that continues this run from ``checkpoint``: ``model_def.py``'s command line with
+    ``--resume-from`` (replaced, if given), ``evaluate_result.py``'s with ``--resume`` (an evaluation
+    continues from its own folder), under torchrun the same torchrun command with it; None for any
+    other command."""
+    script = os.path.basename(sys.argv[0])
+    if script == "model_def.py":
+        argv, skip = [], False
+        for arg in sys.argv[1:]:
+            if skip or arg == "--resume-from":
+                skip = not skip
+                continue
+            if not arg.startswith("--resume-from="):
+                argv.append(arg)
+        flag = f"--resume-from {checkpoint}"
+    elif script == "evaluate_result.py":
+        argv, flag = [arg for arg in sys.argv[1:] if arg != "--resume"], "--resume"
+    else:
         return None
     if world_size > 1:
-        return f"the same torchrun command with --resume-from {checkpoint}"
-    argv, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip or arg == "--resume-from":
-            skip = not skip
-            continue
-        if not arg.startswith("--resume-from="):
-            argv.append(arg)
-    return f"{os.path.basename(sys.executable)} {shlex.join([sys.argv[0], *argv])} --resume-from {checkpoint}"
+        return f"the same torchrun command with {flag}"
+    return f"{shlex.join([interpreter(), sys.argv[0], *argv])} {flag}"
 
 
 class RunFailed(CommandError):

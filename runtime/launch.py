@@ -15,7 +15,6 @@ import datetime
 import json
 import logging
 import os
-import shlex
 import sys
 import time
 from typing import Any, Callable, Dict, Iterator, Optional
@@ -367,24 +366,9 @@ def stopped(trial, checkpoint_dir: str, requests: Dict[int, int]) -> RunFailed:
     path = os.path.join(checkpoint_dir, trial.last_checkpoint) if trial.last_checkpoint else None
     if path is None:
         where = "no checkpoint was written"
-    elif os.path.basename(sys.argv[0]) == "model_def.py":
-        argv, skip = [], False
-        for arg in sys.argv[1:]:
-            if skip or arg == "--resume-from":
-                skip = not skip
-                continue
-            if not arg.startswith("--resume-from="):
-                argv.append(arg)
-        again = (f"{shlex.join([interpreter(), sys.argv[0], *argv])} --resume-from {path}"
-                 if trial.world_size == 1 else f"the same torchrun command with --resume-from {path}")
-        where = f"checkpoint {path}; continue with: {again}"
-    elif os.path.basename(sys.argv[0]) == "evaluate_result.py":  # evaluations continue with --resume
-        argv = [arg for arg in sys.argv[1:] if arg != "--resume"]
-        again = (f"{shlex.join([interpreter(), sys.argv[0], *argv])} --resume" if trial.world_size == 1
-                 else "the same torchrun command with --resume")
-        where = f"checkpoint {path}; continue with: {again}"
     else:
-        where = f"checkpoint {path}"
+        again = faults.continue_command(path, trial.world_size)
+        where = f"checkpoint {path}" + (f"; continue with: {again}" if again else "")
     signum = requests.get(trial.rank) or requests[min(requests)]
     name = stops.signal_name(signum)
     if trial.rank not in requests:
@@ -394,13 +378,6 @@ def stopped(trial, checkpoint_dir: str, requests: Dict[int, int]) -> RunFailed:
                         f"{trial.total_steps}: {where}", exit_code=128 + signum)
     failure.quiet = trial.rank != 0  # rank 0 speaks for all
     return failure
-
-
-def interpreter() -> str:
-    """This Python (``sys.executable``, e.g. the venv's), relative to the working directory when
-    inside it (``.venv/bin/python``), for commands a person copies."""
-    relative = os.path.relpath(sys.executable)
-    return relative if not relative.startswith(os.pardir) else sys.executable
 
 
 def check_not_copied_into_itself(checkpoint_dir: str) -> None:
