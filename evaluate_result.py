@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import math
 import os
 import sys
 import time
@@ -46,12 +47,21 @@ import model_def
 from runtime import checkpoints, feature_probes, launch
 from runtime.checkpoints import checkpoint_config, load_encoder
 from runtime.faults import CheckpointWrites
-from runtime.settings import Settings, TrainingMode, apply_overrides, parse_settings
-from utils import InputError, check_output_dir, check_output_file, run_command
+from runtime.settings import PRETRAINING_ONLY_KEYS, Settings, TrainingMode, apply_overrides, parse_settings
+from utils import (
+    InputError,
+    atomic_output,
+    check_not_input,
+    check_output_dir,
+    check_output_file,
+    run_command,
+    write_json_atomically,
+)
 
 PROBE_COMMANDS = ("features", "probe")
 FINE_TUNE_LEARNING_RATES = (0.01, 0.02, 0.05, 0.1, 0.005)  # the paper's semi-supervised grid
 LINEAR_EPOCHS = 80
+MAX_EPOCHS = 100_000  # far beyond any protocol (the paper: 80 epochs linear, 30 or 50 fine-tuning)
 
 
 def default_epochs(fine_tune: bool, label_fraction: Optional[float]) -> int:
@@ -89,7 +99,12 @@ def evaluation_hparams(hparams: Dict[str, Any], reference: str, epochs: int, fin
     # quarter of their length (and at the end).
     hparams.update(pretrained_checkpoint=reference, train_length={"epochs": epochs},
                    validation_period={"epochs": 1}, checkpoint_period={"epochs": max(1, -(-epochs // 4))},
-                   backbone_weights=None)
+                   backbone_weights=None, compare_random_init=False)
+    # What only pretraining reads (its optimiser, EMA, projector; the kNN read-out) does nothing in a
+    # heads run, which would refuse or list it (settings.check_mode_keys, mode_notes).
+    for key in PRETRAINING_ONLY_KEYS:
+        hparams.pop(key, None)
+    classifier.pop("knn_k", None)
     if fine_tune:
         rates = classifier.get("learning_rates") or [0.1]
         head = head_lr if head_lr is not None else min(rates)  # the most conservative configured rate
@@ -121,6 +136,8 @@ def export_encoder(directory: str, out: str, backbone_name: Optional[str] = None
     The claim is checked by loading the export before it is written.
     """
     check_output_file(out, "--export-encoder")
+    check_not_input(out, "--export-encoder", {"the checkpoint read (--checkpoint)": directory})
+    checkpoints.verify_checkpoint(directory, "--checkpoint")  # complete and unchanged, before anything else
     if backbone_name is None:
         backbone_name = checkpoint_config(directory)[0].get("backbone", Settings().backbone)
     state = load_encoder(directory, backbone_name).state_dict()  # verified against its marker first
@@ -133,8 +150,8 @@ def export_encoder(directory: str, out: str, backbone_name: Optional[str] = None
     else:
         target = backbones.build_backbone(backbone_name)
     target.load_state_dict(state, strict=True)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    torch.save(state, out)
+    with atomic_output(out, "--export-encoder", f"the encoder is still in checkpoint {directory!r}") as stream:
+        torch.save(state, stream)
     return state
 
 
@@ -146,7 +163,7 @@ def evaluate_checkpoint(directory: str, epochs: Optional[int] = None, fine_tune:
     Fine-tuning without a given learning rate runs the paper's grid and keeps the run best on
     CLS_VALIDATION."""
     directory = os.path.abspath(directory)
-    checkpoints.verify_checkpoint(directory)  # complete and unchanged, before anything else
+    checkpoints.verify_checkpoint(directory, "--checkpoint")  # complete and unchanged, before anything else
     hparams, config = checkpoint_config(directory)
     check_pretraining_checkpoint(hparams, repr(directory))
     if epochs is None:
@@ -166,11 +183,7 @@ def evaluate_checkpoint(directory: str, epochs: Optional[int] = None, fine_tune:
           f"CLS_VALIDATION {best.get('validation_accuracy', float('nan')):.4f}: TEST top-1 "
           f"{best.get('test_accuracy', float('nan')):.4f}", flush=True)
     if metrics_out:
-        import json
-
-        os.makedirs(os.path.dirname(os.path.abspath(metrics_out)), exist_ok=True)
-        with open(metrics_out, "w") as handle:
-            json.dump(best, handle, indent=2, sort_keys=True)
+        write_json_atomically(metrics_out, best, "--metrics-out", "the results are in the lines printed above")
     return best
 
 
@@ -184,6 +197,8 @@ def _evaluate_once(directory: str, hparams: Dict[str, Any], config: Dict[str, An
     settings = parse_settings(hparams, data_section, distributed.get_size() if distributed else 1)
     load_encoder(directory, settings.backbone)  # a wrong checkpoint fails here, before any work
     out = os.path.abspath(checkpoint_dir or os.path.dirname(directory))
+    launch.check_outputs({"--checkpoint-dir": out, "--metrics-out": metrics_out}, hparams, data_section,
+                         {"the checkpoint read (--checkpoint)": directory})
     check_output_dir(out, "--checkpoint-dir")
     launch.check_not_copied_into_itself(out)
     check_output_file(metrics_out, "--metrics-out")
@@ -344,6 +359,31 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.experiment_id is not None and (args.export_encoder or args.set or args.checkpoint_dir or args.metrics_out):
         parser.error("--export-encoder, --set, --checkpoint-dir and --metrics-out need --checkpoint "
                      "(fetch the checkpoint with `det checkpoint download`)")
+    # Flags the chosen path would ignore are refused, never dropped without a word.
+    if args.export_encoder:
+        ignored = [flag for flag, value in (("--fine-tune", args.fine_tune), ("--head-lr", args.head_lr),
+                                            ("--encoder-lr", args.encoder_lr), ("--set", args.set),
+                                            ("--classifier-train-epochs", args.classifier_train_epochs),
+                                            ("--checkpoint-dir", args.checkpoint_dir),
+                                            ("--metrics-out", args.metrics_out), ("--model-dir", args.model_dir),
+                                            ("--master", args.master)) if value not in (None, False, [])]
+        if ignored:
+            parser.error(f"{', '.join(ignored)} would do nothing with --export-encoder, which only writes the "
+                         f"encoder's weights: drop them, or run the evaluation without --export-encoder")
+    elif args.checkpoint is not None and (args.model_dir or args.master):
+        parser.error("--model-dir and --master are for --experiment-id (a new experiment on a cluster); a local "
+                     "--checkpoint is evaluated here: drop them")
+    if not args.fine_tune and (args.head_lr is not None or args.encoder_lr is not None):
+        parser.error("--head-lr and --encoder-lr apply to --fine-tune; the linear protocol trains one head per "
+                     "hyperparameters.classifier.learning_rates")
+    for flag, value in (("--head-lr", args.head_lr), ("--encoder-lr", args.encoder_lr)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            parser.error(f"{flag} must be a learning rate > 0, got {value}")
+    if args.classifier_train_epochs is not None and not 1 <= args.classifier_train_epochs <= MAX_EPOCHS:
+        parser.error(f"--classifier-train-epochs must be between 1 and {MAX_EPOCHS}, "
+                     f"got {args.classifier_train_epochs}")
+    if args.checkpoint is not None and not args.checkpoint.strip():
+        parser.error("--checkpoint is empty: give a checkpoint directory")
     return args
 
 

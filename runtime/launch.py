@@ -25,8 +25,27 @@ from determined import core, pytorch
 
 from runtime import checkpoints, faults, feature_probes, performance, plots, stops
 from runtime.faults import CheckpointWrites, RunFailed
-from runtime.settings import Length, Settings, TrainingMode, apply_overrides, load_config, parse_settings, slots_of
-from utils import ConfigError, check_output_dir, check_output_file, run_command
+from runtime.settings import (
+    Length,
+    Settings,
+    TrainingMode,
+    apply_overrides,
+    load_config,
+    mode_notes,
+    parse_settings,
+    slots_of,
+)
+from utils import (
+    ConfigError,
+    check_output_dir,
+    check_output_file,
+    check_outputs_not_inputs,
+    env_flag,
+    env_int,
+    inputs_of_config,
+    run_command,
+    write_json_atomically,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,9 +85,9 @@ def overridden(config: Dict[str, Any], args: argparse.Namespace) -> tuple[Dict[s
 
 def distributed_context() -> Optional[core.DistributedContext]:
     """torch.distributed from torchrun's environment, gloo on CPU and nccl on GPU."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if env_int("WORLD_SIZE", 1, minimum=1) <= 1:
         return None
-    if os.environ.get("USE_TORCH_DISTRIBUTED", "") not in ("1", "true", "True"):
+    if not env_flag("USE_TORCH_DISTRIBUTED"):
         raise ConfigError("several processes were started (WORLD_SIZE > 1) but USE_TORCH_DISTRIBUTED is not set: "
                           "run USE_TORCH_DISTRIBUTED=1 torchrun --nproc_per_node N model_def.py ...")
     if not torch.distributed.is_initialized():
@@ -173,6 +192,8 @@ def run_trial(make_trial: Callable, context: pytorch.PyTorchTrialContext, settin
             print(f"[byol] {per_slot} images per process; batch norm "
                   f"{'synchronised across' if trial.synced_batch_norm else 'per process (not synchronised) in'} "
                   f"{context.distributed.size} processes", flush=True)
+        for note in mode_notes(context.get_hparams(), s):  # given settings this mode does not use
+            print(f"[byol] {note}", flush=True)
     if latest_checkpoint and os.path.isdir(latest_checkpoint):  # local resume: same settings, work left
         note = checkpoints.check_resume(latest_checkpoint, s, trial.total_steps, trial.pretraining,
                                         context.distributed.size)
@@ -230,9 +251,16 @@ def local_main(args: argparse.Namespace, started: float, make_trial: Callable) -
               flush=True)
     settings = parse_settings(hparams, data_section, slots)
     if args.resume_from:  # only a completely written, unchanged checkpoint (checkpoints.py)
-        checkpoints.verify_checkpoint(args.resume_from)
+        checkpoints.verify_checkpoint(args.resume_from, "--resume-from")
+    if settings.pretrained_checkpoint:  # locally a directory (no cluster to fetch a storage id from)
+        checkpoints.verify_checkpoint(settings.pretrained_checkpoint, "hyperparameters.pretrained_checkpoint")
+        checkpoints.check_pretrained_backbone(settings.pretrained_checkpoint, settings.pretrained_checkpoint,
+                                              settings.backbone)
     checkpoint_dir = os.path.abspath(args.checkpoint_dir or default_checkpoint_dir(config)
                                      or local_storage_default())
+    check_outputs({"--checkpoint-dir": checkpoint_dir, "--metrics-out": args.metrics_out}, hparams, data_section,
+                  {"the config file (--config)": args.config,
+                   "the checkpoint resumed (--resume-from)": args.resume_from})
     check_output_dir(checkpoint_dir, "--checkpoint-dir")
     check_not_copied_into_itself(checkpoint_dir)
     check_output_file(args.metrics_out, "--metrics-out")  # before training, not after it
@@ -295,15 +323,35 @@ def train_and_report(make_trial: Callable, exp_conf: Dict[str, Any], settings: S
             print_summary(trial, metrics)
             if result_line is not None:
                 print(result_line(settings, metrics), flush=True)
-            if metrics_out:
-                os.makedirs(os.path.dirname(os.path.abspath(metrics_out)), exist_ok=True)
-                with open(metrics_out, "w") as handle:
-                    json.dump(metrics, handle, indent=2, sort_keys=True)
+            if metrics_out:  # atomically: a full disk leaves no partial file, and says where the results are
+                write_json_atomically(metrics_out, metrics, "--metrics-out", results_kept(trial, checkpoint_dir))
                 print(f"[byol] metrics written to {metrics_out}", flush=True)
                 write_plot(trial, metrics_out)
     finally:
         stops.REQUEST.uninstall()
     return metrics
+
+
+def results_kept(trial, checkpoint_dir: str) -> str:
+    """Where a finished run's results still are when its metrics file cannot be written."""
+    where = (f" and in the last checkpoint {os.path.join(checkpoint_dir, trial.last_checkpoint)}"
+             if trial.last_checkpoint else "")
+    return f"the results are in the summary printed above{where}"
+
+
+def check_outputs(outputs: Dict[str, Optional[str]], hparams: Dict[str, Any], data_section: Dict[str, Any],
+                  more_inputs: Dict[str, Optional[str]]) -> None:
+    """Before any work: no output (``{option: path}``; the curves' PNG beside ``--metrics-out``
+    too) is, or lies inside, what the run reads (``utils.check_not_input``)."""
+    metrics_out = outputs.get("--metrics-out")
+    if metrics_out:
+        plot = plots.plot_path(metrics_out)
+        if os.path.abspath(plot) == os.path.abspath(metrics_out):
+            raise ConfigError(f"--metrics-out {metrics_out!r}: the training curves are drawn beside it in {plot!r}, "
+                              f"the same file; give a .json path")
+        outputs = {**outputs, "the curves beside --metrics-out": plot}
+    inputs = inputs_of_config(hparams, data_section)
+    check_outputs_not_inputs(outputs, {**inputs, **{k: v for k, v in more_inputs.items() if v}})
 
 
 def stopped(trial, checkpoint_dir: str) -> RunFailed:

@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Sequence
 
 from determined import pytorch
 
+from utils import atomic_output
+
 TRAINING_KEYS = ("loss", "lr", "tau")
 POINTS_PER_WORKLOAD = 20
 ACCURACY_KEYS = ("validation_accuracy", "test_accuracy", "test_top5_accuracy", "knn_accuracy")
@@ -110,8 +112,6 @@ def write_metrics_plot(history: MetricsHistory, path: str, title: str = "") -> s
     matplotlib.use("Agg")  # no display; safe in workers and on servers
     import matplotlib.pyplot as plt
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     figure, (loss_ax, lr_ax, acc_ax) = plt.subplots(1, 3, figsize=(15, 4))
     panels = (
         (loss_ax, "loss", [("training loss", history.training, "loss"),
@@ -142,6 +142,9 @@ def write_metrics_plot(history: MetricsHistory, path: str, title: str = "") -> s
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        with atomic_output(path, "the training curves") as stream:  # no partial PNG on a full disk
+            figure.savefig(stream, dpi=100, format="png")
+    finally:
+        plt.close(figure)
     return path
