@@ -131,7 +131,8 @@ class TrialBase(pytorch.PyTorchTrial):
         self.train_dataset = faults.ReadGuard(loaders.training_dataset(s, s.image_size, self.pretraining))
         eval_dataset = faults.ReadGuard(loaders.evaluation_dataset(s, s.image_size))
         # Every split's image files open (a header check) before the first step (preflight.py).
-        preflight.check_image_headers([self.train_dataset, eval_dataset], self.rank, self.world_size)
+        preflight.check_image_headers([self.train_dataset, eval_dataset], self.rank, self.world_size,
+                                      full=s.data.image_check == "full")
         note = preflight.dataset_classes_note(self.info.num_classes, f"dataset {s.data.dataset!r}")
         if note and self.rank == 0:
             print(note, flush=True)

@@ -371,7 +371,7 @@ def encoder_state(checkpoint: Dict[str, Any], where: str) -> Dict[str, torch.Ten
 # validate or checkpoint, the linear evaluation's read-out, where the data lives and how it is loaded.
 RESUME_FREE_KEYS = ("train_length", "validation_period", "checkpoint_period", "classifier_validation",
                     "compare_random_init", "classifier", "data.root", "data.download", "data.num_workers",
-                    "data.gcs.cache_dir", "data.gcs.max_in_flight", "data.gcs.retry_deadline")
+                    "data.image_check", "data.gcs.cache_dir", "data.gcs.max_in_flight", "data.gcs.retry_deadline")
 
 
 def _flatten(values: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

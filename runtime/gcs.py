@@ -34,6 +34,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
+from augment import to_rgb
 from runtime import jpeg_decode
 from runtime.gcs_client import (  # noqa: F401
     IMAGE_EXTENSIONS,
@@ -70,7 +71,7 @@ def _decode(data: bytes, url: str) -> Image.Image:
     """Decode image bytes into an RGB PIL image, or raise CorruptImageError naming ``url``."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")  # convert() loads every pixel: truncation is caught here
+            return to_rgb(img)  # loads every pixel: truncation is caught here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise CorruptImageError(f"{url} is not a readable image ({type(e).__name__}: {e}); "
                                 f"re-upload it or drop it from the blob list") from e

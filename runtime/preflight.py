@@ -14,6 +14,7 @@ from typing import Any, Iterator, List, Sequence
 
 from torch.utils.data import ConcatDataset
 
+from augment import UNSUPPORTED_MODES
 from runtime.progress import progress
 from utils import InputError
 
@@ -52,16 +53,25 @@ def image_files(datasets: Sequence[Any]) -> List[str]:
     return sorted(files)
 
 
-def check_image_headers(datasets: Sequence[Any], rank: int = 0, world_size: int = 1) -> int:
-    """Opens this process's share of the image files behind ``datasets`` (header only); the first
-    that fails raises :class:`UnreadableFileError` naming it. Returns the number checked."""
+def check_image_headers(datasets: Sequence[Any], rank: int = 0, world_size: int = 1, full: bool = False) -> int:
+    """Opens this process's share of the image files behind ``datasets`` (header only; ``full``:
+    every pixel decoded too, which also finds files whose body is truncated, ``data.image_check:
+    full``); the first that fails raises :class:`UnreadableFileError` naming it. Returns the number
+    checked."""
     from PIL import Image
 
     files = image_files(datasets)[rank::world_size]
-    for path in progress(files, "checking image files", unit="file", enabled=rank == 0 and len(files) > 1000):
+    what = "decoding image files" if full else "checking image files"
+    for path in progress(files, what, unit="file", enabled=rank == 0 and len(files) > 1000):
         try:
             with Image.open(path) as image:
-                image.size  # noqa: B018 (the header is parsed by open)
+                if image.mode in UNSUPPORTED_MODES:
+                    raise UnreadableFileError(f"image file {path!r} has pixel mode {image.mode} (32-bit float), which "
+                                              f"has no known value range; convert it to 8-bit RGB or grayscale")
+                if full:
+                    image.load()  # every pixel: a truncated body fails here, not hours into the run
+        except UnreadableFileError:
+            raise
         except Image.DecompressionBombError as error:
             raise UnreadableFileError(f"image file {path!r} is refused as a decompression bomb ({error}); replace "
                                       f"or remove it") from None
