@@ -139,7 +139,12 @@ def _make_writable_folder(folder: str, option: str, path: str) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{option} {path!r} cannot be written: the folder {existing!r} is not writable; "
                          f"choose another path")
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:  # read-only file system, a name too long, ...: one line, not a raw [Errno N]
+        raise InputError(f"{option} {path!r} cannot be created: {error.strerror or error}"
+                         + (f" ({error.filename!r})" if error.filename and error.filename != folder else "")
+                         + "; choose another path") from None
 
 
 # ----------------------------------------------------------------------------- inputs a command must never overwrite

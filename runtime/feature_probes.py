@@ -228,5 +228,9 @@ def main(argv: Sequence[str]) -> int:
         if args.k < 1:
             parser.error(f"--k must be >= 1, got {args.k}")
         content = read_feature_file(args.features)
+        bank = len(content["splits"][data.Split.CLS_TRAIN.value]["labels"])
+        if args.k > bank:  # the kNN would silently use fewer neighbours
+            parser.error(f"--k {args.k} is more than the {bank} CLS_TRAIN images of {args.features!r} (the kNN bank); "
+                         f"give --k <= {bank}")
         print(format_probes(run_probes(content, args.k), args.k, content), flush=True)
     return 0

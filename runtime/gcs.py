@@ -46,6 +46,7 @@ from runtime.gcs_client import (  # noqa: F401
     read_blob_list,
     write_atomically,
 )
+from utils import InputError
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,9 @@ _LOCK = threading.Lock()  # guards per-process client/pool creation; renewed in 
 os.register_at_fork(after_in_child=lambda: globals().update(_LOCK=threading.Lock()))
 
 
-class CorruptImageError(ValueError):
-    """An object was downloaded but is not a decodable image."""
+class CorruptImageError(InputError):
+    """An object was downloaded but is not a decodable image: bad input (exit 2), one line naming
+    the object, also when met mid-run in a data-loader worker (``utils.one_line``)."""
 
 
 def _open_lazy(data: bytes, url: str) -> Image.Image:

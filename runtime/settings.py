@@ -119,7 +119,13 @@ def parse_length(value: Any, key: str, optional: bool = True) -> Optional[Length
     unit, amount = next(iter(value.items()))
     if isinstance(amount, bool) or not isinstance(amount, int) or amount < (0 if key.endswith("train_length") else 1):
         reject(f"{key}.{unit}", amount, "must be a whole number >= " + ("0" if key.endswith("train_length") else "1"))
+    if amount > MAX_STEPS:
+        reject(f"{key}.{unit}", amount, f"must be <= {MAX_STEPS:,} (the paper's longest run is about 312,500 steps: "
+                                        f"1000 epochs of ImageNet at batch 4096)")
     return Length(**{unit: amount})
+
+
+MAX_STEPS = 10 ** 9  # a bound on any length or period, far beyond any run, well inside 64-bit step counters
 
 
 def parse_settings(hyperparameters: dict, data_section: Optional[dict] = None, slots: int = 1) -> Settings:
