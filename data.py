@@ -346,8 +346,21 @@ def distinct_image_files(directory: str, class_to_idx: dict, extensions=None, is
     return samples
 
 
+def load_rgb(path: str) -> Image.Image:
+    """An image file as 8-bit RGB (:func:`augment.to_rgb`; torchvision's default loader converts
+    with Pillow's ``convert("RGB")``, which clips 16-bit images to white)."""
+    with open(path, "rb") as handle:
+        image = Image.open(handle)
+        image.load()
+        return to_rgb(image)
+
+
 class _ImageFolder(torchvision.datasets.ImageFolder):
-    """torchvision's ImageFolder whose walk reaches every file once (:func:`distinct_image_files`)."""
+    """torchvision's ImageFolder whose walk reaches every file once (:func:`distinct_image_files`)
+    and whose images are converted to RGB without clipping (:func:`load_rgb`)."""
+
+    def __init__(self, root: str, transform: Optional[Callable] = None, loader: Callable = None, **kwargs):
+        super().__init__(root, transform=transform, loader=loader or load_rgb, **kwargs)
 
     @staticmethod
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):

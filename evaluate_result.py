@@ -135,8 +135,8 @@ def export_encoder(directory: str, out: str, backbone_name: Optional[str] = None
       or through ``hyperparameters.backbone_weights`` of a new run.
     The claim is checked by loading the export before it is written.
     """
+    check_not_input(out, "--export-encoder", {"the checkpoint read (--checkpoint)": directory})  # first: nothing made
     check_output_file(out, "--export-encoder")
-    check_not_input(out, "--export-encoder", {"the checkpoint read (--checkpoint)": directory})
     checkpoints.verify_checkpoint(directory, "--checkpoint")  # complete and unchanged, before anything else
     if backbone_name is None:
         backbone_name = checkpoint_config(directory)[0].get("backbone", Settings().backbone)

@@ -40,6 +40,7 @@ def extract_feature_file(directory: str, out: str, sets: Sequence[str] = (), bat
     """Frozen features, labels and small pixel copies of CLS_TRAIN, CLS_VALIDATION and TEST."""
     import torch.nn.functional as F
 
+    check_not_input(out, "--out", {"the checkpoint read (--checkpoint)": directory})  # before a folder is made
     check_output_file(out, "--out")
     checkpoints.verify_checkpoint(directory, "--checkpoint")  # complete and unchanged, before anything else
     hparams, config = checkpoint_config(directory)

@@ -343,6 +343,9 @@ def load_config(path: str) -> dict:
     if not isinstance(config, dict) or not isinstance(config.get("hyperparameters"), dict):
         raise ConfigError(f"config file {path!r} has no 'hyperparameters' mapping")
     check_sections(config, path)
+    if config.get("data") is not None and not isinstance(config["data"], dict):
+        reject("data", config["data"], "expected a mapping, e.g. {dataset: digits} (a data: 0 would silently "
+               "train on the default dataset)")
     return config
 
 
