@@ -227,9 +227,10 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
-            self.flatten_mapping(node)  # merge keys (<<) resolved first: an override of a merge is allowed
             seen = {}
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # '<<: *base' then 'key: ...' overrides the merged value: allowed
                 key = self.construct_object(key_node, deep=True)
                 try:
                     hash(key)
