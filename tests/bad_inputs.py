@@ -25,11 +25,21 @@ import io
 import os
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
+
+
+class CaseTimeout(BaseException):
+    """A case ran past its time limit (a bad value accepted and trained on, or a hang)."""
+
+
+def _alarm(signum, frame):
+    raise CaseTimeout()
+
 
 OUTCOMES = ("clear line", "clear after start", "unclear", "traceback", "silently wrong", "destroyed a file")
 
@@ -138,8 +148,9 @@ def digest(path: str) -> Optional[str]:
         return hashlib.sha256(handle.read()).hexdigest()
 
 
-def run_case(case: Case, work: Workspace) -> tuple[str, str]:
-    """``(outcome, the line that decided it)``."""
+def run_case(case: Case, work: Workspace, limit_s: float = 120.0) -> tuple[str, str]:
+    """``(outcome, the line that decided it)``; a case still running after ``limit_s`` seconds is
+    stopped and counted silently wrong (it accepted the value and worked on)."""
     if case.prepare:
         case.prepare(work)
     if case.command == "check":
@@ -151,16 +162,22 @@ def run_case(case: Case, work: Workspace) -> tuple[str, str]:
     os.environ.update(case.env)
     out, err = io.StringIO(), io.StringIO()
     escaped = None
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, limit_s)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 code = main_of(case.command)(argv)
             except SystemExit as exit_:
                 code = exit_.code if isinstance(exit_.code, int) else 1
+    except CaseTimeout:
+        return "silently wrong", f"still running after {limit_s:g} s (accepted and worked on)"
     except BaseException as error:  # noqa: BLE001 (an escaped exception is what is counted)
         escaped, code = error, None
         err.write(traceback.format_exc())
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -302,8 +319,7 @@ def cases() -> List[Case]:
             "resources:\n  slots_per_trial: 1", "resources: 5"))), ["resources"]),
         Case("classifier: 0", m, model("--set", "classifier=0"), ["classifier"]),
         Case("augmentation: 0", m, model("--set", "augmentation=0"), ["augmentation"]),
-        Case("data: 0 in the file", m, model(config=lambda w: _with(w, "data0.yaml", lambda t: t.replace(
-            "data:\n", "data: 0\nunused_data:\n"))), ["data"]),
+        Case("data: 0 in the file", m, model(config=lambda w: _with(w, "data0.yaml", _data_zero)), ["data"]),
         Case("--set data=5", m, model("--set", "data=5"), ["data"]),
         Case("--set with an empty key part", m, model("--set", "classifier..knn_k=3"), ["classifier..knn_k"]),
         Case("--set value with a duplicate key", m, model("--set", "classifier={batch_size: 8, batch_size: 9}"),
@@ -436,6 +452,14 @@ def cases() -> List[Case]:
     ]
 
 
+def _data_zero(text: str) -> str:
+    import yaml
+
+    config = yaml.safe_load(text)
+    config["data"] = 0
+    return yaml.safe_dump(config)
+
+
 def _binary(work: Workspace) -> str:
     path = os.path.join(work.dir, "binary.yaml")
     with open(path, "wb") as handle:
@@ -448,6 +472,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     parser.add_argument("--only", action="append", default=[], help="run the cases whose name contains this")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--limit-s", type=float, default=120.0, help="time limit of one case")
     parser.add_argument("--memory-gib", type=float, default=12.0, help="address-space limit (RLIMIT_AS)")
     args = parser.parse_args(argv)
     root = os.path.abspath(args.root)
@@ -466,7 +491,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         for case in chosen:
             try:
-                outcome, line = run_case(case, work)
+                outcome, line = run_case(case, work, args.limit_s)
             except BaseException as error:  # noqa: BLE001 (a fixture failing is a traceback too)
                 outcome, line = "traceback", f"{type(error).__name__}: {error}"
             counts[outcome] += 1
