@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= outputs/local-digits
 
-.PHONY: install run test test-fast bench throughput clean
+.PHONY: install run test test-fast bench throughput done-when clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ throughput: install
 	$(PY) -m pip install -r requirements-bench.txt -c requirements.txt
 	$(PY) bench/throughput.py
 	$(PY) bench/throughput.py --only augment,decode --image-size 224 --batch-size 32
+
+# Issue 16's acceptance rows (op counts, synchronised batch norm, ratios to the peers), one run,
+# about 5 minutes on 1 CPU thread (bench/RESULTS.md).
+done-when: install
+	$(PY) -m pip install -r requirements-bench.txt -c requirements.txt
+	$(PY) bench/throughput.py --done-when --repeats 7 --steps 1
 
 clean:
 	rm -rf outputs .pytest_cache

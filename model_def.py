@@ -16,6 +16,7 @@ Run it locally (Determined's Trainer in local mode) or on a cluster (the experim
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import sys
 import time
@@ -201,6 +202,11 @@ class TrialBase(pytorch.PyTorchTrial):
         """The training loader's collate function (None: PyTorch's default)."""
         return None
 
+    def training_prepare(self) -> Optional[Callable]:
+        """What the training loader's prefetcher does to each batch on the device, one batch ahead
+        of the step (``loaders.prefetch_to_device``; None: only the copy)."""
+        return None
+
     # ----------------------------------------------------------------- helpers
     def check_memory(self) -> None:
         """Refuses settings whose training step cannot fit in memory (``preflight.check_step_memory``):
@@ -270,7 +276,8 @@ class TrialBase(pytorch.PyTorchTrial):
         # 0 again after a resume, and would otherwise train on to the next one past max_length.
         return loaders.LazyTrainingLoader(self.train_dataset,
                                           lambda: BatchesUntil(self._sampler(self.global_step), self.total_steps),
-                                          self.settings.data.num_workers, self.device, self.training_collate())
+                                          self.settings.data.num_workers, self.device, self.training_collate(),
+                                          self.training_prepare())
 
     def build_validation_data_loader(self):
         return self.evaluation.data_loader()
@@ -407,15 +414,19 @@ class BYOLTrial(TrialBase):
         return {"learner": self.learner, "heads": self.heads}
 
     def training_collate(self) -> Optional[Callable]:
-        # data.decode: device: the workers deliver JPEG bytes, decoded in step_loss (jpeg_decode.py)
+        # data.decode: device: the workers deliver JPEG bytes (jpeg_decode.py) ...
         return jpeg_decode.collate_encoded if self.settings.data.decode == "device" else None
+
+    def training_prepare(self) -> Optional[Callable]:
+        # ... decoded and cropped by the prefetcher, a batch ahead, on a side CUDA stream: step_loss
+        # receives uint8 views already on the device.
+        if self.settings.data.decode != "device":
+            return None
+        return functools.partial(jpeg_decode.decode_batch, image_size=self.settings.image_size, device=self.device)
 
     def step_loss(self, batch: Any, step: int) -> tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]:
         s = self.settings
-        views, labels = batch
-        if isinstance(views, jpeg_decode.EncodedBatch):  # data.decode: device (jpeg_decode.py)
-            views = views.decode(s.image_size, self.device)
-        view1, view2 = views
+        (view1, view2), labels = batch  # data.decode: device: decoded by the prefetcher (training_prepare)
         lr = optim.apply_schedule(self.optimizer, step, self.total_steps, round(s.warmup_epochs * self.steps_per_epoch))
         view1 = self.augment_global(self.augment1, self.to_device(view1), SeedStream.VIEW1)
         view2 = self.augment_global(self.augment2, self.to_device(view2), SeedStream.VIEW2)

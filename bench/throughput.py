@@ -25,6 +25,22 @@ augmentations. Rows (images per second; one image = one source image, i.e. two v
   ``augment.TwoViewTransform``), PIL draft (``jpeg_decode.DraftTwoViewTransform``), torchvision
   on the CPU and on the GPU (``jpeg_decode.EncodedBatch.decode``).
 
+``--done-when`` (issue 16's acceptance rows; fixed sizes, other size options ignored; about 5
+minutes on 1 CPU thread) prints instead, in one run:
+
+* (a) top-level aten ops of one real trial step, ``model_def.BYOLTrial.train_batch`` (Determined's
+  local-mode context), ResNet-50, 64 px, batch 32, counted with ``torch.profiler`` (an op counts when
+  no aten op encloses it; backward and optimiser included), split by phase (augmentation, forward
+  and loss, backward, optimiser, EMA) with ``record_function`` labels around the trial's methods;
+* (b) top-level ops of one batch-norm layer's forward + backward made by
+  ``runtime.sync_batchnorm.convert_sync_batchnorm``, profiled on rank 0 of a real 2-process gloo
+  group (world size 1 takes the local path), beside ``nn.BatchNorm2d``; collectives counted apart;
+* (c) two-view augmentation at 224 px, batch 32: ours (trial pipeline and library) vs lightly;
+* (d) the ResNet-50 64 px batch-32 training step: the trial step (per-view batch-norm statistics,
+  LARS, EMA) and the library vs byol-pytorch, with augmentation;
+  (c) and (d) timed alternated in one ``measure``; each ratio is the median (min-max) over rounds of
+  the two rows' rates in the same round.
+
 All rows run in one process with ``--threads`` intra-op threads, interleaved: each of ``--repeats``
 rounds times every row once (``--steps`` steps after ``--warmup``), in a rotated order, and the
 table reports each row's median over rounds. The CPU of a shared machine is noisy: compare rows of
@@ -33,10 +49,12 @@ one run, not runs. Peers come from requirements-bench.txt; a missing peer's rows
     python bench/throughput.py                                   # CPU: resnet18_cifar, 32 px, batch 32
     python bench/throughput.py --only augment,decode --image-size 224 --batch-size 32
     python bench/throughput.py --device cuda --backbone resnet50 --image-size 224 --batch-size 128 --precision bf16
+    python bench/throughput.py --done-when                       # issue 16's rows (make done-when)
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import datetime
 import io
@@ -82,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--decode-size", type=int, default=500, help="side of the JPEGs of the decode rows")
     parser.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated groups of rows: {', '.join(GROUPS)}")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--done-when", action="store_true",
+                        help="issue 16's acceptance rows: op counts and ratios at fixed sizes (module docstring)")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
     if not only <= set(GROUPS):
@@ -163,15 +183,17 @@ def ours_library_rows(args, device, images, autocast) -> List[Row]:
             Row("model", "ours library, no augmentation", len(images), lambda: step(*views))]
 
 
-def ours_trial_rows(args, device, images, directory) -> List[Row]:
-    """The real trial (Determined's local-mode context), fed the same uint8 batch as both views."""
+def ours_trial_rows(args, device, images, directory, **extra_hparams) -> List[Row]:
+    """The real trial (Determined's local-mode context), fed the same uint8 batch as both views.
+    ``rows[0].trial`` is the trial, ``rows[0].step(calls)`` one ``train_batch``."""
     from model_def import BYOLTrial
     from runtime import launch
     from runtime.settings import parse_settings
 
     hparams = {"backbone": args.backbone, "image_size": args.image_size, "global_batch_size": args.batch_size,
                "projection_size": args.projection_size, "projection_hidden_size": args.projection_hidden_size,
-               "train_length": {"batches": 10 ** 6}, "precision": args.precision, "classifier_validation": False}
+               "train_length": {"batches": 10 ** 6}, "precision": args.precision, "classifier_validation": False,
+               **extra_hparams}
     data = {"dataset": "digits", "root": os.path.join(directory, "data"), "num_workers": 0}
     settings = parse_settings(hparams, data)
     stack = launch.local_trial_context(hparams, {"hyperparameters": hparams, "data": data}, None,
@@ -192,6 +214,7 @@ def ours_trial_rows(args, device, images, directory) -> List[Row]:
                 lambda: step(with_augmentation)),
             Row("model", "ours trial step, no augmentation", len(images), lambda: step(normalize_only))]
     rows[0].context = stack  # kept open for the whole run
+    rows[0].trial, rows[0].with_augmentation = trial, lambda: step(with_augmentation)
     return rows
 
 
@@ -365,6 +388,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     performance.configure_device(device)
+    if args.done_when:
+        return done_when(args, argv)
     precision = args.precision
 
     def autocast():
@@ -389,6 +414,188 @@ def main(argv=None) -> int:
                 stack.__exit__(None, None, None)
     report(rows, args, device, argv)
     return 0
+
+
+# ----------------------------------------------------------------------------- issue 16's rows
+OP_PREFIXES = ("aten::", "c10d::")
+
+
+def top_level_ops(run: Callable[[], None], phases=()) -> Dict[str, collections.Counter]:
+    """Ops of one ``run()`` as ``torch.profiler`` records them on the CPU, counting an op only when no
+    other aten/c10d op encloses it (what a device would be asked to launch), grouped by the nearest
+    enclosing ``record_function`` label among ``phases`` ("other" when none)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    counts: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for event in prof.events():
+        if not event.name.startswith(OP_PREFIXES):
+            continue
+        parent, phase, top = event.cpu_parent, "other", True
+        while parent is not None:
+            if parent.name.startswith(OP_PREFIXES):
+                top = False
+                break
+            if parent.name in phases and phase == "other":
+                phase = parent.name
+            parent = parent.cpu_parent
+        if top:
+            counts[phase][event.name] += 1
+    return counts
+
+
+def labelled(label: str, function: Callable) -> Callable:
+    def call(*args, **kwargs):
+        with torch.profiler.record_function(label):
+            return function(*args, **kwargs)
+    return call
+
+
+TRIAL_PHASES = {  # the trial's methods (or its context's) whose ops make each phase
+    "augmentation": ("trial", "augment_global"), "forward + loss": ("trial", "model_call"),
+    "backward": ("context", "backward"), "optimiser (LARS)": ("context", "step_optimizer"),
+    "EMA and after-step": ("trial", "after_step")}
+
+
+def trial_step_ops(row: Row) -> Dict[str, int]:
+    """(a): one real ``train_batch`` of the trial behind ``row``, its top-level ops by phase."""
+    trial = row.trial
+    owners = {"trial": trial, "context": trial.context}
+    saved = []
+    for label, (owner, name) in TRIAL_PHASES.items():
+        target = owners[owner]
+        if callable(getattr(target, name, None)):   # a method others may rename: skipped, then "other"
+            saved.append((target, name, target.__dict__.get(name)))
+            setattr(target, name, labelled(label, getattr(target, name)))
+    try:
+        counts = top_level_ops(row.with_augmentation, phases=tuple(TRIAL_PHASES))
+    finally:
+        for target, name, previous in saved:
+            if previous is None:
+                delattr(target, name)
+            else:
+                setattr(target, name, previous)
+    by_phase = {label: sum(counts.get(label, {}).values()) for label in (*TRIAL_PHASES, "other")}
+    by_phase["total"] = sum(by_phase.values())
+    by_phase["nonzero"] = sum(counter.get("aten::nonzero", 0) for counter in counts.values())
+    by_phase["item / _local_scalar_dense"] = sum(counter.get("aten::item", 0) +
+                                                 counter.get("aten::_local_scalar_dense", 0)
+                                                 for counter in counts.values())
+    return by_phase
+
+
+BN_SHAPE = (32, 64, 16, 16)   # a ResNet-50 64 px stage-1 layer: batch 32 per process
+
+
+def _batch_norm_ops(layer: nn.Module) -> Dict[str, int]:
+    torch.manual_seed(0)
+    x = torch.randn(*BN_SHAPE, requires_grad=True)
+    grad = torch.randn(*BN_SHAPE)
+
+    def run():
+        layer(x).backward(grad)
+
+    run()  # warm-up (and, synchronised, one collective in step with the other rank)
+    counts = top_level_ops(run)["other"]
+    collectives = sum(n for name, n in counts.items() if name.startswith("c10d::"))
+    return {"ops": sum(counts.values()) - collectives, "collectives": collectives}
+
+
+def _sync_batch_norm_worker(rank: int, init_file: str, result_file: str) -> None:
+    import torch.distributed as dist
+
+    from runtime import sync_batchnorm
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        synced = _batch_norm_ops(sync_batchnorm.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(BN_SHAPE[1]))))
+        dist.barrier()
+        if rank == 0:
+            plain = _batch_norm_ops(nn.Sequential(nn.BatchNorm2d(BN_SHAPE[1])))
+            with open(result_file, "w") as handle:
+                json.dump({"synchronised": synced, "plain": plain}, handle)
+    finally:
+        dist.barrier()
+
+
+def sync_batch_norm_ops(directory: str) -> Dict[str, Dict[str, int]]:
+    """(b): one batch-norm layer's forward + backward, synchronised over a real 2-process gloo group
+    (rank 0 profiled) and plain ``nn.BatchNorm2d``."""
+    import torch.multiprocessing as mp
+
+    init_file, result_file = os.path.join(directory, "gloo-init"), os.path.join(directory, "bn-ops.json")
+    mp.spawn(_sync_batch_norm_worker, args=(init_file, result_file), nprocs=2, join=True)
+    with open(result_file) as handle:
+        return json.load(handle)
+
+
+DONE_WHEN_RATIOS = (  # (c) and (d): (ours, peer, target)
+    ("ours trial pipeline (per-image crops as in workers + batched photometric)",
+     "lightly BYOLTransform (per image, PIL)", 1.0),
+    ("ours batched two views (library: crop + photometric on the device)", "lightly BYOLTransform (per image, PIL)",
+     1.0),
+    ("ours trial step, with photometric augmentation", "byol-pytorch, with augmentation", 1.0),
+    ("ours library, with augmentation", "byol-pytorch, with augmentation", 1.0),
+)
+
+
+def done_when(args, argv) -> int:
+    """Issue 16's acceptance rows (module docstring), printed as one table."""
+    device = torch.device(args.device)
+    model_args = argparse.Namespace(**{**vars(args), "backbone": "resnet50", "image_size": 64, "batch_size": 32})
+    augment_args = argparse.Namespace(**{**vars(args), "image_size": 224, "batch_size": 32})
+
+    def autocast():
+        return performance.autocast(device, args.precision)
+
+    wanted = {name for pair in DONE_WHEN_RATIOS for name in pair[:2]}
+    with tempfile.TemporaryDirectory() as directory:
+        print("[bench] (b) synchronised batch norm on 2 gloo processes", file=sys.stderr, flush=True)
+        batch_norm = sync_batch_norm_ops(directory)
+        model_images, augment_images = source_images(model_args), source_images(augment_args)
+        trial_rows = ours_trial_rows(model_args, device, model_images, directory)
+        rows = [row for row in (trial_rows + ours_library_rows(model_args, device, model_images, autocast) +
+                                byol_pytorch_rows(model_args, device, model_images, autocast) +
+                                augmentation_rows(augment_args, device, augment_images)) if row.name in wanted]
+        measure(rows, args, device)
+        print("[bench] (a) profiling one trial step", file=sys.stderr, flush=True)
+        step_ops = trial_step_ops(trial_rows[0])
+        trial_rows[0].context.__exit__(None, None, None)
+    report_done_when(step_ops, batch_norm, rows, args, argv)
+    return 0
+
+
+def report_done_when(step_ops, batch_norm, rows: List[Row], args, argv) -> None:
+    command = "python bench/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; CPU "
+          f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible); torch {torch.__version__}; "
+          f"{args.threads} thread(s); {args.precision}; timings: median (min-max) of {args.repeats} interleaved "
+          f"rounds of {args.steps} steps\n`{command.strip()}`\n")
+    print("| issue 16 row | measured | target |")
+    print("| --- | --- | --- |")
+    phases = ", ".join(f"{label} {step_ops[label]}" for label in (*TRIAL_PHASES, "other"))
+    print(f"| (a) top-level aten ops per trial step (ResNet-50, 64 px, batch 32; real train_batch) | "
+          f"{step_ops['total']:,} ({phases}; nonzero {step_ops['nonzero']}, "
+          f"item {step_ops['item / _local_scalar_dense']}) | <= 1,200 |")
+    synced, plain = batch_norm["synchronised"], batch_norm["plain"]
+    print(f"| (b) synchronised batch norm, one layer fwd + bwd, 2 gloo processes (vs nn.BatchNorm2d) | "
+          f"{synced['ops']} ops + {synced['collectives']} collectives vs {plain['ops']} "
+          f"({synced['ops'] / max(plain['ops'], 1):.1f}x) | <= 2x |")
+    by_name = {row.name: row for row in rows}
+    for ours, peer, target in DONE_WHEN_RATIOS:
+        mine, theirs = by_name.get(ours), by_name.get(peer)
+        label = "(c) two-view augmentation, 224 px, batch 32" if "lightly" in peer else \
+            "(d) ResNet-50 64 px step, batch 32"
+        if not (mine and theirs and mine.rates and theirs.rates):
+            print(f"| {label}: {ours} / {peer} | not measured (peer missing: pip install -r requirements-bench.txt) "
+                  f"| >= {target}x |")
+            continue
+        ratios = [a / b for a, b in zip(mine.rates, theirs.rates)]
+        print(f"| {label}: {ours} / {peer} | {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}); "
+              f"{statistics.median(mine.rates):.1f} vs {statistics.median(theirs.rates):.1f} images/s "
+              f"| >= {target}x |")
 
 
 def report(rows: List[Row], args, device, argv) -> None:

@@ -12,7 +12,9 @@ both crops, issue 12) is the data pipeline's cost on ImageNet. Two faster paths,
 * ``data.decode: device``: workers only read the bytes and draw the crop boxes and flips from the
   header (:class:`EncodedTwoViews`); the training process decodes the whole batch at once with
   ``torchvision.io.decode_jpeg(device=...)`` (nvJPEG on CUDA, libjpeg on CPU) and crops, resizes
-  (bicubic, antialiased) and flips each image on that device (:meth:`EncodedBatch.decode`).
+  (bicubic, antialiased) and flips every view in one batched call on that device
+  (:meth:`EncodedBatch.decode`, :func:`resized_crops`), one batch ahead of the step in the
+  prefetcher, on a side CUDA stream (``runtime/loaders.prefetch_to_device``).
   Images that are not baseline RGB/grayscale JPEGs (ImageNet holds a few CMYK JPEGs and a PNG) are
   re-encoded as JPEG by the worker so that every item decodes the same way.
 
@@ -27,7 +29,6 @@ from typing import List, Sequence, Tuple
 
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 import augment
@@ -144,20 +145,93 @@ class EncodedBatch:
     def __len__(self) -> int:
         return len(self.data)
 
+    def pin_memory(self) -> "EncodedBatch":
+        """Called by the DataLoader's pinning thread: the crop boxes then reach the device with a
+        truly asynchronous copy (the JPEG bytes are read by the decoder itself)."""
+        return EncodedBatch(self.data, self.crops.pin_memory())
+
     def decode(self, image_size: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         """Both views as uint8 [B, 3, image_size, image_size] on ``device``: one batched decode
-        (nvJPEG on CUDA), then per image a bicubic antialiased resized crop and flip there."""
+        (nvJPEG on CUDA), then every view's bicubic antialiased resized crop and flip in one
+        batched call (:func:`resized_crops`). Issues no synchronisation of torch's streams: the
+        decoder reads host memory, the crop boxes (pinned by the DataLoader, :meth:`pin_memory`) are
+        copied without waiting. On CUDA torchvision decodes on its own stream and makes the current
+        stream (the prefetcher's side stream) wait for it; before each call it waits on the host
+        for its own previous decode only."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         images = decode_jpeg(self.data, mode=ImageReadMode.RGB, device=device)
-        crops = self.crops.tolist()   # host tensor: no device synchronisation
-        views = ([], [])
-        for image, per_view in zip(images, crops):
-            for index, (top, left, height, width, flip) in enumerate(per_view):
-                view = TF.resized_crop(image, top, left, height, width, [image_size, image_size],
-                                       interpolation=InterpolationMode.BICUBIC, antialias=True)
-                views[index].append(view.flip(-1) if flip else view)
-        return torch.stack(views[0]), torch.stack(views[1])
+        views = resized_crops(images, self.crops.to(device, non_blocking=True), image_size)
+        return views[0], views[1]
+
+
+def _bicubic_aa(x: torch.Tensor) -> torch.Tensor:
+    """The cubic convolution kernel (Keys, a = -0.5) of torch's antialiased bicubic resize."""
+    a = -0.5
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, near, far * (x < 2))
+
+
+def resize_weights(starts: torch.Tensor, lengths: torch.Tensor, output_size: int, span: int) -> torch.Tensor:
+    """Float32 ``[N, output_size, span]``: row ``i`` of crop ``n`` holds the weights by which
+    ``F.interpolate(mode="bicubic", antialias=True, align_corners=False)`` makes output pixel
+    ``i`` from the pixels ``starts[n] .. starts[n] + lengths[n] - 1`` of an axis of ``span`` pixels
+    (zero elsewhere). The same formulas as ATen's antialiased kernels (Pillow's): centre
+    ``scale * (i + 0.5)``, support ``2 * max(scale, 1)``, kernel stretched by ``max(scale, 1)``,
+    weights clipped to the crop and normalised to sum 1."""
+    starts = starts.to(torch.float32)[:, None, None]
+    lengths = lengths.to(torch.float32)[:, None, None]
+    scale = lengths / output_size
+    stretch = scale.clamp(min=1.0)
+    support = 2.0 * stretch
+    centre = scale * (torch.arange(output_size, device=starts.device, dtype=torch.float32)[None, :, None] + 0.5)
+    position = torch.arange(span, device=starts.device, dtype=torch.float32)[None, None, :] - starts  # in the crop
+    low = (centre - support + 0.5).floor().clamp(min=0)
+    high = torch.minimum((centre + support + 0.5).floor(), lengths)
+    inside = (position >= low) & (position < high)
+    weights = _bicubic_aa((position - centre + 0.5) / stretch) * inside
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def resized_crops(images: Sequence[torch.Tensor], crops: torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 ``[V, B, C, image_size, image_size]`` (each view contiguous): for every image ``b``
+    (uint8 ``[C, H_b, W_b]``) and view ``v`` the crop ``crops[b, v] = (top, left, height, width,
+    flip)`` resized (bicubic, antialiased) and flipped, equal to ``TF.resized_crop`` + ``flip`` per
+    view up to float and uint8 rounding (tests/test_jpeg_decode.py).
+
+    Hand-written because torchvision resizes one crop size per call (one call per view, 2B per
+    step): the resize is separable, so here every view is two batched matrix products with
+    :func:`resize_weights` over the images zero-padded to the batch's largest (the weights are
+    zero outside each crop, a flip reverses the rows of the horizontal weights). Cost: the padded
+    batch is B x C x H_max x W_max float32 (64 ImageNet-sized images of 500 x 375: 144 MB), and the
+    two products take 2 B V C S H_max (W_max + S) flops for S = image_size (47 GFLOP there), so one
+    very large image in a batch makes the whole batch's crops dearer."""
+    batch, views = crops.shape[:2]
+    channels = images[0].shape[0]
+    height = max(image.shape[-2] for image in images)
+    width = max(image.shape[-1] for image in images)
+    padded = images[0].new_zeros((batch, channels, height, width))
+    for index, image in enumerate(images):   # one copy per image into the batch
+        padded[index, :, :image.shape[-2], :image.shape[-1]].copy_(image)
+    boxes = crops.reshape(batch * views, 5)
+    vertical = resize_weights(boxes[:, 0], boxes[:, 2], image_size, height).view(batch, views, 1, image_size, height)
+    vertical = vertical.transpose(0, 1)                                             # [V, B, 1, S, H]
+    horizontal = resize_weights(boxes[:, 1], boxes[:, 3], image_size, width)
+    horizontal = torch.where(boxes[:, 4, None, None].bool(), horizontal.flip(1), horizontal)
+    horizontal = horizontal.view(batch, views, 1, image_size, width).transpose(0, 1).transpose(-1, -2)
+    rows = padded.to(torch.float32) @ horizontal   # [B, C, H, W] @ [V, B, 1, W, S] -> [V, B, C, H, S]
+    resized = vertical @ rows                      # [V, B, 1, S, H] @ [V, B, C, H, S] -> [V, B, C, S, S]
+    return resized.clamp_(0, 255).round_().to(torch.uint8)
+
+
+def decode_batch(batch: Tuple[EncodedBatch, torch.Tensor], image_size: int,
+                 device: torch.device) -> Tuple[Tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(EncodedBatch, labels)`` -> ``((view 1, view 2), labels)`` decoded on ``device``: the
+    training loader's ``prepare`` for ``data.decode: device`` (``loaders.prefetch_to_device``)."""
+    encoded, labels = batch
+    return encoded.decode(image_size, device), labels
 
 
 def collate_encoded(items: Sequence) -> Tuple[EncodedBatch, torch.Tensor]:

@@ -53,16 +53,20 @@ class LazyTrainingLoader:
 
     The Determined harness calls ``iter()`` on the training loader before it restores a checkpoint;
     this generator creates the real DataLoader only at the first ``next()``, after the trial has
-    loaded its global step, so a resumed run continues at exactly the next batch.
+    loaded its global step, so a resumed run continues at exactly the next batch. Batches reach
+    ``device`` through :func:`prefetch_to_device`, ``prepare`` applied there (e.g. the JPEG decode
+    of ``data.decode: device``), one batch ahead of the step on CUDA.
     """
 
     def __init__(self, dataset: Dataset, sampler_factory: Callable[[], GlobalBatchSampler],
-                 num_workers: int, device: Optional[torch.device] = None, collate_fn: Optional[Callable] = None):
+                 num_workers: int, device: Optional[torch.device] = None, collate_fn: Optional[Callable] = None,
+                 prepare: Optional[Callable] = None):
         self.dataset = dataset
         self.collate_fn = collate_fn
         self.sampler_factory = sampler_factory
         self.num_workers = num_workers
         self.device = device if device is not None else torch.device("cpu")
+        self.prepare = prepare
         self._steps_per_epoch = len(sampler_factory())
 
     def __len__(self) -> int:
@@ -74,13 +78,20 @@ class LazyTrainingLoader:
                             pin_memory=cuda, persistent_workers=False, collate_fn=self.collate_fn,
                             worker_init_fn=stops.ignore_in_worker if self.num_workers else None,
                             prefetch_factor=4 if self.num_workers else None)
-        yield from (prefetch_to_device(loader, self.device) if cuda else loader)
+        yield from (prefetch_to_device(loader, self.device, self.prepare) if cuda or self.prepare else loader)
 
 
-def prefetch_to_device(batches: Iterable, device: torch.device) -> Iterator:
-    """Yields each batch already on ``device``, copied one batch ahead on a side CUDA stream from
-    pinned memory, so the copy of batch k+1 overlaps the step on batch k. (Tensors nested in
-    tuples and lists; anything else passes unchanged.) Off CUDA it copies in order."""
+def prefetch_to_device(batches: Iterable, device: torch.device, prepare: Optional[Callable] = None) -> Iterator:
+    """Yields each batch already on ``device`` and passed through ``prepare`` (if given), in order.
+
+    On CUDA the work for batch k+1 (the copy from pinned memory, then ``prepare``, e.g. the batched
+    JPEG decode and crops of ``data.decode: device``) is issued on a side stream before batch k is
+    yielded, so it overlaps the step on batch k and never waits behind that step's host syncs. The
+    consumer's stream waits on an event recorded after that work, and every tensor of the batch is
+    ``record_stream``-ed on the consumer's stream so the caching allocator does not hand its memory
+    back to the side stream while the step still reads it. (Tensors nested in tuples and lists;
+    anything else passes unchanged to ``prepare``.) Off CUDA the same work runs in order, one batch
+    at a time, still before the step sees the batch."""
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def copy(batch):
@@ -90,27 +101,37 @@ def prefetch_to_device(batches: Iterable, device: torch.device) -> Iterator:
             return type(batch)(copy(item) for item in batch)
         return batch
 
-    def mark_used(batch):  # the caching allocator must not reuse the memory before the step used it
+    def ready(batch):
+        batch = copy(batch)
+        return prepare(batch) if prepare is not None else batch
+
+    def mark_used(batch, consumer):
         if isinstance(batch, torch.Tensor) and batch.is_cuda:
-            batch.record_stream(torch.cuda.current_stream(device))
+            batch.record_stream(consumer)
         elif isinstance(batch, (tuple, list)):
             for item in batch:
-                mark_used(item)
+                mark_used(item, consumer)
+
+    def hand_over(batch, done):
+        consumer = torch.cuda.current_stream(device)
+        consumer.wait_event(done)
+        mark_used(batch, consumer)
+        return batch
 
     pending = None
     for batch in batches:
         if stream is None:
-            yield copy(batch)
+            yield ready(batch)
             continue
         with torch.cuda.stream(stream):
-            ready = copy(batch)
+            prepared = ready(batch)
+            done = torch.cuda.Event()
+            done.record(stream)
         if pending is not None:
-            yield pending
-        torch.cuda.current_stream(device).wait_stream(stream)
-        mark_used(ready)
-        pending = ready
+            yield hand_over(*pending)
+        pending = (prepared, done)
     if pending is not None:
-        yield pending
+        yield hand_over(*pending)
 
 
 def training_dataset(settings: Settings, image_size: int, pretraining: bool) -> Dataset:
