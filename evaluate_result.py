@@ -54,6 +54,7 @@ from utils import (
     check_not_input,
     check_output_dir,
     check_output_file,
+    empty_path_flags,
     run_command,
     write_json_atomically,
 )
@@ -382,8 +383,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.classifier_train_epochs is not None and not 1 <= args.classifier_train_epochs <= MAX_EPOCHS:
         parser.error(f"--classifier-train-epochs must be between 1 and {MAX_EPOCHS}, "
                      f"got {args.classifier_train_epochs}")
-    if args.checkpoint is not None and not args.checkpoint.strip():
-        parser.error("--checkpoint is empty: give a checkpoint directory")
+    empty = empty_path_flags(args, {"checkpoint": "--checkpoint", "export_encoder": "--export-encoder",
+                                    "checkpoint_dir": "--checkpoint-dir", "metrics_out": "--metrics-out",
+                                    "model_dir": "--model-dir"})
+    if empty:  # an empty --export-encoder would run the whole evaluation instead
+        parser.error(f"{', '.join(empty)} is empty: give a path or leave the flag out")
     return args
 
 

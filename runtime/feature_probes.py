@@ -30,7 +30,7 @@ from runtime.checkpoints import checkpoint_config, load_encoder
 from runtime.progress import progress
 from runtime.sampling import SeededTransformDataset
 from runtime.settings import TrainingMode, apply_overrides, parse_settings
-from utils import InputError, atomic_output, check_not_input, check_output_file, inputs_of_config
+from utils import InputError, atomic_output, check_not_input, check_output_file, empty_path_flags, inputs_of_config
 
 FEATURE_FILE_FORMAT = "byol-features-v1"
 PIXEL_SIZE = 32  # the PCA-of-pixels baseline works on at most 32x32 images
@@ -219,6 +219,9 @@ def main(argv: Sequence[str]) -> int:
     probe.add_argument("--features", required=True, metavar="FEATURES.pt")
     probe.add_argument("--k", type=int, default=20, help="neighbours of the kNN probe (default 20)")
     args = parser.parse_args(argv)
+    empty = empty_path_flags(args, {"checkpoint": "--checkpoint", "out": "--out", "features": "--features"})
+    if empty:
+        parser.error(f"{', '.join(empty)} is empty: give a path")
     if args.command == "features" and args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.command == "features":

@@ -40,6 +40,7 @@ from utils import (
     check_output_dir,
     check_output_file,
     check_outputs_not_inputs,
+    empty_path_flags,
     env_flag,
     env_int,
     inputs_of_config,
@@ -65,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (or set BYOL_DEBUG=1)")
     args = parser.parse_args(argv)
+    empty = empty_path_flags(args, {"config": "--config", "checkpoint_dir": "--checkpoint-dir",
+                                    "resume_from": "--resume-from", "metrics_out": "--metrics-out"})
+    if empty:
+        parser.error(f"{', '.join(empty)} is empty: give a path or leave the flag out")
     for value, name in ((args.epochs, "--epochs"), (args.batches, "--batches")):
         if value is not None and value < 0:
             parser.error(f"{name} must be >= 0, got {value}")
@@ -414,7 +419,7 @@ def write_plot(trial, metrics_out: str) -> Optional[str]:
     if history is None:
         return None
     s = trial.settings
-    path = plots.write_metrics_plot(history, plots.plot_path(metrics_out),
+    path = plots.write_metrics_plot(history, plots.plot_path(metrics_out), kept=f"the metrics are in {metrics_out}",
                                     title=f"{s.training_mode.value}: {s.backbone} on {s.data.dataset}")
     print(f"[byol] training curves drawn in {path}", flush=True)
     return path

@@ -102,7 +102,7 @@ def _series(records: Sequence[Dict[str, float]], key: str) -> tuple[list, list]:
     return xs, ys
 
 
-def write_metrics_plot(history: MetricsHistory, path: str, title: str = "") -> str:
+def write_metrics_plot(history: MetricsHistory, path: str, title: str = "", kept: str = "") -> str:
     """Draws loss, learning rate (and tau) and accuracy against the global step; returns ``path``.
 
     Panels with nothing recorded say so instead of staying blank.
@@ -143,7 +143,7 @@ def write_metrics_plot(history: MetricsHistory, path: str, title: str = "") -> s
         figure.suptitle(title)
     figure.tight_layout()
     try:
-        with atomic_output(path, "the training curves") as stream:  # no partial PNG on a full disk
+        with atomic_output(path, "the training curves", kept) as stream:  # no partial PNG on a full disk
             figure.savefig(stream, dpi=100, format="png")
     finally:
         plt.close(figure)

@@ -148,9 +148,13 @@ def digest(path: str) -> Optional[str]:
         return hashlib.sha256(handle.read()).hexdigest()
 
 
-def run_case(case: Case, work: Workspace, limit_s: float = 120.0) -> tuple[str, str]:
-    """``(outcome, the line that decided it)``; a case still running after ``limit_s`` seconds is
-    stopped and counted silently wrong (it accepted the value and worked on)."""
+case_limit_s = 120.0
+
+
+def run_case(case: Case, work: Workspace) -> tuple[str, str]:
+    """``(outcome, the line that decided it)``; a case still running after ``case_limit_s`` seconds
+    is stopped and counted silently wrong (it accepted the value and worked on). The input files a
+    case guards are restored after it."""
     if case.prepare:
         case.prepare(work)
     if case.command == "check":
@@ -158,6 +162,24 @@ def run_case(case: Case, work: Workspace, limit_s: float = 120.0) -> tuple[str, 
     argv = case.argv(work)
     guarded = case.guarded(work)
     before = {path: digest(path) for path in guarded}
+    backup = tempfile.mkdtemp(prefix="guarded-")  # restored after the case: one case's damage stays its own
+    for index, path in enumerate(guarded):
+        (shutil.copytree if os.path.isdir(path) else shutil.copy2)(path, os.path.join(backup, str(index)))
+    try:
+        return _run(case, argv, guarded, before)
+    finally:
+        for index, path in enumerate(guarded):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.unlink(path)
+            copied = os.path.join(backup, str(index))
+            (shutil.copytree if os.path.isdir(copied) else shutil.copy2)(copied, path)
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _run(case: Case, argv: List[str], guarded: List[str], before: Dict[str, Optional[str]]) -> tuple[str, str]:
+    limit_s = case_limit_s
     saved = {key: os.environ.get(key) for key in case.env}
     os.environ.update(case.env)
     out, err = io.StringIO(), io.StringIO()
@@ -397,6 +419,10 @@ def cases() -> List[Case]:
             "--checkpoint", _holder(w), "--export-encoder", os.path.join(w.out, "e3.pt")], ["newest complete"]),
         Case("--checkpoint empty", e, lambda w: ["--checkpoint", "", "--export-encoder", os.path.join(w.out, "e.pt")],
              ["--checkpoint"]),
+        Case("--export-encoder empty", e, lambda w: ["--checkpoint", w.checkpoint, "--export-encoder", "",
+                                                     "--checkpoint-dir", w.out + "/e"], ["--export-encoder"]),
+        Case("features --out empty", e, lambda w: ["features", "--checkpoint", w.checkpoint, "--out", ""], ["--out"]),
+        Case("--metrics-out empty", m, model("--metrics-out", ""), ["--metrics-out"]),
         Case("--head-lr nan", e, lambda w: ["--checkpoint", w.checkpoint, "--fine-tune", "--head-lr", "nan",
                                             "--classifier-train-epochs", "1", "--checkpoint-dir", w.out + "/e"],
              ["--head-lr"]),
@@ -481,6 +507,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.list:
         print("\n".join(c.name for c in chosen))
         return 0
+    global case_limit_s
+    case_limit_s = args.limit_s
     limit = int(args.memory_gib * (1 << 30))
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -491,7 +519,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         for case in chosen:
             try:
-                outcome, line = run_case(case, work, args.limit_s)
+                outcome, line = run_case(case, work)
             except BaseException as error:  # noqa: BLE001 (a fixture failing is a traceback too)
                 outcome, line = "traceback", f"{type(error).__name__}: {error}"
             counts[outcome] += 1

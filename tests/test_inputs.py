@@ -462,6 +462,18 @@ def test_a_checkpoint_folder_that_cannot_be_created(tmp_path):
     assert "[Errno" not in str(error.value)
 
 
+@pytest.mark.parametrize("main, argv, flag", [
+    (evaluate_result.main, ["--checkpoint", "ck", "--export-encoder", ""], "--export-encoder"),
+    (evaluate_result.main, ["features", "--checkpoint", "ck", "--out", ""], "--out"),
+    (model_def.main, ["--config", "c.yaml", "--metrics-out", ""], "--metrics-out"),
+    (model_def.main, ["--config", "c.yaml", "--checkpoint-dir", " "], "--checkpoint-dir"),
+])
+def test_an_empty_path_is_refused_not_taken_for_no_flag(capsys, main, argv, flag):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and f"{flag} is empty" in capsys.readouterr().err
+
+
 def test_generate_blob_list_checks_its_arguments_before_listing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(generate_blob_list, "make_client", lambda *a, **k: pytest.fail("listed before checking"))
     out = str(tmp_path / "l.txt")
