@@ -141,7 +141,10 @@ class TrialBase(pytorch.PyTorchTrial):
         try:
             self.steps_per_epoch = len(self._sampler(0))
         except ValueError as error:  # fewer images than one global batch
-            raise ConfigError(f"config key 'hyperparameters.{self.batch_key}': {error}") from None
+            held_out = (f" (pretraining images left after holding out data.validation_size="
+                        f"{s.data.validation_size} for the BYOL-loss validation, classifier_validation: false)"
+                        if self.pretraining and not s.classifier_validation else "")
+            raise ConfigError(f"config key 'hyperparameters.{self.batch_key}': {error}{held_out}") from None
         self.check_knn_bank()
         self.total_steps = s.train_length.to_batches(self.steps_per_epoch)
         if self.total_steps > MAX_STEPS:
