@@ -241,6 +241,9 @@ def default_client(master: Optional[str] = None):
     except (errors.MasterNotFoundException, errors.UnauthenticatedException) as error:
         raise EvaluationError(f"cannot use the Determined master {master or '(DET_MASTER)'}: {error}; "
                               f"pass --master URL or run `det user login`") from None
+    except ValueError as error:  # a malformed address (the SDK's canonicalize_master_url)
+        raise EvaluationError(f"the Determined master address {master or os.environ.get('DET_MASTER')!r} is not a "
+                              f"URL ({error}): give --master http://host:8080 or set DET_MASTER") from None
 
 
 def experiment_checkpoint(client, experiment_id: int, checkpoint_uuid: Optional[str] = None, best: bool = False):

@@ -429,6 +429,9 @@ def cases() -> List[Case]:
         Case("--classifier-train-epochs enormous", e, lambda w: [
             "--checkpoint", w.checkpoint, "--classifier-train-epochs", str(10 ** 12), "--checkpoint-dir",
             w.out + "/e"], ["epochs"]),
+        Case("DET_MASTER not a URL", e, lambda w: ["--experiment-id", "3"], ["DET_MASTER", "not a URL"],
+             env={"DET_MASTER": "::not a url::"}),
+        Case("--master not a URL", e, lambda w: ["--experiment-id", "3", "--master", "http://"], ["--master"]),
         Case("probe --k above the bank", e, lambda w: ["probe", "--features", w.features, "--k", "100000"],
              ["--k"]),
         Case("generate_blob_list --bucket empty", g, lambda w: ["--bucket", "", "--output", w.out + "/l.txt"],

@@ -474,6 +474,14 @@ def test_an_empty_path_is_refused_not_taken_for_no_flag(capsys, main, argv, flag
     assert exit_.value.code == 2 and f"{flag} is empty" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, env", [(["--experiment-id", "3"], "::not a url::"),
+                                       (["--experiment-id", "3", "--master", "http://"], None)])
+def test_a_master_address_that_is_not_a_url(capsys, monkeypatch, argv, env):
+    if env:
+        monkeypatch.setenv("DET_MASTER", env)
+    one_error_line(capsys, evaluate_result.main(argv), "is not a URL")
+
+
 def test_generate_blob_list_checks_its_arguments_before_listing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(generate_blob_list, "make_client", lambda *a, **k: pytest.fail("listed before checking"))
     out = str(tmp_path / "l.txt")
