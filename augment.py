@@ -164,6 +164,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     as 16-bit when a value exceeds 255, else as 8-bit; palette images with transparency go through
     RGBA (no per-image warning); alpha is dropped (the colour under it is kept, as torchvision does);
     float images (``F``) are refused."""
+    image.load()  # every pixel decoded here, as convert() did: a truncated file fails at this point
     mode = image.mode
     if mode == "RGB":
         return image

@@ -73,7 +73,8 @@ def _decode(data: bytes, url: str) -> Image.Image:
     """Decode image bytes into an RGB PIL image, or raise CorruptImageError naming ``url``."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return to_rgb(img)  # loads every pixel: truncation is caught here
+            rgb = to_rgb(img)  # loads every pixel: truncation is caught here
+            return rgb.copy() if rgb is img else rgb  # the opened image is closed on leaving this block
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise CorruptImageError(f"{url} is not a readable image ({type(e).__name__}: {e}); "
                                 f"re-upload it or drop it from the blob list") from e

@@ -319,6 +319,19 @@ def test_a_16_bit_png_in_an_image_folder_is_mid_grey_not_white(tmp_path):
     assert np.asarray(dataset[index][0]).mean() == 128
 
 
+def test_streamed_images_are_converted_the_same_and_truncation_still_fails():
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(buffer, format="PNG")
+    assert np.asarray(gcs._decode(buffer.getvalue(), "gs://b/x.png")).mean() == 128
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+    assert np.asarray(gcs._decode(buffer.getvalue(), "gs://b/x.jpg")).shape == (64, 64, 3)  # usable after close
+    with pytest.raises(gcs.CorruptImageError, match="gs://b/x.jpg is not a readable image"):
+        gcs._decode(buffer.getvalue()[: len(buffer.getvalue()) // 2], "gs://b/x.jpg")
+
+
 def test_full_image_check_finds_a_truncated_body(tmp_path):
     root = image_folder(tmp_path / "img")
     path = os.path.join(root, "val", "b", "big.png")
