@@ -31,12 +31,18 @@ otherwise unless ``--classifier-train-epochs`` says, one run per learning rate o
 """
 from __future__ import annotations
 
+import sys
+
+from runtime import cli
+
+if __name__ == "__main__":  # the command line first: --help and usage errors answer before torch loads
+    cli.parse_evaluate_args(sys.argv[1:])
+    cli.announce_imports("eval")
+
 import argparse
 import contextlib
 import copy
-import math
 import os
-import sys
 import time
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -46,6 +52,7 @@ import backbone as backbones
 import model_def
 from runtime import checkpoints, feature_probes, launch
 from runtime.checkpoints import checkpoint_config, load_encoder
+from runtime.cli import FINE_TUNE_LEARNING_RATES
 from runtime.faults import CheckpointWrites
 from runtime.settings import PRETRAINING_ONLY_KEYS, Settings, TrainingMode, apply_overrides, parse_settings
 from utils import (
@@ -54,15 +61,11 @@ from utils import (
     check_not_input,
     check_output_dir,
     check_output_file,
-    empty_path_flags,
     run_command,
     write_json_atomically,
 )
 
-PROBE_COMMANDS = ("features", "probe")
-FINE_TUNE_LEARNING_RATES = (0.01, 0.02, 0.05, 0.1, 0.005)  # the paper's semi-supervised grid
 LINEAR_EPOCHS = 80
-MAX_EPOCHS = 100_000  # far beyond any protocol (the paper: 80 epochs linear, 30 or 50 fine-tuning)
 
 
 def default_epochs(fine_tune: bool, label_fraction: Optional[float]) -> int:
@@ -331,67 +334,9 @@ def evaluate_experiment(client, experiment_id: int, epochs: int, fine_tune: bool
 
 # ------------------------------------------------------------------ command line
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--experiment-id", type=int, help="a Determined experiment (cluster path)")
-    source.add_argument("--checkpoint", help="a local checkpoint directory (local path)")
-    parser.add_argument("--classifier-train-epochs", type=int,
-                        help="training epochs (default: 80 for the linear protocol; fine-tuning 30 with "
-                             "classifier.label_fraction <= 0.01, else 50)")
-    parser.add_argument("--fine-tune", action="store_true", help="FINE_TUNE: train the encoder with one head")
-    parser.add_argument("--head-lr", type=float,
-                        help="fine-tuning head (base) learning rate (default: a run per rate of the paper's grid "
-                             "0.01, 0.02, 0.05, 0.1, 0.005, chosen on CLS_VALIDATION)")
-    parser.add_argument("--encoder-lr", type=float,
-                        help="fine-tuning encoder (base) learning rate (default: classifier.encoder_lr, "
-                             "else the head's)")
-    parser.add_argument("--export-encoder", metavar="OUT.pt", help="write the encoder's state_dict and stop")
-    parser.add_argument("--checkpoint-dir", help="local checkpoint storage (default: next to --checkpoint)")
-    parser.add_argument("--metrics-out", help="write the final metrics as JSON (and curves as PNG) here")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a hyperparameter, or data.KEY, of the checkpoint's configuration")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--checkpoint-uuid", help="with --experiment-id: evaluate this checkpoint of the experiment")
-    which.add_argument("--best", action="store_true",
-                       help="with --experiment-id: the best checkpoint by the searcher metric (default: the final one)")
-    parser.add_argument("--master", help="Determined master URL (default: DET_MASTER)")
-    parser.add_argument("--model-dir", help="model definition to upload (default: this directory)")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or BYOL_DEBUG=1)")
-    args = parser.parse_args(argv)
-    if args.experiment_id is None and (args.checkpoint_uuid or args.best):
-        parser.error("--checkpoint-uuid and --best choose a checkpoint of --experiment-id")
-    if args.experiment_id is not None and (args.export_encoder or args.set or args.checkpoint_dir or args.metrics_out):
-        parser.error("--export-encoder, --set, --checkpoint-dir and --metrics-out need --checkpoint "
-                     "(fetch the checkpoint with `det checkpoint download`)")
-    # Flags the chosen path would ignore are refused, never dropped without a word.
-    if args.export_encoder:
-        ignored = [flag for flag, value in (("--fine-tune", args.fine_tune), ("--head-lr", args.head_lr),
-                                            ("--encoder-lr", args.encoder_lr), ("--set", args.set),
-                                            ("--classifier-train-epochs", args.classifier_train_epochs),
-                                            ("--checkpoint-dir", args.checkpoint_dir),
-                                            ("--metrics-out", args.metrics_out), ("--model-dir", args.model_dir),
-                                            ("--master", args.master)) if value not in (None, False, [])]
-        if ignored:
-            parser.error(f"{', '.join(ignored)} would do nothing with --export-encoder, which only writes the "
-                         f"encoder's weights: drop them, or run the evaluation without --export-encoder")
-    elif args.checkpoint is not None and (args.model_dir or args.master):
-        parser.error("--model-dir and --master are for --experiment-id (a new experiment on a cluster); a local "
-                     "--checkpoint is evaluated here: drop them")
-    if not args.fine_tune and (args.head_lr is not None or args.encoder_lr is not None):
-        parser.error("--head-lr and --encoder-lr apply to --fine-tune; the linear protocol trains one head per "
-                     "hyperparameters.classifier.learning_rates")
-    for flag, value in (("--head-lr", args.head_lr), ("--encoder-lr", args.encoder_lr)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            parser.error(f"{flag} must be a learning rate > 0, got {value}")
-    if args.classifier_train_epochs is not None and not 1 <= args.classifier_train_epochs <= MAX_EPOCHS:
-        parser.error(f"--classifier-train-epochs must be between 1 and {MAX_EPOCHS}, "
-                     f"got {args.classifier_train_epochs}")
-    empty = empty_path_flags(args, {"checkpoint": "--checkpoint", "export_encoder": "--export-encoder",
-                                    "checkpoint_dir": "--checkpoint-dir", "metrics_out": "--metrics-out",
-                                    "model_dir": "--model-dir"})
-    if empty:  # an empty --export-encoder would run the whole evaluation instead
-        parser.error(f"{', '.join(empty)} is empty: give a path or leave the flag out")
-    return args
+    """The arguments (``runtime/cli.py``, which loads nothing heavy); ``command``: ``features``,
+    ``probe`` or None (an evaluation protocol)."""
+    return cli.parse_evaluate_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None, make_client: Callable = default_client) -> int:
@@ -400,9 +345,9 @@ def main(argv: Optional[Sequence[str]] = None, make_client: Callable = default_c
 
 
 def _main(argv: Sequence[str], make_client: Callable) -> int:
-    if argv and argv[0] in PROBE_COMMANDS:
-        return feature_probes.main(argv)
     args = parse_args(argv)
+    if args.command is not None:
+        return feature_probes.main(args)
     if args.experiment_id is not None:
         epochs = args.classifier_train_epochs or default_epochs(args.fine_tune, None)
         new_id = evaluate_experiment(make_client(args.master), args.experiment_id, epochs,

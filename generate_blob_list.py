@@ -121,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_command(_main, argv)
 
 
-def _main(argv: Sequence[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="generate_blob_list.py",
         description="List every image object under a Cloud Storage prefix (ImageFolder layout "
@@ -144,6 +144,11 @@ def _main(argv: Sequence[str]) -> int:
     parser.add_argument("--retry-deadline", type=float, default=DEFAULT_RETRY_DEADLINE,
                         help="seconds to retry a failing request before giving up (default %(default)s)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or BYOL_DEBUG=1)")
+    return parser
+
+
+def _main(argv: Sequence[str]) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Every argument is checked before minutes of listing.

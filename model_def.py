@@ -15,10 +15,17 @@ Run it locally (Determined's Trainer in local mode) or on a cluster (the experim
 """
 from __future__ import annotations
 
+import sys
+
+from runtime import cli
+
+if __name__ == "__main__":  # the command line first: --help and usage errors answer before torch loads
+    cli.parse_model_def_args(sys.argv[1:])
+    cli.announce_imports("byol")
+
 import contextlib
 import functools
 import itertools
-import sys
 import time
 from typing import Any, Callable, Dict, Iterator, Optional
 
@@ -43,6 +50,7 @@ from runtime import (
     performance,
     plots,
     preflight,
+    progress,
     replicas,
     stops,
     sync_batchnorm,
@@ -154,6 +162,7 @@ class TrialBase(pytorch.PyTorchTrial):
         self.last_checkpoint: Optional[str] = None
         self.last_checkpoint_path: Optional[str] = None  # chief: directory of the last complete checkpoint
         self._last_print = self._last_time = time.time()
+        self._time_left: Optional[progress.Remaining] = None  # from the first step this process trains
 
         torch.manual_seed(s.seed)  # identical initial weights on every rank
         encoder = backbones.build_backbone(s.backbone, s.backbone_weights)
@@ -358,11 +367,13 @@ class TrialBase(pytorch.PyTorchTrial):
         now = time.time()
         rate = self.global_batch_size / max(now - self._last_time, 1e-9)
         self._last_time = now
+        if self._time_left is None:
+            self._time_left = progress.Remaining(self.total_steps, self.global_step)
         if self.rank == 0 and (now - self._last_print > 5 or self.global_step in (1, self.total_steps)):
             self._last_print = now
             print(f"[train] step {self.global_step}/{self.total_steps} "
                   f"(epoch {self.global_step / self.steps_per_epoch:.2f}) loss {loss.item():.4f} "
-                  f"{rate:.0f} images/s", flush=True)
+                  f"{rate:.0f} images/s, {self._time_left.text(self.global_step)}", flush=True)
         return rate
 
     # ----------------------------------------------------------------- validation (linear_eval.py)

@@ -241,13 +241,6 @@ def write_json_atomically(path: str, value: Any, what: str = "file", kept: str =
         stream.write(json.dumps(value, indent=2, sort_keys=True).encode("utf-8"))
 
 
-def empty_path_flags(args, flags) -> list:
-    """The ``--flags`` among ``flags`` (``{attribute: flag}``) given as an empty string: an empty
-    path would silently mean 'not given' (or the working directory)."""
-    return [flag for name, flag in flags.items() if isinstance(getattr(args, name, None), str)
-            and not getattr(args, name).strip()]
-
-
 def check_outputs_not_inputs(outputs: dict, inputs: dict) -> None:
     """:func:`check_not_input` for each ``{option: path}`` of ``outputs``."""
     for option, path in outputs.items():

@@ -30,7 +30,7 @@ from runtime.checkpoints import checkpoint_config, load_encoder
 from runtime.progress import progress
 from runtime.sampling import SeededTransformDataset
 from runtime.settings import TrainingMode, apply_overrides, parse_settings
-from utils import InputError, atomic_output, check_not_input, check_output_file, empty_path_flags, inputs_of_config
+from utils import InputError, atomic_output, check_not_input, check_output_file, inputs_of_config
 
 FEATURE_FILE_FORMAT = "byol-features-v1"
 PIXEL_SIZE = 32  # the PCA-of-pixels baseline works on at most 32x32 images
@@ -140,10 +140,13 @@ def compare_representations(representations: Dict[str, Dict[str, tuple]], shots:
     ``shots`` labels per class (mean over ``draws`` seeded draws; standardisation statistics from
     all of CLS_TRAIN, which needs no labels). ``representations``: name -> {split: (x, y)}."""
     results = {}
+    fits = progress(desc="representation comparison", total=len(representations) * (1 + len(shots) * draws),
+                    unit="probe fit")
     for name, splits in representations.items():
         train, validation, test = (splits[s.value] for s in (data.Split.CLS_TRAIN, data.Split.CLS_VALIDATION,
                                                               data.Split.TEST))
         accuracy, c = logistic_regression_accuracy(train, validation, test, seed)
+        fits.update()
         row = {"all": accuracy, "C": c}
         for n in shots:
             scores = []
@@ -151,8 +154,10 @@ def compare_representations(representations: Dict[str, Dict[str, tuple]], shots:
                 rows = few_label_rows(train[1], n, draw, seed)
                 scores.append(logistic_regression_accuracy((train[0][rows], train[1][rows]), validation, test, seed,
                                                            unlabelled=train[0])[0])
+                fits.update()
             row[f"{n}_per_class"] = sum(scores) / len(scores)
         results[name] = row
+    fits.close()
     return results
 
 
@@ -207,34 +212,17 @@ def format_probes(results: Dict[str, Dict[str, float]], k: int, content: Dict) -
     ])
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="evaluate_result.py", description="feature probes for fast iteration")
-    commands = parser.add_subparsers(dest="command", required=True)
-    features = commands.add_parser("features", help="extract frozen features of the classifier splits")
-    features.add_argument("--checkpoint", required=True)
-    features.add_argument("--out", required=True, metavar="FEATURES.pt")
-    features.add_argument("--batch-size", type=int, default=256)
-    features.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    probe = commands.add_parser("probe", help="kNN and logistic regression on extracted features")
-    probe.add_argument("--features", required=True, metavar="FEATURES.pt")
-    probe.add_argument("--k", type=int, default=20, help="neighbours of the kNN probe (default 20)")
-    args = parser.parse_args(argv)
-    empty = empty_path_flags(args, {"checkpoint": "--checkpoint", "out": "--out", "features": "--features"})
-    if empty:
-        parser.error(f"{', '.join(empty)} is empty: give a path")
-    if args.command == "features" and args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+def main(args: argparse.Namespace) -> int:
+    """``evaluate_result.py features`` / ``probe`` with their arguments (``runtime/cli.py`` reads them)."""
     if args.command == "features":
         content = extract_feature_file(args.checkpoint, args.out, args.set, args.batch_size)
         sizes = ", ".join(f"{name} {tuple(split['features'].shape)}" for name, split in content["splits"].items())
         print(f"[features] {content['backbone']} on {content['dataset']}: {sizes} -> {args.out}", flush=True)
     else:
-        if args.k < 1:
-            parser.error(f"--k must be >= 1, got {args.k}")
         content = read_feature_file(args.features)
         bank = len(content["splits"][data.Split.CLS_TRAIN.value]["labels"])
         if args.k > bank:  # the kNN would silently use fewer neighbours
-            parser.error(f"--k {args.k} is more than the {bank} CLS_TRAIN images of {args.features!r} (the kNN bank); "
-                         f"give --k <= {bank}")
+            raise InputError(f"--k {args.k} is more than the {bank} CLS_TRAIN images of {args.features!r} (the kNN "
+                             f"bank); give --k <= {bank}")
         print(format_probes(run_probes(content, args.k), args.k, content), flush=True)
     return 0

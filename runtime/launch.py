@@ -23,7 +23,7 @@ import determined as det
 import torch
 from determined import core, pytorch
 
-from runtime import checkpoints, faults, feature_probes, performance, plots, stops
+from runtime import checkpoints, cli, faults, feature_probes, performance, plots, stops
 from runtime.faults import CheckpointWrites, RunFailed
 from runtime.settings import (
     Length,
@@ -31,6 +31,7 @@ from runtime.settings import (
     TrainingMode,
     apply_overrides,
     load_config,
+    local_values,
     mode_notes,
     parse_settings,
     slots_of,
@@ -40,7 +41,6 @@ from utils import (
     check_output_dir,
     check_output_file,
     check_outputs_not_inputs,
-    empty_path_flags,
     env_flag,
     env_int,
     inputs_of_config,
@@ -50,30 +50,8 @@ from utils import (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="experiment yaml (config/*.yaml)")
-    length = parser.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int, help="override hyperparameters.train_length with N epochs")
-    length.add_argument("--batches", type=int, help="override hyperparameters.train_length with N batches")
-    parser.add_argument("--checkpoint-dir", default=None,
-                        help="local checkpoint storage (default: the config's checkpoint_storage.host_path "
-                             "or ~/.local/share/determined)")
-    parser.add_argument("--resume-from", default=None, help="local checkpoint directory to continue from exactly")
-    parser.add_argument("--metrics-out", default=None, help="write the final metrics as JSON to this file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a hyperparameter or, with data., the data section (yaml value), e.g. "
-                             "--set backbone=resnet18_cifar --set data.root=/data/cifar10")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the traceback of an error (or set BYOL_DEBUG=1)")
-    args = parser.parse_args(argv)
-    empty = empty_path_flags(args, {"config": "--config", "checkpoint_dir": "--checkpoint-dir",
-                                    "resume_from": "--resume-from", "metrics_out": "--metrics-out"})
-    if empty:
-        parser.error(f"{', '.join(empty)} is empty: give a path or leave the flag out")
-    for value, name in ((args.epochs, "--epochs"), (args.batches, "--batches")):
-        if value is not None and value < 0:
-            parser.error(f"{name} must be >= 0, got {value}")
-    return args
+    """``model_def.py``'s arguments (the parser lives in ``runtime/cli.py``, which loads nothing heavy)."""
+    return cli.parse_model_def_args(argv)
 
 
 def overridden(config: Dict[str, Any], args: argparse.Namespace) -> tuple[Dict[str, Any], Dict[str, Any]]:
@@ -85,7 +63,7 @@ def overridden(config: Dict[str, Any], args: argparse.Namespace) -> tuple[Dict[s
     if args.batches is not None:
         hparams["train_length"] = {"batches": args.batches}
     apply_overrides(hparams, data_section, args.set)
-    return hparams, data_section
+    return local_values(hparams), data_section
 
 
 def distributed_context() -> Optional[core.DistributedContext]:
@@ -212,19 +190,32 @@ def run_trial(make_trial: Callable, context: pytorch.PyTorchTrialContext, settin
     return trial
 
 
-def final_metrics(trial, seconds: float) -> Dict[str, Any]:
-    """The run's final metrics: the last validation's, the step reached, the time and the last
+def final_metrics(trial, started: float, training_seconds: Optional[float] = None) -> Dict[str, Any]:
+    """The run's final metrics: the last validation's, the step reached, the times and the last
     checkpoint; after pretraining with ``compare_random_init``, first the comparison of the BYOL
-    encoder with a random one and raw pixels, which trains feature probes (every rank takes part)."""
+    encoder with a random one and raw pixels, which trains feature probes (every rank takes part).
+    ``wall_seconds`` is the whole command, from ``started`` (:func:`process_started`) to the final metrics;
+    ``training_seconds`` the Trainer's part of it (training and validations)."""
     metrics = {key: value for key, value in trial.evaluation.last_validation.items()
                if isinstance(value, (int, float))}
     if trial.pretraining and trial.settings.compare_random_init:
+        comparing = time.time()
         comparison = trial.evaluation.compare_representations()  # BYOL vs random init vs pixels, one fair probe
         if comparison:
             metrics["representation_probe"] = comparison
-    metrics.update({"global_step": trial.global_step, "wall_seconds": round(seconds, 1),
+            metrics["representation_probe_seconds"] = round(time.time() - comparing, 1)
+    if training_seconds is not None:
+        metrics["training_seconds"] = round(training_seconds, 1)
+    metrics.update({"global_step": trial.global_step, "wall_seconds": round(time.time() - started, 1),
                     "last_checkpoint": trial.last_checkpoint})
     return metrics
+
+
+def process_started() -> float:
+    """When this process started (epoch seconds): the wall time of a command includes its imports."""
+    import psutil  # a dependency of determined; only here, for the start time of the process
+
+    return psutil.Process().create_time()
 
 
 def main(argv, make_trial: Callable) -> int:
@@ -236,8 +227,8 @@ def main(argv, make_trial: Callable) -> int:
 
 
 def _main(argv, make_trial: Callable) -> int:
+    started = process_started()
     info = det.get_cluster_info()
-    started = time.time()
     args = parse_args(argv)
     if info is not None and info.task_type == "TRIAL":
         return run_on_cluster(info, args, make_trial)
@@ -320,10 +311,11 @@ def train_and_report(make_trial: Callable, exp_conf: Dict[str, Any], settings: S
     try:
         with local_trial_context(exp_conf["hyperparameters"], exp_conf, distributed, checkpoint_dir,
                                  writes) as context:
+            training = time.time()
             trial = run_trial(make_trial, context, settings, latest)
             if stops.REQUEST.requested and trial.global_step < trial.total_steps:
                 raise stopped(trial, checkpoint_dir)
-            metrics = final_metrics(trial, time.time() - started)
+            metrics = final_metrics(trial, started, time.time() - training)
         if context.distributed.rank == 0:
             print_summary(trial, metrics)
             if result_line is not None:
@@ -426,7 +418,11 @@ def write_plot(trial, metrics_out: str) -> Optional[str]:
 
 
 def print_summary(trial, metrics: Dict[str, Any]) -> None:
-    lines = [f"[byol] finished {metrics['global_step']} steps in {metrics['wall_seconds']} s"]
+    parts = [f"{label} {metrics[key]} s" for key, label in (("training_seconds", "training and validation"),
+                                                             ("representation_probe_seconds", "representation "
+                                                              "comparison")) if key in metrics]
+    lines = [f"[byol] finished {metrics['global_step']} steps; wall time {metrics['wall_seconds']} s for the whole "
+             f"command" + (f" ({', '.join(parts)}; the rest is start-up and checks)" if parts else "")]
     if "test_accuracy" in metrics:
         what = {TrainingMode.SELF_SUPERVISED: "linear probe", TrainingMode.CLASSIFIER_ONLY: "linear heads",
                 TrainingMode.FINE_TUNE: "fine-tuned"}[trial.settings.training_mode]

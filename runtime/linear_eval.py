@@ -29,6 +29,7 @@ import backbone as backbones
 from data import Split
 from reducers import ValidatedAccuracyReducer, WeightedMeanReducer
 from runtime import classifier, faults, feature_probes, knn, loaders
+from runtime.progress import progress
 from runtime.sampling import SeedStream, ShardSampler, mix_seed
 
 # The metrics of the ``[validate]`` line printed after each validation.
@@ -138,9 +139,10 @@ class LinearEvaluation:
 
     # ------------------------------------------------------------------ after pretraining
     @torch.no_grad()
-    def representation_splits(self, encoder: Optional[torch.nn.Module]) -> Dict[str, tuple]:
+    def representation_splits(self, encoder: Optional[torch.nn.Module], name: str = "") -> Dict[str, tuple]:
         """``{split: (x, y)}`` numpy arrays for CLS_TRAIN, CLS_VALIDATION and TEST (gathered from
-        every rank in dataset order): the frozen features of ``encoder``, or raw pixels (None)."""
+        every rank in dataset order): the frozen features of ``encoder``, or raw pixels (None);
+        ``name`` labels the progress lines."""
         s = self.settings
         if encoder is not None:
             encoder.eval()
@@ -149,13 +151,14 @@ class LinearEvaluation:
         splits = {}
         dataset = faults.ReadGuard(loaders.classifier_feature_dataset(s, s.image_size))
         features, labels = [], []
-        for images, targets in loaders.sharded_loader(dataset, self.batch_size, self.rank, self.world_size,
-                                                      s.data.num_workers):
+        loader = loaders.sharded_loader(dataset, self.batch_size, self.rank, self.world_size, s.data.num_workers)
+        for images, targets in progress(loader, f"{name} CLS_TRAIN".strip(), unit="batch"):
             features.append(represent(images.to(self.device)))
             labels.append(targets.to(self.device))
         splits[Split.CLS_TRAIN.value] = (torch.cat(features), torch.cat(labels))
         features, labels, tags = [], [], []
-        for images, targets, tag in self.data_loader():
+        for images, targets, tag in progress(self.data_loader(), f"{name} CLS_VALIDATION and TEST".strip(),
+                                             unit="batch"):
             features.append(represent(images.to(self.device)))
             labels.append(targets.to(self.device))
             tags.append(tag.to(self.device))
@@ -175,9 +178,10 @@ class LinearEvaluation:
         s = self.settings
         torch.manual_seed(mix_seed(s.seed, SeedStream.RANDOM_ENCODER))
         random_encoder = backbones.build_backbone(s.backbone).to(self.device)
-        representations = {"BYOL encoder": self.representation_splits(self.learner.online_encoder),
-                           "random-init encoder": self.representation_splits(random_encoder),
-                           "raw pixels": self.representation_splits(None)}
+        encoders = {"BYOL encoder": self.learner.online_encoder, "random-init encoder": random_encoder,
+                    "raw pixels": None}
+        representations = {name: self.representation_splits(encoder, f"comparison: {name},")
+                           for name, encoder in encoders.items()}
         self.learner.online_encoder.train()
         if self.rank != 0:
             return {}

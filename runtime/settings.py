@@ -408,3 +408,38 @@ def apply_overrides(hparams: dict, data_section: dict, items) -> None:
 
 
 LENGTH_KEYS = ("train_length", "validation_period", "checkpoint_period")
+SEARCH_TYPES = ("const", "int", "double", "log", "categorical")  # Determined's hyperparameter types
+
+
+def local_values(hparams: dict, prefix: str = "") -> dict:
+    """The hyperparameters of a local run: a search space of a cluster config (a mapping with a
+    Determined ``type``, sampled there by the master's searcher) must be given one value with
+    ``--set``, which the error suggests (the middle of the range, or the first category); a ``const``
+    is its ``val``. Nested mappings are walked; everything else is kept."""
+    values = {}
+    for key, value in hparams.items():
+        if isinstance(value, dict) and value.get("type") in SEARCH_TYPES:
+            if value["type"] == "const":
+                value = value.get("val")
+            else:
+                raise ConfigError(f"config key 'hyperparameters.{prefix}{key}' is a search space (type "
+                                  f"{value['type']}) that Determined's searcher samples on a cluster; a local run "
+                                  f"takes one value: --set {prefix}{key}={_example(value)}")
+        elif isinstance(value, dict):
+            value = local_values(value, f"{prefix}{key}.")
+        values[key] = value
+    return values
+
+
+def _example(space: dict) -> Any:
+    """A value inside a search space, for the error of :func:`local_values`."""
+    kind = space["type"]
+    try:
+        if kind == "categorical":
+            return space["vals"][0]
+        middle = (space["minval"] + space["maxval"]) / 2
+        if kind == "log":
+            return f"{space['base'] ** middle:.3g}"
+        return int(middle) if kind == "int" else f"{middle:.3g}"
+    except (KeyError, IndexError, TypeError):
+        return "VALUE"

@@ -24,6 +24,7 @@ import copy
 import io
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -99,6 +100,46 @@ def expand_config(config: Dict[str, Any], storage_root: str) -> Dict[str, Any]:
     expanded.setdefault("max_restarts", 5)
     expanded.setdefault("resources", {}).setdefault("slots_per_trial", 1)
     return expanded
+
+
+SEARCH_TYPES = ("const", "int", "double", "log", "categorical")
+
+
+def sample_hyperparameters(space: Dict[str, Any], rng: random.Random) -> Dict[str, Any]:
+    """One trial's hyperparameters as the master's searcher hands them (DET_HPARAMS): each
+    ``{type: ...}`` mapping of the config sampled as master/pkg/searcher/hyperparameters.go
+    ``sampleOne`` does (const: ``val``; int: uniform on [minval, maxval); double: uniform on
+    [minval, maxval]; log: ``base ** uniform(minval, maxval)``; categorical: one of ``vals``), a
+    mapping without ``type`` as nested hyperparameters, a plain value as a constant. The values then
+    pass through JSON as the Go master writes it: a float with an integral value becomes an integer
+    (Go's encoding/json writes float64 1.0 as ``1``)."""
+
+    def sample(value: Any) -> Any:
+        if isinstance(value, dict) and value.get("type") in SEARCH_TYPES:
+            kind = value["type"]
+            if kind == "const":
+                return value["val"]
+            if kind == "int":
+                return value["minval"] + rng.randrange(value["maxval"] - value["minval"])
+            if kind == "double":
+                return rng.uniform(value["minval"], value["maxval"])
+            if kind == "log":
+                return value["base"] ** rng.uniform(value["minval"], value["maxval"])
+            return value["vals"][rng.randrange(len(value["vals"]))]
+        if isinstance(value, dict):
+            return {key: sample(item) for key, item in value.items()}
+        return value
+
+    def as_go_writes_it(value: Any) -> Any:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, dict):
+            return {key: as_go_writes_it(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [as_go_writes_it(item) for item in value]
+        return value
+
+    return as_go_writes_it(sample(copy.deepcopy(space)))
 
 
 def files_to_tgz(files: List[Dict[str, Any]]) -> bytes:
@@ -236,7 +277,7 @@ class StandInMaster:
         return bindings.v1Experiment(
             archived=False, config=exp["config"], id=experiment_id, jobId=f"job-{experiment_id}",
             name=exp["config"].get("name", "x"), numTrials=len(exp["trials"]), originalConfig=exp["original"],
-            projectId=1, projectOwnerId=1, searcherType="single", startTime=NOW,
+            projectId=1, projectOwnerId=1, searcherType=exp["config"]["searcher"]["name"], startTime=NOW,
             state=getattr(bindings.experimentv1State, state), username="determined")
 
     def _get_experiment(self, body, query, exp):
@@ -409,11 +450,14 @@ class StandInMaster:
             training=bindings.v1CheckpointTrainingMetadata(), uuid=uuid, reportTime=NOW,
             state=bindings.checkpointv1State.COMPLETED).to_json(), "")
 
-    def new_trial(self, experiment_id: int) -> int:
+    def new_trial(self, experiment_id: int, seed: int = 0) -> int:
+        """A trial of the experiment, its hyperparameters sampled from the config's search space
+        with ``seed`` (:func:`sample_hyperparameters`; a config of plain values gives those values)."""
         exp = self.experiments[experiment_id]
         with self.lock:
             trial_id = len(self.trials) + 1
-            self.trials[trial_id] = Trial(trial_id, experiment_id, copy.deepcopy(exp["config"]["hyperparameters"]))
+            hparams = sample_hyperparameters(exp["config"]["hyperparameters"], random.Random(seed))
+            self.trials[trial_id] = Trial(trial_id, experiment_id, hparams)
             exp["trials"].append(trial_id)
         return trial_id
 

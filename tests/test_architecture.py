@@ -26,9 +26,9 @@ DESIGN_CARD = ("augment", "backbone", "byol", "data", "evaluate_result", "genera
 # The layers of docs/architecture.md, lowest first: a module may import from its own layer and the
 # layers below it, never from a layer above.
 LAYERS = (
-    ("foundation", ("utils", "optim", "reducers", "runtime.progress", "runtime.sampling", "runtime.stops",
-                    "runtime.nonfinite", "runtime.performance", "runtime.replicas", "runtime.sync_batchnorm",
-                    "runtime.plots")),
+    ("foundation", ("utils", "optim", "reducers", "runtime.cli", "runtime.progress", "runtime.sampling",
+                    "runtime.stops", "runtime.nonfinite", "runtime.performance", "runtime.replicas",
+                    "runtime.sync_batchnorm", "runtime.plots")),
     ("method", ("augment", "backbone", "byol")),
     ("data", ("data", "runtime.jpeg_decode", "runtime.gcs_client", "runtime.gcs", "runtime.preflight")),
     ("heads, checkpoints and faults", ("runtime.classifier", "runtime.knn", "runtime.checkpoints", "runtime.faults")),

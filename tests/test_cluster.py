@@ -8,6 +8,7 @@ overrides as ``det experiment create --config hyperparameters.KEY=VALUE`` would 
 import copy
 import io
 import json
+import math
 import os
 import tarfile
 
@@ -227,3 +228,42 @@ def test_two_slots_imagenet_setting_preempt_and_resume_bit_identical(sdk, master
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     resumed_losses = [v for v in master.training_metrics(trial_id, "validation") if v["steps"] == 6]
     assert resumed_losses[-1]["metrics"]["validation_byol_loss"] == losses[-1]["metrics"]["validation_byol_loss"]
+
+
+def test_search_config_runs_trial_by_trial_with_sampled_hyperparameters(sdk, master):
+    """config/search-digits.yaml (adaptive_asha over base_lr, tau_base, weight_decay) submitted through
+    the SDK; two trials, each with its own values sampled from the config's search space as the master
+    samples them, run through the harness: each trains with its values (its checkpoint's hparams, LARS
+    groups and EMA schedule), and reports what ASHA and the WebUI read (the searcher metric with the
+    time metric ``batches`` at each validation, the training curves)."""
+    import optim
+
+    overrides = {**TINY, "searcher.max_time": 6}  # the searcher's length is the trial's train_length
+    config = with_overrides("config/search-digits.yaml", overrides)
+    spaces = {key: config["hyperparameters"][key] for key in ("base_lr", "tau_base", "weight_decay")}
+    assert all(isinstance(space, dict) and "type" in space for space in spaces.values())
+    experiment = sdk.create_experiment(config, ROOT)
+    trials = [master.new_trial(experiment.id, seed=seed) for seed in (1, 2)]
+    hparams = [master.trials[trial].hparams for trial in trials]
+    assert all(first != second for first, second in zip(*(
+        [h[key] for key in spaces] for h in hparams)))  # each trial has its own values
+    for trial_id, values in zip(trials, hparams):
+        assert spaces["base_lr"]["minval"] <= math.log10(values["base_lr"]) <= spaces["base_lr"]["maxval"]
+        assert spaces["tau_base"]["minval"] <= values["tau_base"] <= spaces["tau_base"]["maxval"]
+        done = master.launch(trial_id, timeout=TIMEOUT)
+        assert done.returncode == 0, done.stdout[-4000:]
+        assert "does not match `searcher.max_time`" not in done.stdout  # harness: fit()'s length is the searcher's
+        last = master.trial_checkpoints(trial_id)[-1]
+        load_data = json.load(open(os.path.join(master.checkpoint_dir(last.uuid), "load_data.json")))
+        assert load_data["hparams"] == values
+        state = torch.load(os.path.join(master.checkpoint_dir(last.uuid), "state_dict.pth"), weights_only=False)
+        decayed = state["optimizers_state_dict"][0]["param_groups"][0]
+        assert decayed["weight_decay"] == values["weight_decay"]
+        assert decayed["initial_lr"] == pytest.approx(optim.scaled_learning_rate(values["base_lr"], 32))
+        training = master.training_metrics(trial_id)
+        assert {"loss", "online_classifier_accuracy", "lr", "tau"} <= set(training[0]["metrics"])
+        expected_tau = sum(optim.cosine_schedule(step, 6, values["tau_base"], 1.0) for step in range(3)) / 3
+        assert training[0]["metrics"]["tau"] == pytest.approx(expected_tau, rel=1e-6)
+        validations = master.training_metrics(trial_id, "validation")
+        assert [v["metrics"]["batches"] for v in validations] == [3, 6]  # ASHA's time_metric
+        assert all(0 <= v["metrics"]["validation_accuracy"] <= 1 for v in validations)
