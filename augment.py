@@ -41,6 +41,7 @@ import types
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -155,6 +156,44 @@ def view_augmentations(overrides: Optional[Mapping[str, Any]] = None) -> Tuple[V
 
 
 # ----------------------------------------------------------------- per image, in data-loader workers
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # 16-bit grayscale (PNG, PGM, TIFF)
+UNSUPPORTED_MODES = ("F",)  # 32-bit float: no known value range
+
+
+class UnsupportedImageError(OSError):
+    """An image whose pixel format cannot be turned into 8-bit RGB without guessing."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB, every mode scaled correctly: Pillow's own ``convert("RGB")`` clips
+    16-bit grayscale (``I;16``, 0..65535) at 255, which turns a 16-bit PNG into a white image.
+    Here 16-bit values are scaled to 8 bits (/257, rounded); 32-bit integer images (``I``) are read
+    as 16-bit when a value exceeds 255, else as 8-bit; palette images with transparency go through
+    RGBA (no per-image warning); alpha is dropped (the colour under it is kept, as torchvision does);
+    float images (``F``) are refused."""
+    image.load()  # every pixel decoded here, as convert() did: a truncated file fails at this point
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in UNSUPPORTED_MODES:
+        raise UnsupportedImageError(f"a 32-bit floating-point image (mode {mode}) has no known value range: "
+                                    f"convert it to 8-bit RGB or grayscale")
+    if mode in SIXTEEN_BIT_MODES or mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        if low < 0 or high > 65535:
+            raise UnsupportedImageError(f"a 32-bit integer image (mode {mode}) with values {low}..{high}, beyond "
+                                        f"16 bits: convert it to 8-bit RGB or grayscale")
+        scale = 257 if mode in SIXTEEN_BIT_MODES or high > 255 else 1
+        eight = ((values * 2 + scale) // (2 * scale)).astype(np.uint8)  # rounded
+        return Image.fromarray(eight, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    elif mode in ("La", "PA"):
+        image = image.convert("RGBA") if mode == "PA" else image.convert("LA")
+    return image.convert("RGB")
+
+
 class _ToUint8Tensor:
     """RGB PIL image (converted if needed) -> uint8 CHW tensor after the given PIL transforms."""
 
@@ -162,9 +201,7 @@ class _ToUint8Tensor:
         self.pipeline = v2.Compose([*transforms, v2.PILToTensor()])
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        return self.pipeline(image)
+        return self.pipeline(to_rgb(image))
 
 
 def sample_crop(height: int, width: int, scale: Tuple[float, float] = (0.08, 1.0),

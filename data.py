@@ -19,6 +19,7 @@ through torchvision's own download code under a :class:`filelock.FileLock` in ``
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -33,11 +34,11 @@ import torchvision
 from filelock import FileLock
 from PIL import Image
 
-from augment import IMAGENET_MEAN, IMAGENET_STD
+from augment import IMAGENET_MEAN, IMAGENET_STD, to_rgb
 from runtime import jpeg_decode
 from runtime.gcs_client import GCSSource, parse_gcs_section
 from runtime.sampling import SeedStream
-from utils import check_keys, checked_number, reject
+from utils import InputError, check_keys, checked_number, reject
 
 
 class Split(str, enum.Enum):
@@ -89,6 +90,7 @@ class DataSettings:
     num_workers: int = 2
     gcs: Optional[GCSSource] = None
     decode: str = "pil"               # pil | draft | device: how training JPEGs are decoded (jpeg_decode.py)
+    image_check: str = "header"       # header | full: what is checked of every image file before the first step
 
 
 def parse_data_section(section: dict) -> DataSettings:
@@ -108,6 +110,9 @@ def parse_data_section(section: dict) -> DataSettings:
     if values["decode"] != "pil" and values["dataset"] not in ("imagenet", "custom"):
         reject(prefix + "decode", values["decode"], f"draft and device decode JPEG files: dataset imagenet or custom, "
               f"not {values['dataset']} (use pil)")
+    if values["image_check"] not in ("header", "full"):
+        reject(prefix + "image_check", values["image_check"], "allowed: header (fast: format and size), full (every "
+               "pixel decoded, finds truncated files; about 4x slower, see docs/reliability.md)")
     if not isinstance(values["download"], bool):
         reject(prefix + "download", values["download"], "expected true or false")
     if values.get("gcs") is not None:
@@ -154,8 +159,7 @@ class _PrepareImage:
             return image if self.transform is None else self.transform(image)
         if self.transpose:
             image = image.transpose(Image.Transpose.TRANSPOSE)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = to_rgb(image)  # 16-bit and other modes scaled, never clipped (augment.to_rgb)
         return image if self.transform is None else self.transform(image)
 
 
@@ -260,7 +264,110 @@ def _emnist(root: str, split: str, train: bool, transform: _PrepareImage, downlo
     return emnist(root, split=split, train=train, transform=transform, target_transform=target_transform)
 
 
-class _FolderWithClasses(torchvision.datasets.ImageFolder):
+class DuplicateImageError(InputError):
+    """One image file reached twice in an image folder (a symbolic link loop, a link to a folder or
+    file read already, a hard link): it would be read several times and could land in both
+    CLS_TRAIN and CLS_VALIDATION."""
+
+
+def _walk_once(top: str) -> List[Tuple[str, List[Tuple[str, Tuple[int, int]]]]]:
+    """``os.walk(top, followlinks=True)`` as torchvision's ImageFolder walks it, each folder with
+    its files and their identities ``(device, inode)``; a folder reached twice (a symbolic link
+    loop, whose walk would otherwise repeat until the path is too long, or grow exponentially with
+    two loops) raises :class:`DuplicateImageError` naming both paths. The identities of plain files
+    come free with the folder listing (``DirEntry.inode``); links cost one ``stat``."""
+    folders, seen = [], {}
+    pending = [top]
+    while pending:
+        here = pending.pop()
+        try:
+            status = os.stat(here)
+        except OSError:
+            continue  # a broken link to a folder: os.walk skips it too
+        identity = (status.st_dev, status.st_ino)
+        if identity in seen:
+            raise DuplicateImageError(
+                f"image folder {here!r} is the folder {seen[identity]!r} again (a symbolic link loop or a second "
+                f"link to it): its images would be read more than once, and copies could land in both CLS_TRAIN "
+                f"and CLS_VALIDATION; remove the link")
+        seen[identity] = here
+        files = []
+        try:
+            entries = list(os.scandir(here))
+        except OSError:
+            continue  # unreadable folder: os.walk skips it too
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=True):
+                    pending.append(entry.path)
+                    continue
+                if entry.is_symlink():
+                    target = os.stat(entry.path)
+                    files.append((entry.name, (target.st_dev, target.st_ino)))
+                else:
+                    files.append((entry.name, (status.st_dev, entry.inode())))
+            except OSError:  # a broken link: listed as torchvision lists it; the image check names it
+                files.append((entry.name, (-1, hash(entry.path))))
+        folders.append((here, files))
+    return sorted(folders)
+
+
+def distinct_image_files(directory: str, class_to_idx: dict, extensions=None, is_valid_file=None,
+                         allow_empty: bool = False, identities: Optional[dict] = None) -> List[Tuple[str, int]]:
+    """torchvision's ``make_dataset`` (same samples, same order) over :func:`_walk_once`, refusing
+    an image file reached twice (:class:`DuplicateImageError`, naming both paths). ``identities``
+    (``{(device, inode): path}``) collects the files' identities, to compare folders."""
+    folder = torchvision.datasets.folder
+    if extensions is not None:
+        def is_valid_file(path: str) -> bool:
+            return folder.has_file_allowed_extension(path, extensions)
+    found = {} if identities is None else identities
+    samples, available = [], set()
+    for target_class in sorted(class_to_idx):
+        target_dir = os.path.join(os.path.expanduser(directory), target_class)
+        if not os.path.isdir(target_dir):
+            continue
+        for root, files in _walk_once(target_dir):
+            for name, identity in sorted(files):
+                path = os.path.join(root, name)
+                if not is_valid_file(path):
+                    continue
+                if identity in found:
+                    raise DuplicateImageError(
+                        f"image file {path!r} is the same file as {found[identity]!r} (reached through a symbolic "
+                        f"or hard link): it would be read twice, and could land in both CLS_TRAIN and "
+                        f"CLS_VALIDATION (or in training and TEST); remove one of them")
+                found[identity] = path
+                samples.append((path, class_to_idx[target_class]))
+                available.add(target_class)
+    empty = set(class_to_idx) - available
+    if empty and not allow_empty:
+        raise FileNotFoundError(f"Found no valid file for the classes {', '.join(sorted(empty))} in {directory!r}")
+    return samples
+
+
+def load_rgb(path: str) -> Image.Image:
+    """An image file as 8-bit RGB (:func:`augment.to_rgb`; torchvision's default loader converts
+    with Pillow's ``convert("RGB")``, which clips 16-bit images to white)."""
+    with open(path, "rb") as handle:
+        image = Image.open(handle)
+        image.load()
+        return to_rgb(image)
+
+
+class _ImageFolder(torchvision.datasets.ImageFolder):
+    """torchvision's ImageFolder whose walk reaches every file once (:func:`distinct_image_files`)
+    and whose images are converted to RGB without clipping (:func:`load_rgb`)."""
+
+    def __init__(self, root: str, transform: Optional[Callable] = None, loader: Callable = None, **kwargs):
+        super().__init__(root, transform=transform, loader=loader or load_rgb, **kwargs)
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        return distinct_image_files(directory, class_to_idx, extensions, is_valid_file, allow_empty)
+
+
+class _FolderWithClasses(_ImageFolder):
     """An ImageFolder labelled with another folder's class -> index map (the train folder's), so a
     validation folder lacking some classes still gets the same label numbers."""
 
@@ -290,14 +397,42 @@ def _image_folders(root: str, name: str, train: bool, transform: _PrepareImage, 
     _ensure_files(root, name, [train_dir], download, None, how)
     if train:
         if lazy:  # bytes read, decoding left to the transform (jpeg_decode.py)
-
-            return torchvision.datasets.ImageFolder(train_dir, transform=transform, loader=jpeg_decode.read_lazy)
-        return torchvision.datasets.ImageFolder(train_dir, transform=transform)
+            return _ImageFolder(train_dir, transform=transform, loader=jpeg_decode.read_lazy)
+        return _ImageFolder(train_dir, transform=transform)
     existing = [d for d in test_dirs if os.path.isdir(d)]
     if not existing:
         _ensure_files(root, name, test_dirs, download, None, how)
     _, class_to_idx = torchvision.datasets.folder.find_classes(train_dir)
-    return _FolderWithClasses(existing[0], class_to_idx, transform)
+    test = _FolderWithClasses(existing[0], class_to_idx, transform)
+    _check_test_apart(test.samples, train_dir)
+    return test
+
+
+def _check_test_apart(test_samples: Sequence[Tuple[str, int]], train_dir: str) -> None:
+    """No TEST image is a training image (a link into the training folder): it would be scored on
+    what the encoder and heads were trained on. Links are resolved; a file with several hard links
+    is compared with every training file's identity."""
+    train_root = os.path.realpath(train_dir) + os.sep
+    hard_linked = {}
+    for path, _ in test_samples:
+        if os.path.realpath(path).startswith(train_root):
+            raise DuplicateImageError(f"test image {path!r} is the training image {os.path.realpath(path)!r} (a link "
+                                      f"into the training folder): TEST must hold images never trained on; "
+                                      f"remove the link")
+        with contextlib.suppress(OSError):
+            status = os.stat(path)
+            if status.st_nlink > 1:
+                hard_linked[(status.st_dev, status.st_ino)] = path
+    if hard_linked:  # rare: compare with the training files' identities
+        _, class_to_idx = torchvision.datasets.folder.find_classes(train_dir)
+        train = {}
+        distinct_image_files(train_dir, class_to_idx, torchvision.datasets.folder.IMG_EXTENSIONS, allow_empty=True,
+                             identities=train)
+        for identity, path in hard_linked.items():
+            if identity in train:
+                raise DuplicateImageError(f"test image {path!r} is the same file as the training image "
+                                          f"{train[identity]!r} (a hard link): TEST must hold images never trained "
+                                          f"on; remove one of them")
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:

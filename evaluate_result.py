@@ -62,8 +62,17 @@ from runtime import checkpoints, faults, feature_probes, launch
 from runtime.checkpoints import checkpoint_config, load_encoder
 from runtime.cli import FINE_TUNE_LEARNING_RATES
 from runtime.faults import CheckpointWrites
-from runtime.settings import Settings, TrainingMode, apply_overrides, parse_settings
-from utils import InputError, check_output_dir, check_output_file, run_command
+from runtime.settings import PRETRAINING_ONLY_KEYS, Settings, TrainingMode, apply_overrides, parse_settings
+from utils import (
+    InputError,
+    atomic_output,
+    check_not_input,
+    check_output_dir,
+    check_output_file,
+    run_command,
+    write_bytes_atomically,
+    write_json_atomically,
+)
 
 LINEAR_EPOCHS = 80
 
@@ -108,7 +117,12 @@ def evaluation_hparams(hparams: Dict[str, Any], reference: str, epochs: int, fin
     quarter = max(1, -(-epochs // 4))
     hparams.update(pretrained_checkpoint=reference, train_length={"epochs": epochs},
                    validation_period={"epochs": validate_every or quarter}, checkpoint_period={"epochs": quarter},
-                   backbone_weights=None)
+                   backbone_weights=None, compare_random_init=False)
+    # What only pretraining reads (its optimiser, EMA, projector; the kNN read-out) does nothing in a
+    # heads run, which would refuse or list it (settings.check_mode_keys, mode_notes).
+    for key in PRETRAINING_ONLY_KEYS:
+        hparams.pop(key, None)
+    classifier.pop("knn_k", None)
     if fine_tune:
         rates = classifier.get("learning_rates") or [0.1]
         head = head_lr if head_lr is not None else min(rates)  # the most conservative configured rate
@@ -154,9 +168,11 @@ def export_encoder(directory: str, out: str, backbone_name: Optional[str] = None
       through ``hyperparameters.backbone_weights`` of a new run.
     The claim is checked by loading the export before it is written.
     """
+    check_not_input(out, "--export-encoder", {"the checkpoint read (--checkpoint)": directory})  # first: nothing made
     check_output_file(out, "--export-encoder")
     export_format = export_format_of(out, export_format)
     directory = os.path.realpath(directory)  # an alias names its UUID folder
+    checkpoints.verify_checkpoint(directory, "--checkpoint")  # complete and unchanged, before anything else
     hparams, config = checkpoint_config(directory)
     backbone_name = backbone_name or hparams.get("backbone", Settings().backbone)
     state = load_encoder(directory, backbone_name).state_dict()  # verified against its marker first
@@ -171,16 +187,19 @@ def export_encoder(directory: str, out: str, backbone_name: Optional[str] = None
     target.load_state_dict(state, strict=True)
     metadata = export_metadata(directory, hparams, config, backbone_name, state, export_format)
     stem = os.path.splitext(out)[0]
+    kept = f"the encoder is still in checkpoint {directory!r}"
     if export_format == "safetensors":
-        from safetensors.torch import save_file  # the optional export format only
+        from safetensors.torch import save  # the optional export format only
 
         header = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
-        _write_atomically(out, lambda path: save_file({k: v.contiguous() for k, v in state.items()}, path,
-                                                      metadata=header))
+        write_bytes_atomically(out, save({k: v.contiguous() for k, v in state.items()}, metadata=header),
+                               "--export-encoder", kept)
     else:
-        _write_atomically(out, lambda path: torch.save(state, path))
-    _write_atomically(stem + ".json", lambda path: _write_text(path, json.dumps(metadata, indent=2, sort_keys=True)))
-    _write_atomically(stem + ".md", lambda path: _write_text(path, model_card(metadata, os.path.basename(out))))
+        with atomic_output(out, "--export-encoder", kept) as stream:
+            torch.save(state, stream)
+    write_json_atomically(stem + ".json", metadata, "the export's metadata", kept)
+    write_bytes_atomically(stem + ".md", model_card(metadata, os.path.basename(out)).encode("utf-8"),
+                           "the export's model card", kept)
     return state
 
 
@@ -226,23 +245,6 @@ def model_card(metadata: Dict[str, Any], file_name: str) -> str:
             f"data. Not evaluated beyond the linear protocol of this project (`evaluate_result.py`).\n")
 
 
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as handle:
-        handle.write(text)
-
-
-def _write_atomically(path: str, write: Callable[[str], None]) -> None:
-    """``write(temporary)`` then a rename: ``path`` is never seen half-written."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 # ------------------------------------------------------------------ the protocol, locally
 def evaluation_folder(directory: str, fine_tune: bool, lr: Optional[float] = None) -> str:
     """Where an evaluation of checkpoint ``directory`` goes by default, grouped under the run it
@@ -262,7 +264,7 @@ def evaluate_checkpoint(directory: str, epochs: Optional[int] = None, fine_tune:
     CLS_VALIDATION (each rate in its own folder). ``resume``: continue interrupted evaluations from
     their newest checkpoints."""
     directory = os.path.realpath(directory)  # an alias (latest) is resolved: the evaluation names the UUID folder
-    checkpoints.verify_checkpoint(directory)  # complete and unchanged, before anything else
+    checkpoints.verify_checkpoint(directory, "--checkpoint")  # complete and unchanged, before anything else
     hparams, config = checkpoint_config(directory)
     check_pretraining_checkpoint(hparams, repr(directory))
     if epochs is None:
@@ -292,7 +294,7 @@ def evaluate_checkpoint(directory: str, epochs: Optional[int] = None, fine_tune:
         grid = os.path.basename(evaluation_folder(directory, True, lr)).replace(f"-lr{lr:g}-", "-grid-")
         metrics_out = (os.path.join(output_dir, "metrics.json") if output_dir
                        else os.path.join(checkpoints.run_folder(directory), "evaluations", grid + ".json"))
-    _write_atomically(metrics_out, lambda path: _write_text(path, json.dumps(best, indent=2, sort_keys=True)))
+    write_json_atomically(metrics_out, best, "--metrics-out", "the results are in the lines printed above")
     print(f"[eval] grid metrics written to {os.path.abspath(metrics_out)}", flush=True)
     return best
 
@@ -311,6 +313,8 @@ def _evaluate_once(directory: str, hparams: Dict[str, Any], config: Dict[str, An
     output_dir = os.path.abspath(output_dir or evaluation_folder(directory, fine_tune, head_lr))
     out = os.path.abspath(checkpoint_dir or os.path.join(output_dir, "checkpoints"))
     metrics_out = metrics_out or os.path.join(output_dir, "metrics.json")
+    launch.check_outputs({"--checkpoint-dir": out, "--metrics-out": metrics_out}, hparams, data_section,
+                         {"the checkpoint read (--checkpoint)": directory})
     check_output_dir(out, "--checkpoint-dir")
     launch.check_not_copied_into_itself(out)
     check_output_file(metrics_out, "--metrics-out")
@@ -374,6 +378,9 @@ def default_client(master: Optional[str] = None):
     except (errors.MasterNotFoundException, errors.UnauthenticatedException) as error:
         raise EvaluationError(f"cannot use the Determined master {master or '(DET_MASTER)'}: {error}; "
                               f"pass --master URL or run `det user login`") from None
+    except ValueError as error:  # a malformed address (the SDK's canonicalize_master_url)
+        raise EvaluationError(f"the Determined master address {master or os.environ.get('DET_MASTER')!r} is not a "
+                              f"URL ({error}): give --master http://host:8080 or set DET_MASTER") from None
 
 
 def experiment_checkpoint(client, experiment_id: int, checkpoint_uuid: Optional[str] = None, best: bool = False):

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from typing import Optional, Sequence
 
-from runtime.gcs_client import IMAGE_EXTENSIONS, GCSError, make_client, make_retry, parse_gs_url, write_atomically
-from utils import InputError, check_output_file, run_command
+from runtime.gcs_client import IMAGE_EXTENSIONS, GCSError, make_client, make_retry, parse_gs_url
+from utils import InputError, check_output_file, run_command, write_bytes_atomically
 
 DEFAULT_RETRY_DEADLINE = 30.0  # seconds a listing page (or the upload) is retried before giving up
 
@@ -95,8 +96,12 @@ def write_blob_list(names: Sequence[str], output: str, client=None,
         except gexc.RetryError as e:
             raise GCSError(f"cannot write {output}: still failing after {retry_deadline:g} s of retries; "
                            f"last error: {e.cause!r}") from None
+        except gexc.GoogleAPICallError as e:  # e.g. 403: no storage.objects.create permission
+            raise GCSError(f"cannot write {output}: {' '.join(str(e).split())[:300]}; the listing of "
+                           f"{len(names)} images is not saved: give a local --output or fix the permission") from None
     else:
-        write_atomically(os.path.abspath(output), text.encode("utf-8"))
+        write_bytes_atomically(os.path.abspath(output), text.encode("utf-8"), "the blob list",
+                               kept=f"the listing of {len(names)} images is not saved: give another --output")
 
 
 def generate_blob_list(bucket: str, prefix: str, output: str, client=None,
@@ -146,13 +151,26 @@ def _main(argv: Sequence[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.bucket.startswith("gs://"):
-        parser.error(f"--bucket takes a bare bucket name, got {args.bucket!r}")
-    if not args.retry_deadline > 0:
+    # Every argument is checked before minutes of listing.
+    if not args.bucket.strip() or args.bucket.startswith("gs://") or "/" in args.bucket:
+        parser.error(f"--bucket takes a bare bucket name, e.g. my-imagenet, got {args.bucket!r}")
+    if not math.isfinite(args.retry_deadline) or not args.retry_deadline > 0:
         parser.error(f"--retry-deadline must be > 0 seconds, got {args.retry_deadline}")
-    extensions = [e if e.startswith(".") else f".{e}" for e in args.extensions.split(",") if e]
-    if not args.output.startswith("gs://"):
-        check_output_file(args.output, "--output")  # before minutes of listing
+    extensions = [e.strip() if e.strip().startswith(".") else f".{e.strip()}"
+                  for e in args.extensions.split(",") if e.strip()]
+    bad = [e for e in extensions if not e[1:].isalnum()]
+    if not extensions or bad:
+        parser.error(f"--extensions {args.extensions!r}: expected comma-separated file extensions such as "
+                     f"jpg,jpeg,png" + (f" ({', '.join(map(repr, bad))} is not one)" if bad else ""))
+    if args.output.startswith("gs://"):
+        try:
+            parse_gs_url(args.output)
+        except ValueError as error:
+            parser.error(f"--output: {error}")
+    elif not args.output.strip():
+        parser.error("--output is empty: give a local path or gs://bucket/path")
+    else:
+        check_output_file(args.output, "--output")
     client = make_client(args.project, anonymous=True if args.anonymous else None)
     try:
         generate_blob_list(args.bucket, args.prefix, args.output, client, extensions, args.retry_deadline)

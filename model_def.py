@@ -56,7 +56,7 @@ from runtime import (
     sync_batchnorm,
 )
 from runtime.sampling import GlobalBatchSampler, SeededTransformDataset, SeedStream, mix_seed
-from runtime.settings import Settings, TrainingMode, parse_settings
+from runtime.settings import MAX_STEPS, Settings, TrainingMode, parse_settings
 from utils import ConfigError
 
 checkpoints.allow_harness_checkpoints()
@@ -138,21 +138,30 @@ class TrialBase(pytorch.PyTorchTrial):
         performance.configure_device(self.device)
         self.channels_last = performance.use_channels_last(s.channels_last, self.device)
         self.finite_watch = nonfinite.NonFiniteWatch(s.finite_check_period)
+        self.check_memory()  # a step that cannot fit is refused before any data is read (preflight.py)
         self.info = data.dataset_info(s.data.dataset, s.data.root)
         # Datasets are built (and checked) here, before any training work starts.
         # ReadGuard: an undecodable image ends the run with its file name (faults.py).
         self.train_dataset = faults.ReadGuard(loaders.training_dataset(s, s.image_size, self.pretraining))
         eval_dataset = faults.ReadGuard(loaders.evaluation_dataset(s, s.image_size))
         # Every split's image files open (a header check) before the first step (preflight.py).
-        preflight.check_image_headers([self.train_dataset, eval_dataset], self.rank, self.world_size)
+        preflight.check_image_headers([self.train_dataset, eval_dataset], self.rank, self.world_size,
+                                      full=s.data.image_check == "full")
         note = preflight.dataset_classes_note(self.info.num_classes, f"dataset {s.data.dataset!r}")
         if note and self.rank == 0:
             print(note, flush=True)
         try:
             self.steps_per_epoch = len(self._sampler(0))
         except ValueError as error:  # fewer images than one global batch
-            raise ConfigError(f"config key 'hyperparameters.{self.batch_key}': {error}") from None
+            held_out = (f" (pretraining images left after holding out data.validation_size="
+                        f"{s.data.validation_size} for the BYOL-loss validation, classifier_validation: false)"
+                        if self.pretraining and not s.classifier_validation else "")
+            raise ConfigError(f"config key 'hyperparameters.{self.batch_key}': {error}{held_out}") from None
+        self.check_knn_bank()
         self.total_steps = s.train_length.to_batches(self.steps_per_epoch)
+        if self.total_steps > MAX_STEPS:
+            raise ConfigError(f"config key 'hyperparameters.train_length' has value {s.train_length}: "
+                              f"{self.total_steps:,} steps ({self.steps_per_epoch} per epoch), more than {MAX_STEPS:,}")
         self.global_step = 0
         self.last_checkpoint: Optional[str] = None
         self.last_checkpoint_path: Optional[str] = None  # chief: directory of the last complete checkpoint
@@ -216,6 +225,32 @@ class TrialBase(pytorch.PyTorchTrial):
         return None
 
     # ----------------------------------------------------------------- helpers
+    def check_memory(self) -> None:
+        """Refuses settings whose training step cannot fit in memory (``preflight.check_step_memory``):
+        BYOL's two views (section 3.1) through an encoder with weights, gradients, LARS momentum
+        and a target copy; heads: one view, a frozen (CLASSIFIER_ONLY) or trained (FINE_TUNE) encoder."""
+        s = self.settings
+        fine_tune = s.training_mode == TrainingMode.FINE_TUNE
+        per_process = max(self.global_batch_size // self.world_size, 1)
+        estimate = preflight.estimate_step_memory(
+            s.backbone, s.image_size, per_process, views=2 if self.pretraining else 1, workers=s.data.num_workers,
+            trained_copies=4 if self.pretraining else 3 if fine_tune else 1,
+            bytes_per_value=2 if s.precision == "bf16" else 4, encoder_trained=self.pretraining or fine_tune)
+        preflight.check_step_memory(
+            estimate, self.device,
+            f"hyperparameters.image_size ({s.image_size}), hyperparameters.{self.batch_key} ({self.global_batch_size}, "
+            f"{per_process} per process) or data.num_workers ({s.data.num_workers})",
+            self.context.distributed.local_size)
+
+    def check_knn_bank(self) -> None:
+        """``classifier.knn_k`` neighbours exist in the bank (CLS_TRAIN); more would be capped silently."""
+        s = self.settings
+        if self.pretraining and s.classifier.knn_k:
+            bank = len(loaders.base_dataset(s, data.Split.CLS_TRAIN))
+            if s.classifier.knn_k > bank:
+                raise ConfigError(f"config key 'hyperparameters.classifier.knn_k' has value {s.classifier.knn_k}: more "
+                                  f"than the {bank} CLS_TRAIN images of the kNN bank; give knn_k <= {bank}")
+
     @property
     def synced_batch_norm(self) -> bool:
         return self.settings.sync_batch_norm and self.world_size > 1

@@ -318,14 +318,25 @@ def _alternatives(directory: str) -> str:
     return f"the newest complete checkpoint in {parent!r} is {good[-1]!r}"
 
 
-def verify_checkpoint(directory: str) -> Dict[str, Any]:
+def verify_checkpoint(directory: str, what: str = "checkpoint") -> Dict[str, Any]:
     """Checks that ``directory`` is a complete, unchanged checkpoint; returns its marker.
 
     Raises FileNotFoundError (no such directory) or :class:`IncompleteCheckpointError` saying what
-    is wrong and which checkpoint next to it is complete."""
+    is wrong and which checkpoint next to it (or, for the folder holding checkpoints, inside it) is
+    complete. ``what`` names the option or key that gave ``directory``."""
+    if not isinstance(directory, str) or not directory.strip():
+        raise IncompleteCheckpointError(f"{what} {directory!r} is empty: give a checkpoint directory")
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"checkpoint {directory!r} is not a directory")
+        kind = "a file" if os.path.isfile(directory) else "missing"
+        raise FileNotFoundError(f"{what} {directory!r} is not a directory ({kind}): give a checkpoint directory "
+                                f"(<checkpoint-dir>/<uuid>) written by model_def.py or fetched with `det checkpoint "
+                                f"download`")
     marker_path = os.path.join(directory, COMPLETE_FILE)
+    inside = complete_checkpoints(directory)
+    if not os.path.isfile(marker_path) and inside:  # the folder that holds the checkpoints
+        raise IncompleteCheckpointError(
+            f"{what} {directory!r} is the folder holding {len(inside)} checkpoint(s), not a checkpoint: give one "
+            f"of them, e.g. the newest complete one {inside[-1][1]!r} (global step {inside[-1][0]})")
     if not os.path.isfile(marker_path):
         what = ("the run that wrote it stopped while checkpointing" if os.path.exists(os.path.join(directory, "code"))
                 or os.path.exists(os.path.join(directory, STATE_FILE)) else "it is not a checkpoint of this project")
@@ -409,7 +420,8 @@ def encoder_state(checkpoint: Dict[str, Any], where: str) -> Dict[str, torch.Ten
 # it existed have none).
 RESUME_FREE_KEYS = ("train_length", "validation_period", "checkpoint_period", "classifier_validation",
                     "compare_random_init", "classifier", "data.root", "data.download", "data.num_workers",
-                    "data.gcs.cache_dir", "data.gcs.max_in_flight", "data.gcs.retry_deadline", "init")
+                    "data.image_check", "data.gcs.cache_dir", "data.gcs.max_in_flight", "data.gcs.retry_deadline",
+                    "init")
 
 
 def _flatten(values: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -485,13 +497,19 @@ def load_pretrained_encoder(encoder: torch.nn.Module, settings, context=None) ->
     reference = settings.pretrained_checkpoint
     with resolve_checkpoint_dir(reference, context) as directory:
         checkpoint = read_checkpoint(str(directory))  # verified against its marker first
-        saved = read_load_data(str(directory)).get("hparams") or {}
-    saved_backbone = saved.get("backbone")
-    if saved_backbone and saved_backbone != settings.backbone:
-        raise ValueError(f"pretrained checkpoint {reference!r} has backbone={saved_backbone!r} but this run "
-                         f"has backbone={settings.backbone!r}: set hyperparameters.backbone to {saved_backbone!r}")
+        check_pretrained_backbone(str(directory), reference, settings.backbone)
     backbones.load_weights(encoder, settings.backbone, encoder_state(checkpoint, reference),
                            f"the encoder of pretrained checkpoint {reference!r}")
+
+
+def check_pretrained_backbone(directory: str, reference: str, backbone_name: str) -> None:
+    """The pretrained checkpoint at ``directory`` was written with ``backbone_name`` (checked before
+    any work, when it is local)."""
+    saved_backbone = (read_load_data(directory).get("hparams") or {}).get("backbone")
+    if saved_backbone and saved_backbone != backbone_name:
+        raise IncompatibleCheckpointError(
+            f"pretrained checkpoint {reference!r} has backbone={saved_backbone!r} but this run has "
+            f"backbone={backbone_name!r}: set hyperparameters.backbone to {saved_backbone!r}")
 
 
 def checkpoint_config(directory: str) -> tuple[Dict[str, Any], Dict[str, Any]]:

@@ -8,6 +8,7 @@ terminal shows them.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Optional, Sequence
@@ -100,9 +101,20 @@ def model_def_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def refuse_empty_paths(parser: argparse.ArgumentParser, args: argparse.Namespace, flags: dict) -> None:
+    """An empty path (``--export-encoder ''``) would silently mean 'not given' (an empty
+    ``--export-encoder`` ran the whole evaluation instead) or the working directory: refused."""
+    empty = [flag for name, flag in flags.items()
+             if isinstance(getattr(args, name, None), str) and not getattr(args, name).strip()]
+    if empty:
+        parser.error(f"{', '.join(empty)} is empty: give a path or leave the flag out")
+
+
 def parse_model_def_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = model_def_parser()
     args = parser.parse_args(argv)
+    refuse_empty_paths(parser, args, {"config": "--config", "checkpoint_dir": "--checkpoint-dir",
+                                      "resume_from": "--resume-from", "metrics_out": "--metrics-out"})
     for value, name in ((args.epochs, "--epochs"), (args.batches, "--batches")):
         if value is not None and value < 0:
             parser.error(f"{name} must be >= 0, got {value}")
@@ -206,6 +218,7 @@ def parse_evaluate_args(argv: Sequence[str]) -> argparse.Namespace:
         parser = probe_parser()
         args = parser.parse_args(command)
         args.debug = "--debug" in argv
+        refuse_empty_paths(parser, args, {"checkpoint": "--checkpoint", "out": "--out", "features": "--features"})
         if args.command == "features" and args.batch_size < 1:
             parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.command == "probe" and args.k < 1:
@@ -224,7 +237,43 @@ def parse_evaluate_args(argv: Sequence[str]) -> argparse.Namespace:
                      "--checkpoint (fetch the checkpoint with `det checkpoint download`)")
     if args.format and not args.export_encoder:
         parser.error("--format applies to --export-encoder")
+    refuse_empty_paths(parser, args, {"checkpoint": "--checkpoint", "export_encoder": "--export-encoder",
+                                      "checkpoint_dir": "--checkpoint-dir", "metrics_out": "--metrics-out",
+                                      "output_dir": "--output-dir", "model_dir": "--model-dir"})
+    refuse_ignored_flags(parser, args)
     return args
+
+
+MAX_EPOCHS = 100_000  # far beyond any protocol (the paper: 80 epochs linear, 30 or 50 fine-tuning)
+
+
+def refuse_ignored_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Flags the chosen path would ignore are refused, never dropped without a word; learning rates
+    and lengths are checked here, before anything loads."""
+    if args.export_encoder:
+        ignored = [flag for flag, value in (("--fine-tune", args.fine_tune), ("--head-lr", args.head_lr),
+                                            ("--encoder-lr", args.encoder_lr), ("--set", args.set),
+                                            ("--classifier-train-epochs", args.classifier_train_epochs),
+                                            ("--checkpoint-dir", args.checkpoint_dir),
+                                            ("--metrics-out", args.metrics_out), ("--model-dir", args.model_dir),
+                                            ("--master", args.master), ("--output-dir", args.output_dir),
+                                            ("--validate-every", args.validate_every), ("--resume", args.resume))
+                   if value not in (None, False, [])]
+        if ignored:
+            parser.error(f"{', '.join(ignored)} would do nothing with --export-encoder, which only writes the "
+                         f"encoder's weights: drop them, or run the evaluation without --export-encoder")
+    elif args.checkpoint is not None and (args.model_dir or args.master):
+        parser.error("--model-dir and --master are for --experiment-id (a new experiment on a cluster); a local "
+                     "--checkpoint is evaluated here: drop them")
+    if not args.fine_tune and (args.head_lr is not None or args.encoder_lr is not None):
+        parser.error("--head-lr and --encoder-lr apply to --fine-tune; the linear protocol trains one head per "
+                     "hyperparameters.classifier.learning_rates")
+    for flag, value in (("--head-lr", args.head_lr), ("--encoder-lr", args.encoder_lr)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            parser.error(f"{flag} must be a learning rate > 0, got {value}")
+    if args.classifier_train_epochs is not None and not 1 <= args.classifier_train_epochs <= MAX_EPOCHS:
+        parser.error(f"--classifier-train-epochs must be between 1 and {MAX_EPOCHS}, "
+                     f"got {args.classifier_train_epochs}")
 
 
 def announce_imports(command: str) -> None:

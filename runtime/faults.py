@@ -31,7 +31,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from runtime import checkpoints, nonfinite, replicas
 from runtime.gcs_client import GCSError
-from utils import CommandError, InputError, one_line
+from utils import CommandError, env_seconds, one_line
 
 
 class UnreadableImageError(RuntimeError):
@@ -119,15 +119,7 @@ DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0  # a healthy step, checkpoint or validation
 
 def collective_timeout() -> float:
     """Seconds a collective may wait for the other processes (``BYOL_COLLECTIVE_TIMEOUT``)."""
-    text = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "")
-    try:
-        value = float(text) if text else DEFAULT_COLLECTIVE_TIMEOUT_S
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise InputError(f"{COLLECTIVE_TIMEOUT_ENV}={text!r}: expected seconds > 0 (default "
-                         f"{DEFAULT_COLLECTIVE_TIMEOUT_S:.0f})")
-    return value
+    return env_seconds(COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_S)
 
 
 def is_collective_timeout(error: BaseException) -> bool:

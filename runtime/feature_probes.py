@@ -30,7 +30,7 @@ from runtime.checkpoints import checkpoint_config, load_encoder
 from runtime.progress import progress
 from runtime.sampling import SeededTransformDataset
 from runtime.settings import TrainingMode, apply_overrides, parse_settings
-from utils import InputError, check_output_file
+from utils import InputError, atomic_output, check_not_input, check_output_file, inputs_of_config
 
 FEATURE_FILE_FORMAT = "byol-features-v1"
 PIXEL_SIZE = 32  # the PCA-of-pixels baseline works on at most 32x32 images
@@ -40,11 +40,14 @@ def extract_feature_file(directory: str, out: str, sets: Sequence[str] = (), bat
     """Frozen features, labels and small pixel copies of CLS_TRAIN, CLS_VALIDATION and TEST."""
     import torch.nn.functional as F
 
+    check_not_input(out, "--out", {"the checkpoint read (--checkpoint)": directory})  # before a folder is made
     check_output_file(out, "--out")
-    checkpoints.verify_checkpoint(directory)  # complete and unchanged, before anything else
+    checkpoints.verify_checkpoint(directory, "--checkpoint")  # complete and unchanged, before anything else
     hparams, config = checkpoint_config(directory)
     data_section = dict(hparams.pop("data", None) or config.get("data") or {})
     apply_overrides(hparams, data_section, sets)
+    check_not_input(out, "--out", {**inputs_of_config(hparams, data_section),
+                                   "the checkpoint read (--checkpoint)": directory})
     hparams["training_mode"] = TrainingMode.SELF_SUPERVISED.value  # features of any mode's encoder
     settings = parse_settings(hparams, data_section)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,8 +71,8 @@ def extract_feature_file(directory: str, out: str, sets: Sequence[str] = (), bat
         splits[split.value] = {"features": torch.cat(feats), "labels": torch.cat(labels), "pixels": torch.cat(pixels)}
     result = {"format": FEATURE_FILE_FORMAT, "checkpoint": os.path.abspath(directory), "backbone": settings.backbone,
               "dataset": settings.data.dataset, "num_classes": info.num_classes, "splits": splits}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    torch.save(result, out)
+    with atomic_output(out, "--out", "nothing else holds the features: free space and run `features` again") as stream:
+        torch.save(result, stream)
     return result
 
 
@@ -217,5 +220,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"[features] {content['backbone']} on {content['dataset']}: {sizes} -> {args.out}", flush=True)
     else:
         content = read_feature_file(args.features)
+        bank = len(content["splits"][data.Split.CLS_TRAIN.value]["labels"])
+        if args.k > bank:  # the kNN would silently use fewer neighbours
+            raise InputError(f"--k {args.k} is more than the {bank} CLS_TRAIN images of {args.features!r} (the kNN "
+                             f"bank); give --k <= {bank}")
         print(format_probes(run_probes(content, args.k), args.k, content), flush=True)
     return 0

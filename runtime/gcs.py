@@ -34,6 +34,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
+from augment import to_rgb
 from runtime import jpeg_decode
 from runtime.gcs_client import (  # noqa: F401
     IMAGE_EXTENSIONS,
@@ -45,6 +46,7 @@ from runtime.gcs_client import (  # noqa: F401
     read_blob_list,
     write_atomically,
 )
+from utils import InputError
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,9 @@ _LOCK = threading.Lock()  # guards per-process client/pool creation; renewed in 
 os.register_at_fork(after_in_child=lambda: globals().update(_LOCK=threading.Lock()))
 
 
-class CorruptImageError(ValueError):
-    """An object was downloaded but is not a decodable image."""
+class CorruptImageError(InputError):
+    """An object was downloaded but is not a decodable image: bad input (exit 2), one line naming
+    the object, also when met mid-run in a data-loader worker (``utils.one_line``)."""
 
 
 def _open_lazy(data: bytes, url: str) -> Image.Image:
@@ -70,7 +73,8 @@ def _decode(data: bytes, url: str) -> Image.Image:
     """Decode image bytes into an RGB PIL image, or raise CorruptImageError naming ``url``."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")  # convert() loads every pixel: truncation is caught here
+            rgb = to_rgb(img)  # loads every pixel: truncation is caught here
+            return rgb.copy() if rgb is img else rgb  # the opened image is closed on leaving this block
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise CorruptImageError(f"{url} is not a readable image ({type(e).__name__}: {e}); "
                                 f"re-upload it or drop it from the blob list") from e

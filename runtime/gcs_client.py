@@ -12,11 +12,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
-from utils import CommandError, check_keys, checked_number, reject
+from utils import CommandError, OutputWriteError, check_keys, checked_number, env_url, reject, write_bytes_atomically
 
 
 @dataclass(frozen=True)
@@ -135,7 +134,7 @@ def make_client(project: Optional[str] = None, *, api_endpoint: Optional[str] = 
     from google.auth.transport.requests import AuthorizedSession
     from google.cloud import storage
 
-    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    emulator = env_url("STORAGE_EMULATOR_HOST")  # not a URL: one clear line
     if anonymous is None and emulator:
         anonymous = True
     credentials, kind = None, "anonymous"
@@ -199,19 +198,10 @@ def read_blob_list(blob_list: str, client=None, deadline: float = 60.0) -> list[
 
 
 def write_atomically(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``,
-    so readers (other processes, later runs) see either no file or the whole file."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
+    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``
+    (``utils.write_bytes_atomically``), so readers (other processes, later runs) see either no file
+    or the whole file. Raises the ``OSError`` itself (callers name the file and the remedy)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+        write_bytes_atomically(path, data, "file")
+    except OutputWriteError as error:
+        raise error.__cause__ from None

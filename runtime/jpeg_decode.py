@@ -96,7 +96,7 @@ class DraftTwoViewTransform:
         if image.format == "JPEG":
             scale = draft_scale(self.image_size, crops)
             image.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
-        image = image.convert("RGB")
+        image = augment.to_rgb(image)
         fx, fy = image.size[0] / width, image.size[1] / height  # the decoded scale
         views = []
         for top, left, crop_height, crop_width, flip in crops:
@@ -129,7 +129,7 @@ class EncodedTwoViewTransform:
             data = encoded_bytes(image)
         else:  # CMYK JPEG, PNG, ...: decoded here once and re-encoded as a plain JPEG
             buffer = io.BytesIO()
-            image.convert("RGB").save(buffer, format="JPEG", quality=95)
+            augment.to_rgb(image).save(buffer, format="JPEG", quality=95)
             data = buffer.getvalue()
         return EncodedTwoViews(torch.frombuffer(bytearray(data), dtype=torch.uint8), crops)
 

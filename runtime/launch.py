@@ -32,10 +32,21 @@ from runtime.settings import (
     apply_overrides,
     load_config,
     local_values,
+    mode_notes,
     parse_settings,
     slots_of,
 )
-from utils import ConfigError, check_output_dir, check_output_file, run_command
+from utils import (
+    ConfigError,
+    check_output_dir,
+    check_output_file,
+    check_outputs_not_inputs,
+    env_flag,
+    env_int,
+    inputs_of_config,
+    run_command,
+    write_json_atomically,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,9 +68,9 @@ def overridden(config: Dict[str, Any], args: argparse.Namespace) -> tuple[Dict[s
 
 def distributed_context() -> Optional[core.DistributedContext]:
     """torch.distributed from torchrun's environment, gloo on CPU and nccl on GPU."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if env_int("WORLD_SIZE", 1, minimum=1) <= 1:
         return None
-    if os.environ.get("USE_TORCH_DISTRIBUTED", "") not in ("1", "true", "True"):
+    if not env_flag("USE_TORCH_DISTRIBUTED"):
         raise ConfigError("several processes were started (WORLD_SIZE > 1) but USE_TORCH_DISTRIBUTED is not set: "
                           "run USE_TORCH_DISTRIBUTED=1 torchrun --nproc_per_node N model_def.py ...")
     if not torch.distributed.is_initialized():
@@ -168,6 +179,8 @@ def run_trial(make_trial: Callable, context: pytorch.PyTorchTrialContext, settin
             print(f"[byol] {per_slot} images per process; batch norm "
                   f"{'synchronised across' if trial.synced_batch_norm else 'per process (not synchronised) in'} "
                   f"{context.distributed.size} processes", flush=True)
+        for note in mode_notes(context.get_hparams(), s):  # given settings this mode does not use
+            print(f"[byol] {note}", flush=True)
     if latest_checkpoint and os.path.isdir(latest_checkpoint):  # local resume: same settings, work left
         note = checkpoints.check_resume(latest_checkpoint, s, trial.total_steps, trial.pretraining,
                                         context.distributed.size)
@@ -255,8 +268,15 @@ def local_main(args: argparse.Namespace, started: float, make_trial: Callable) -
     # when the alias moves on to the checkpoints this run writes.
     latest = os.path.realpath(args.resume_from) if args.resume_from else None
     if latest:  # only a completely written, unchanged checkpoint (checkpoints.py)
-        checkpoints.verify_checkpoint(latest)
+        checkpoints.verify_checkpoint(latest, "--resume-from")
+    if settings.pretrained_checkpoint:  # locally a directory (no cluster to fetch a storage id from)
+        checkpoints.verify_checkpoint(settings.pretrained_checkpoint, "hyperparameters.pretrained_checkpoint")
+        checkpoints.check_pretrained_backbone(settings.pretrained_checkpoint, settings.pretrained_checkpoint,
+                                              settings.backbone)
     output_dir, checkpoint_dir, metrics_out = output_paths(args, config, latest)
+    check_outputs({"--checkpoint-dir": checkpoint_dir, "--metrics-out": metrics_out}, hparams, data_section,
+                  {"the config file (--config)": args.config,
+                   "the checkpoint resumed (--resume-from)": args.resume_from})
     check_output_dir(checkpoint_dir, "--checkpoint-dir")
     check_not_copied_into_itself(checkpoint_dir)
     check_output_file(metrics_out, "--metrics-out")  # before training, not after it
@@ -349,15 +369,35 @@ def train_and_report(make_trial: Callable, exp_conf: Dict[str, Any], settings: S
             print_summary(trial, metrics)
             if result_line is not None:
                 print(result_line(settings, metrics), flush=True)
-            if metrics_out:
-                os.makedirs(os.path.dirname(os.path.abspath(metrics_out)), exist_ok=True)
-                with open(metrics_out, "w") as handle:
-                    json.dump(metrics, handle, indent=2, sort_keys=True)
+            if metrics_out:  # atomically: a full disk leaves no partial file, and says where the results are
+                write_json_atomically(metrics_out, metrics, "--metrics-out", results_kept(trial, checkpoint_dir))
                 print(f"[byol] metrics written to {metrics_out}", flush=True)
                 write_plot(trial, metrics_out)
     finally:
         stops.REQUEST.uninstall(stopped=stopping)
     return metrics
+
+
+def results_kept(trial, checkpoint_dir: str) -> str:
+    """Where a finished run's results still are when its metrics file cannot be written."""
+    where = (f" and in the last checkpoint {os.path.join(checkpoint_dir, trial.last_checkpoint)}"
+             if trial.last_checkpoint else "")
+    return f"the results are in the summary printed above{where}"
+
+
+def check_outputs(outputs: Dict[str, Optional[str]], hparams: Dict[str, Any], data_section: Dict[str, Any],
+                  more_inputs: Dict[str, Optional[str]]) -> None:
+    """Before any work: no output (``{option: path}``; the curves' PNG beside ``--metrics-out``
+    too) is, or lies inside, what the run reads (``utils.check_not_input``)."""
+    metrics_out = outputs.get("--metrics-out")
+    if metrics_out:
+        plot = plots.plot_path(metrics_out)
+        if os.path.abspath(plot) == os.path.abspath(metrics_out):
+            raise ConfigError(f"--metrics-out {metrics_out!r}: the training curves are drawn beside it in {plot!r}, "
+                              f"the same file; give a .json path")
+        outputs = {**outputs, "the curves beside --metrics-out": plot}
+    inputs = inputs_of_config(hparams, data_section)
+    check_outputs_not_inputs(outputs, {**inputs, **{k: v for k, v in more_inputs.items() if v}})
 
 
 def stopped(trial, checkpoint_dir: str, requests: Dict[int, int]) -> RunFailed:
@@ -407,7 +447,7 @@ def write_plot(trial, metrics_out: str) -> Optional[str]:
     if history is None:
         return None
     s = trial.settings
-    path = plots.write_metrics_plot(history, plots.plot_path(metrics_out),
+    path = plots.write_metrics_plot(history, plots.plot_path(metrics_out), kept=f"the metrics are in {metrics_out}",
                                     title=f"{s.training_mode.value}: {s.backbone} on {s.data.dataset}")
     print(f"[byol] training curves drawn in {path}", flush=True)
     return path

@@ -16,7 +16,7 @@ import data
 from runtime import jpeg_decode, stops
 from runtime.sampling import GlobalBatchSampler, SeededTransformDataset, ShardSampler
 from runtime.settings import Settings
-from utils import ConfigError
+from utils import ConfigError, one_line
 
 VALIDATION_TAG, TEST_TAG = 0, 1
 
@@ -154,8 +154,13 @@ def training_dataset(settings: Settings, image_size: int, pretraining: bool) -> 
         transform = augment.geometric_transform(image_size, settings.views[0])
     else:
         transform = evaluation_transform(settings, image_size)
-    labelled = data.labelled_subset(base_dataset(settings, data.Split.CLS_TRAIN), settings.classifier.label_fraction,
-                                    settings.classifier.label_list, settings.seed)
+    cls_train = base_dataset(settings, data.Split.CLS_TRAIN)
+    try:
+        labelled = data.labelled_subset(cls_train, settings.classifier.label_fraction, settings.classifier.label_list,
+                                        settings.seed)
+    except (ValueError, OSError) as error:  # a label list naming absent images, unreadable, not text
+        key = "label_list" if settings.classifier.label_list else "label_fraction"
+        raise ConfigError(f"config key 'hyperparameters.classifier.{key}': {one_line(error)}") from None
     return SeededTransformDataset(labelled, transform)
 
 

@@ -30,6 +30,8 @@ from typing import ContextManager, Optional
 import torch
 from torch import nn
 
+from utils import env_int
+
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
 
 
@@ -107,11 +109,8 @@ def choose_threads(workers: int, processes: int = 1, cores: Optional[int] = None
     cores = cores or available_cores()
     share = max(cores // max(processes, 1), 1)
     workers = min(workers, share)
-    if environment.get("OMP_NUM_THREADS"):
-        try:
-            threads = max(int(environment["OMP_NUM_THREADS"]), 1)
-            return ThreadChoice(cores, processes, workers, threads, "OMP_NUM_THREADS as set")
-        except ValueError:
-            pass
+    threads = env_int("OMP_NUM_THREADS", minimum=1, environment=environment)  # 0 or a word: refused
+    if threads is not None:
+        return ThreadChoice(cores, processes, workers, threads, "OMP_NUM_THREADS as set")
     threads = max(share - workers, 1)
     return ThreadChoice(cores, processes, workers, threads, f"{share} core(s) per process")

@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Sequence
 
 from determined import pytorch
 
+from utils import atomic_output
+
 # online_classifier_accuracy: the reference's online linear classifier on sg(y) (byol.py), scored
 # on each pretraining batch's labelled images; drawn with the validation accuracies.
 TRAINING_KEYS = ("loss", "lr", "tau", "online_classifier_accuracy")
@@ -119,7 +121,7 @@ def _series(records: Sequence[Dict[str, float]], key: str) -> tuple[list, list]:
     return xs, ys
 
 
-def write_metrics_plot(history: MetricsHistory, path: str, title: str = "") -> str:
+def write_metrics_plot(history: MetricsHistory, path: str, title: str = "", kept: str = "") -> str:
     """Draws loss, learning rate (and tau) and accuracy against the global step; returns ``path``.
 
     Panels with nothing recorded say so instead of staying blank.
@@ -129,8 +131,6 @@ def write_metrics_plot(history: MetricsHistory, path: str, title: str = "") -> s
     matplotlib.use("Agg")  # no display; safe in workers and on servers
     import matplotlib.pyplot as plt
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     figure, (loss_ax, lr_ax, acc_ax) = plt.subplots(1, 3, figsize=(15, 4))
     panels = (
         (loss_ax, "loss", [("training loss", history.training, "loss"),
@@ -162,6 +162,9 @@ def write_metrics_plot(history: MetricsHistory, path: str, title: str = "") -> s
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        with atomic_output(path, "the training curves", kept) as stream:  # no partial PNG on a full disk
+            figure.savefig(stream, dpi=100, format="png")
+    finally:
+        plt.close(figure)
     return path

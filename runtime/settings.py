@@ -120,7 +120,13 @@ def parse_length(value: Any, key: str, optional: bool = True) -> Optional[Length
     unit, amount = next(iter(value.items()))
     if isinstance(amount, bool) or not isinstance(amount, int) or amount < (0 if key.endswith("train_length") else 1):
         reject(f"{key}.{unit}", amount, "must be a whole number >= " + ("0" if key.endswith("train_length") else "1"))
+    if amount > MAX_STEPS:
+        reject(f"{key}.{unit}", amount, f"must be <= {MAX_STEPS:,} (the paper's longest run is about 312,500 steps: "
+                                        f"1000 epochs of ImageNet at batch 4096)")
     return Length(**{unit: amount})
+
+
+MAX_STEPS = 10 ** 9  # a bound on any length or period, far beyond any run, well inside 64-bit step counters
 
 
 def parse_settings(hyperparameters: dict, data_section: Optional[dict] = None, slots: int = 1) -> Settings:
@@ -131,7 +137,8 @@ def parse_settings(hyperparameters: dict, data_section: Optional[dict] = None, s
     check_keys(hyperparameters, Settings, prefix)
     if "data" in hyperparameters and data_section:
         reject(prefix + "data", hyperparameters["data"], "give the data section once (top level or in hyperparameters)")
-    data_section = hyperparameters.pop("data", None) or data_section or {}
+    given_data = hyperparameters.pop("data", None)
+    data_section = given_data if given_data is not None else (data_section if data_section is not None else {})
     values = {f.name: getattr(Settings(), f.name) for f in dataclasses.fields(Settings) if f.init}
     # Batch norm over the global batch (section 3.3) by default: synchronised when there are several
     # processes, unless the config says sync_batch_norm: false. The one place of this default.
@@ -182,9 +189,12 @@ def parse_settings(hyperparameters: dict, data_section: Optional[dict] = None, s
     for key in ("sync_batch_norm", "classifier_validation", "compare_random_init", "compile"):
         if not isinstance(values[key], bool):
             reject(prefix + key, values[key], "expected true or false")
-    values["augmentation"] = values["augmentation"] or {}
+    if values["augmentation"] is None:  # a section left empty in the yaml
+        values["augmentation"] = {}
+    if not isinstance(values["augmentation"], dict):
+        reject(prefix + "augmentation", values["augmentation"], "expected a mapping with keys view1 and/or view2")
     if not isinstance(values["classifier"], ClassifierSettings):
-        values["classifier"] = parse_classifier_section(values["classifier"] or {})
+        values["classifier"] = parse_classifier_section({} if values["classifier"] is None else values["classifier"])
     values["data"] = parse_data_section(data_section)
     if values["training_mode"] != TrainingMode.SELF_SUPERVISED and not values["pretrained_checkpoint"]:
         reject(prefix + "pretrained_checkpoint", values["pretrained_checkpoint"],
@@ -200,8 +210,12 @@ def parse_settings(hyperparameters: dict, data_section: Optional[dict] = None, s
         if values["classifier"].encoder_lr <= 0:
             reject(prefix + "classifier.encoder_lr", values["classifier"].encoder_lr,
                   "FINE_TUNE needs an encoder learning rate > 0 (for a frozen encoder use CLASSIFIER_ONLY)")
-    if values["backbone_weights"] and not os.path.isfile(values["backbone_weights"]):
-        reject(prefix + "backbone_weights", values["backbone_weights"], "file does not exist")
+    for key in ("backbone_weights", "pretrained_checkpoint"):
+        if values[key] is not None and (not isinstance(values[key], str) or not values[key].strip()):
+            reject(prefix + key, values[key], "expected a path" + (" (or a storage id)" if key != "backbone_weights"
+                                                                   else ""))
+    check_backbone_weights(values["backbone_weights"])
+    check_mode_keys(hyperparameters, values)
     try:
         return Settings(**values)
     except augment.ViewSettingsError as error:  # the views are parsed by augment.view_augmentations
@@ -210,19 +224,133 @@ def parse_settings(hyperparameters: dict, data_section: Optional[dict] = None, s
         raise ConfigError(f"config key '{prefix}augmentation.{error.view}': {error}") from None
 
 
-def load_config(path: str) -> dict:
-    """Reads an experiment yaml; a missing file or bad yaml gets a clear error."""
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, refusing a key given twice in one mapping (at any depth): PyYAML keeps the
+    last silently, so a second ``seed:`` would win and a second ``hyperparameters:`` section would
+    replace the first whole."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # '<<: *base' then 'key: ...' overrides the merged value: allowed
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # an unhashable key: the base class says so
+                if key in seen:
+                    first = seen[key]
+                    raise ConfigError(f"{self.name}: key {key!r} is given twice in one mapping (lines {first} and "
+                                      f"{key_node.start_mark.line + 1}); yaml would silently keep the last: "
+                                      f"remove one")
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text, where: str) -> Any:
+    """``text`` (a string or a stream) as yaml with :class:`UniqueKeyLoader`; ``where`` names it in errors."""
+    loader = UniqueKeyLoader(text)
+    loader.name = where
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def check_backbone_weights(path: Optional[str]) -> None:
+    """``backbone_weights`` names an existing file (a folder gets a hint naming the weights inside)."""
+    if path is None:
+        return
+    key = "hyperparameters.backbone_weights"
+    if os.path.isdir(path):
+        inside = sorted(name for name in os.listdir(path) if name.endswith((".pt", ".pth", ".bin")))
+        reject(key, path, "is a directory: give the weights file itself (a state_dict saved with torch.save)"
+               + (f", e.g. {os.path.join(path, inside[0])!r}" if inside else ""))
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist")
-    with open(path) as handle:
-        try:
-            config = yaml.safe_load(handle)
-        except yaml.YAMLError as error:
-            detail = " ".join(str(error).split())  # yaml's message spans lines; errors are one line
-            raise ConfigError(f"config file {path!r} is not valid yaml: {detail}") from None
+        reject(key, path, "file does not exist")
+
+
+# Keys that act only in some training modes (paper: pretraining, section 3; linear heads and
+# fine-tuning, appendix C). A key given with a non-default value where it does nothing is refused, or
+# said (pretraining settings inherited by an evaluation run's config): never silently ignored.
+PRETRAINING_ONLY_KEYS = ("base_lr", "warmup_epochs", "weight_decay", "momentum", "lars_eta", "tau_base",
+                         "projection_size", "projection_hidden_size")
+HEAD_TRAINING_KEYS = ("learning_rates", "train_epochs", "momentum", "weight_decay", "logit_clip",
+                      "logit_regularization")
+
+
+def _differs(section: dict, key: str, default: Any) -> bool:
+    return key in section and section[key] is not None and section[key] != default
+
+
+def check_mode_keys(given: dict, values: dict) -> None:
+    """Refuses settings the chosen ``training_mode`` would ignore (see :func:`mode_notes` for those
+    only said)."""
+    prefix = "hyperparameters."
+    mode = values["training_mode"]
+    if mode == TrainingMode.SELF_SUPERVISED:
+        if values["pretrained_checkpoint"] is not None:
+            reject(prefix + "pretrained_checkpoint", values["pretrained_checkpoint"],
+                   "read only by CLASSIFIER_ONLY and FINE_TUNE (the encoder their heads train on); SELF_SUPERVISED "
+                   "pretraining starts from random weights or from backbone_weights (a state_dict file): remove it "
+                   "or set training_mode")
+        return
+    if values["backbone_weights"] is not None:
+        reject(prefix + "backbone_weights", values["backbone_weights"],
+               f"does nothing in {mode.value}: the encoder comes from pretrained_checkpoint; remove it")
+
+
+def mode_notes(given: dict, settings: "Settings") -> list:
+    """Lines saying which given settings this run does not use: classifier settings that only the
+    evaluation runs of this pretraining's checkpoints read (``evaluate_result.py`` inherits the
+    config), and pretraining settings in a heads run. :func:`check_mode_keys` refuses the rest."""
+    if not isinstance(given, dict):
+        return []
+    classifier = given.get("classifier") if isinstance(given.get("classifier"), dict) else {}
+    default_classifier = ClassifierSettings()
+    if settings.training_mode != TrainingMode.SELF_SUPERVISED:
+        default = Settings()
+        unused = [key for key in PRETRAINING_ONLY_KEYS + ("compare_random_init",)
+                  if _differs(given, key, getattr(default, key))]
+        unused += [f"classifier.{key}" for key in ("knn_k",) + (("encoder_lr",) if settings.training_mode
+                                                                 == TrainingMode.CLASSIFIER_ONLY else ())
+                   if _differs(classifier, key, getattr(default_classifier, key))]
+        return [f"note: these settings act in SELF_SUPERVISED pretraining (encoder_lr: in FINE_TUNE) and do "
+                f"nothing in this {settings.training_mode.value} run: {', '.join(unused)}"] if unused else []
+    later = ("label_fraction", "label_list", "encoder_lr", "augmentation")
+    later += HEAD_TRAINING_KEYS if not settings.classifier_validation else ()
+    unused = [f"classifier.{key}" for key in later if _differs(classifier, key, getattr(default_classifier, key))]
+    return [f"note: {', '.join(unused)} do nothing in this pretraining run"
+            + ("" if settings.classifier_validation else " (classifier_validation: false)")
+            + "; they are kept for evaluate_result.py, whose runs inherit this config"] if unused else []
+
+
+def load_config(path: str) -> dict:
+    """Reads an experiment yaml; a missing file, a folder, a file that is not text or bad yaml gets
+    a clear error."""
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path!r} is a directory: give the yaml file itself, e.g. "
+                          f"{os.path.join(path, 'local-digits.yaml')}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist" if not os.path.lexists(path)
+                          else f"config file {path!r} is not a regular file (a broken link or a device)")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = parse_yaml(handle, f"config file {path!r}")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path!r} is not a text (UTF-8) file ({error.reason} at byte {error.start}): "
+                          f"give an experiment yaml such as config/local-digits.yaml") from None
+    except yaml.YAMLError as error:
+        detail = " ".join(str(error).split())  # yaml's message spans lines; errors are one line
+        raise ConfigError(f"config file {path!r} is not valid yaml: {detail}") from None
     if not isinstance(config, dict) or not isinstance(config.get("hyperparameters"), dict):
         raise ConfigError(f"config file {path!r} has no 'hyperparameters' mapping")
     check_sections(config, path)
+    if config.get("data") is not None and not isinstance(config["data"], dict):
+        reject("data", config["data"], "expected a mapping, e.g. {dataset: digits} (a data: 0 would silently "
+               "train on the default dataset)")
     return config
 
 
@@ -237,7 +365,15 @@ def check_sections(config: dict, where: str) -> None:
 
 
 def slots_of(config: dict) -> int:
-    return int((config.get("resources") or {}).get("slots_per_trial", 1))
+    """``resources.slots_per_trial`` (default 1), a whole number >= 1."""
+    resources = config.get("resources")
+    if resources is None:
+        return 1
+    if not isinstance(resources, dict):
+        reject("resources", resources, "expected a mapping, e.g. {slots_per_trial: 1}")
+    if resources.get("slots_per_trial") is None:
+        return 1
+    return checked_number(resources, "slots_per_trial", "resources.", int, minimum=1)
 
 
 def load_settings(path: str, slots: Optional[int] = None) -> Settings:
@@ -255,6 +391,12 @@ def apply_overrides(hparams: dict, data_section: dict, items) -> None:
         target, parts = hparams, key.split(".")
         if parts[0] == "data":
             target, parts = data_section, parts[1:]
+            if not parts:
+                raise ConfigError(f"--set {item!r}: the data section is set one key at a time, e.g. "
+                                  f"--set data.root=/data or --set data.dataset=cifar10")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: {key!r} has an empty part; expected KEY or SECTION.KEY, e.g. "
+                              f"classifier.knn_k=20")
         for depth, part in enumerate(parts[:-1]):
             if target is hparams and depth == 0 and part in LENGTH_KEYS:
                 target[part] = {}  # a length has one unit: --set checkpoint_period.batches=10 replaces it
@@ -262,7 +404,7 @@ def apply_overrides(hparams: dict, data_section: dict, items) -> None:
             if not isinstance(target, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a mapping")
         try:
-            target[parts[-1]] = yaml.safe_load(value)
+            target[parts[-1]] = parse_yaml(value, f"--set {item!r}")
         except yaml.YAMLError as error:
             detail = " ".join(str(error).split())
             raise ConfigError(f"--set {item!r}: the value {value!r} is not valid yaml ({detail}); quote strings "

@@ -38,8 +38,10 @@ class FakeContext:
 def test_build_trial_chooses_the_class_of_the_mode(monkeypatch, mode, chosen):
     for name in ("BYOLTrial", "HeadsTrial"):
         monkeypatch.setattr(model_def, name, lambda context, settings, name=name: (name, settings))
-    hparams = {"training_mode": mode, "global_batch_size": 32, "pretrained_checkpoint": "somewhere",
+    hparams = {"training_mode": mode, "global_batch_size": 32,
                "classifier": {"learning_rates": [0.1], "encoder_lr": 0.01}}
+    if mode != "SELF_SUPERVISED":  # pretraining refuses the setting it would ignore (settings.check_mode_keys)
+        hparams["pretrained_checkpoint"] = "somewhere"
     name, settings = model_def.build_trial(FakeContext(hparams, size=2))
     assert name == chosen and settings.training_mode == TrainingMode(mode)
     assert settings.sync_batch_norm  # on by default with several processes
