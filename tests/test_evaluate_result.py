@@ -472,7 +472,8 @@ def test_fine_tune_defaults_follow_the_semi_supervised_protocol(monkeypatch, tmp
 
     monkeypatch.setattr(evaluate_result, "_evaluate_once", fake)
     monkeypatch.setattr(evaluate_result, "checkpoint_config", lambda d: (_pretraining_hparams()["hyperparameters"], {}))
-    monkeypatch.setattr(evaluate_result.checkpoints, "verify_checkpoint", lambda d, what="checkpoint": {"global_step": 7})
+    monkeypatch.setattr(evaluate_result.checkpoints, "verify_checkpoint",
+                        lambda d, what="checkpoint": {"global_step": 7})
     best = evaluate_result.evaluate_checkpoint(str(tmp_path), fine_tune=True, sets=["classifier.label_fraction=0.01"],
                                                metrics_out=str(tmp_path / "m.json"))
     assert [lr for _, lr, _ in calls] == list(evaluate_result.FINE_TUNE_LEARNING_RATES)
