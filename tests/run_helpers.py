@@ -209,3 +209,22 @@ def top_level_aten_ops(work) -> collections.Counter:
         if event.name.startswith("aten::") and not nested:
             counts[event.name] += 1
     return counts
+
+
+def batch_norm_layer_ops(layer, views: int) -> collections.Counter:
+    """:func:`top_level_aten_ops` of one batch-norm layer's forward and backward on a batch of
+    ``views`` view groups (a sum as the loss), after one warm-up step."""
+    import torch
+
+    from batchnorm import view_groups
+
+    x = torch.randn(8, 8, 5, 5, requires_grad=True)
+
+    def step():
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        with view_groups(views):
+            layer(x).sum().backward()
+    step()
+    return top_level_aten_ops(step)
+

@@ -447,19 +447,11 @@ def test_per_view_layer_costs_two_plain_layers_of_host_work():
     """A per-view layer on both views (one process) runs torch's batch-norm kernel once per view:
     forward + backward at most twice the top-level aten ops of a plain nn.BatchNorm2d layer (9 here:
     the layer's kernel, the batch counter and backward, plus the loss and gradient bookkeeping)."""
-    from batchnorm import per_view_batch_norm, view_groups
-    from run_helpers import top_level_aten_ops
+    from batchnorm import per_view_batch_norm
+    from run_helpers import batch_norm_layer_ops
 
     def ops(layer, views):
-        x = torch.randn(8, 8, 5, 5, requires_grad=True)
-
-        def step():
-            x.grad = None
-            layer.zero_grad(set_to_none=True)
-            with view_groups(views):
-                layer(x).sum().backward()
-        step()
-        return sum(top_level_aten_ops(step).values())
+        return sum(batch_norm_layer_ops(layer, views).values())
 
     plain = ops(nn.BatchNorm2d(8), 1)
     assert ops(per_view_batch_norm(nn.BatchNorm2d(8)), 2) <= 2 * plain

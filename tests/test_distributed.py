@@ -127,16 +127,7 @@ SYNC_BN_CHECK = textwrap.dedent("""
     # Host work per layer, forward + backward (one two-view batch, a sum as the loss): top-level aten
     # ops against a plain nn.BatchNorm2d layer on the same batch (collectives not counted).
     sys.path.insert(0, {root!r} + "/tests")
-    from run_helpers import top_level_aten_ops
-    def layer_ops(layer, views):
-        x = torch.randn(8, 8, 5, 5, requires_grad=True)
-        def step():
-            x.grad = None
-            layer.zero_grad(set_to_none=True)
-            with view_groups(views):
-                layer(x).sum().backward()
-        step()                                            # warm-up, then the counted step
-        return top_level_aten_ops(step)
+    from run_helpers import batch_norm_layer_ops as layer_ops
     plain = sum(layer_ops(torch.nn.BatchNorm2d(8), 1).values())
     synced = {{views: layer_ops(convert_sync_batchnorm(torch.nn.BatchNorm2d(8)), views) for views in (1, 2)}}
     ops = {{views: sum(counts.values()) for views, counts in synced.items()}}
