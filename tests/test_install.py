@@ -4,6 +4,7 @@
 takes the exact versions of constraints.txt, and TORCH_INDEX reaches the torch/torchvision install."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -18,8 +19,11 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is no
 
 def dry_run(tmp_path, *args: str) -> list[str]:
     """The commands ``make -n`` would run with a venv that does not exist yet (a fresh clone)."""
-    result = subprocess.run(["make", "-n", f"VENV={tmp_path / 'venv'}", *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
+    # Run from `make test` (CI), a child make inherits MAKEFLAGS/MAKELEVEL and would add its own
+    # "Entering/Leaving directory" lines: the dry run is made as a person's top-level make.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    result = subprocess.run(["make", "--no-print-directory", "-n", f"VENV={tmp_path / 'venv'}", *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
 

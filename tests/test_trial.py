@@ -100,15 +100,18 @@ def test_pretrain_then_classifier_only(tmp_path, image_folder):
 
 
 @pytest.mark.slow
-def test_classifier_only_rejects_other_backbone(tmp_path, image_folder):
+def test_classifier_only_rejects_other_backbone(tmp_path, image_folder, capsys):
     config = write_config(tmp_path, image_folder, train_length={"batches": 1}, validation_period=None,
                           checkpoint_period=None, classifier_validation=False)
     assert model_def.main(["--config", str(config), "--checkpoint-dir", str(tmp_path / "ckpt")]) == 0
     ckpt = only_checkpoint(tmp_path / "ckpt")
     other = write_config(tmp_path, image_folder, training_mode="CLASSIFIER_ONLY", backbone="resnet18_cifar",
                          pretrained_checkpoint=str(ckpt))
-    with pytest.raises(ValueError, match="backbone='small_cnn'"):
-        model_def.main(["--config", str(other), "--checkpoint-dir", str(tmp_path / "ckpt2")])
+    # Refused before any work, in one line naming both backbones (checkpoints.check_pretrained_backbone).
+    assert model_def.main(["--config", str(other), "--checkpoint-dir", str(tmp_path / "ckpt2")]) == 2
+    err = capsys.readouterr().err
+    assert "backbone='small_cnn'" in err and "backbone='resnet18_cifar'" in err, err
+    assert not (tmp_path / "ckpt2").exists() or not os.listdir(tmp_path / "ckpt2")
 
 
 def test_bad_config_fails_before_work(tmp_path, image_folder, capsys):
