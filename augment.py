@@ -828,19 +828,6 @@ class BatchedCropFlip(nn.Module):
         return crops.round().clamp(0, 255).to(torch.uint8) if not images.is_floating_point() else crops
 
 
-def default_augmentation(image_size: int, view: int = 1) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A batched version of the paper's table 6 pipeline (view 1 or 2) for ``learner(images)`` calls.
-
-    Takes float images in [0, 1] or uint8 batches; returns normalised floats (ImageNet statistics).
-    """
-    settings = paper_view_augmentations()[view - 1]
-    return nn.Sequential(
-        _ToUint8(),
-        BatchedCropFlip(image_size, settings.crop_scale, settings.flip_p),
-        PhotometricAugment(settings, IMAGENET_MEAN, IMAGENET_STD, image_size),
-    )
-
-
 class TwoViewAugmentation(nn.Module):
     """The library's default: table 6's T and T' of a batch ([B, 3, H, W], float in [0, 1] or
     uint8) -> (view 1, view 2), normalised with ImageNet's statistics. Both views are one batch of

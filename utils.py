@@ -9,7 +9,7 @@ import math
 import os
 import sys
 import tempfile
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 
 class CommandError(Exception):
@@ -279,37 +279,34 @@ def env_flag(name: str, environment: Optional[dict] = None) -> bool:
     return value
 
 
-def env_int(name: str, default: Optional[int] = None, minimum: int = 0, environment: Optional[dict] = None
-            ) -> Optional[int]:
-    """A whole-number variable (unset or empty: ``default``), at least ``minimum``."""
+def _env_number(name: str, default, environment: Optional[dict], parse: Callable, valid: Callable, expected: str):
+    """The variable ``name`` parsed by ``parse`` (unset or empty: ``default``), refused in one line
+    naming it and ``expected`` unless ``valid(value)``."""
     environment = os.environ if environment is None else environment
     text = environment.get(name, "")
     if not text.strip():
         return default
     try:
-        value = int(text.strip())
+        value = parse(text.strip())
     except ValueError:
         value = None
-    if value is None or value < minimum:
-        raise InputError(f"environment variable {name}={text!r}: expected a whole number >= {minimum}")
+    if value is None or not valid(value):
+        raise InputError(f"environment variable {name}={text!r}: expected {expected}")
     return value
+
+
+def env_int(name: str, default: Optional[int] = None, minimum: int = 0, environment: Optional[dict] = None
+            ) -> Optional[int]:
+    """A whole-number variable (unset or empty: ``default``), at least ``minimum``."""
+    return _env_number(name, default, environment, int, lambda value: value >= minimum,
+                       f"a whole number >= {minimum}")
 
 
 def env_seconds(name: str, default: Optional[float] = None, environment: Optional[dict] = None
                 ) -> Optional[float]:
     """A positive, finite number of seconds (unset or empty: ``default``)."""
-    environment = os.environ if environment is None else environment
-    text = environment.get(name, "")
-    if not text.strip():
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise InputError(f"environment variable {name}={text!r}: expected seconds > 0"
-                         + (f" (default {default:g})" if default is not None else ""))
-    return value
+    return _env_number(name, default, environment, float, lambda value: math.isfinite(value) and value > 0,
+                       "seconds > 0" + (f" (default {default:g})" if default is not None else ""))
 
 
 def env_url(name: str, environment: Optional[dict] = None) -> Optional[str]:
