@@ -56,7 +56,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _PROBABILITIES = ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p")
 _STRENGTHS = ("brightness", "contrast", "saturation")
 _PAIRS = ("crop_scale", "blur_sigma")
-_SOLARIZE_THRESHOLD = 0.5                # on [0, 1] images, as in the paper's appendix B
 _GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # ITU-R 601-2 luma, the reference's weights
 
 
@@ -274,13 +273,25 @@ def crop_flip_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor
 # Each op takes images [B, 3, H, W] in [0, 1] and one parameter per sample ([B] tensor), and clips
 # its result to [0, 1], as the reference does after every colour op. Each is written as the stage of
 # the batched pipeline that runs it (:func:`_rgb_stage`, :func:`_hsv_stage`, ...), so that one
-# sample alone and the same sample in a batch get the same arithmetic.
+# sample alone and the same sample in a batch get the same arithmetic. The stages work on images
+# flattened to [B, 3, H * W] (per-sample parameters [B, k, 1]): a reduction or a channel mix is then
+# one plain op, without reshapes around it.
+#
+# On a CPU every stage is a handful of full passes over the batch, so the ops are chosen for their
+# CPU kernels as well: vectorised in-place ops where the result replaces the input (``mul_``,
+# ``add_``, ``clamp_``, ``lerp_``), 0/1 ``lerp`` weights as exact selects (ATen's ``where`` and
+# ``remainder`` and the indexed ``max`` run as scalar loops there, 5-40x slower), ``frac`` for a
+# period.
 _TINY = torch.finfo(torch.float32).tiny
 _HUE_CHANNEL_OFFSETS = (5.0, 3.0, 1.0)  # n' of hsv_to_rgb for (R, G, B)
+# the hue shifts of (R, G, B) in turns: n' / 6 plus one whole turn, which keeps the argument of
+# ``frac`` in _hsv_stage positive (hue >= -1/6 turn, delta >= -1/2) without changing its fraction
+_HUE_TURN_OFFSETS = tuple(1.0 + offset / 6.0 for offset in _HUE_CHANNEL_OFFSETS)
 
 
 def _per_sample(values: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    return values.to(device=images.device, dtype=images.dtype).reshape(-1, 1, 1, 1)
+    """[B] values -> [B, 1, 1], to broadcast over flattened images [B, C, H * W]."""
+    return values.to(device=images.device, dtype=images.dtype).reshape(-1, 1, 1)
 
 
 def _constant(values, images: torch.Tensor) -> torch.Tensor:
@@ -288,37 +299,44 @@ def _constant(values, images: torch.Tensor) -> torch.Tensor:
 
 
 def _mix_channels(matrix: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """[D, 3] x [B, 3, H, W] -> [B, D, H, W]: each output channel a weighted sum of the input's
-    (one matrix product, no [B, 3, H, W] temporaries)."""
-    return torch.einsum("dc,nchw->ndhw", matrix, images)
+    """[D, 3] x flattened [B, 3, P] -> [B, D, P]: each output channel a weighted sum of the input's
+    (one matrix product)."""
+    return torch.matmul(matrix, images)
 
 
 def rgb_to_grayscale(images: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] -> [B, 3, H, W]: luma 0.2989 R + 0.5870 G + 0.1140 B on all three channels."""
-    return _mix_channels(_constant([_GRAY_WEIGHTS], images), images).expand_as(images)
+    luma = _mix_channels(_constant([_GRAY_WEIGHTS], images), images.flatten(2))
+    return luma.view(images.shape[0], 1, *images.shape[2:]).expand_as(images)
 
 
 def _rgb_stage(images: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mean_weight: torch.Tensor,
                out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``clip(x * scale + shift + mean_c * mean_weight)`` with ``mean_c`` each channel's mean over
-    the image and one value of each parameter per sample ([B, 1, 1, 1]): brightness is
-    ``(1, delta, 0)``, contrast ``(factor, 0, 1 - factor)``, nothing ``(1, 0, 0)`` (exactly x).
-    ``out=images`` works in place (the pipeline's own buffer)."""
-    offset = torch.addcmul(shift, images.mean(dim=(-2, -1), keepdim=True), mean_weight)
-    return torch.addcmul(offset, images, scale, out=out).clamp_(0.0, 1.0)
+    """``clip(x * scale + shift + mean_c * mean_weight)`` on flattened images [B, 3, P], with
+    ``mean_c`` each channel's mean over the image and one value of each parameter per sample
+    ([B, 1, 1]): brightness is ``(1, delta, 0)``, contrast ``(factor, 0, 1 - factor)``, nothing
+    ``(1, 0, 0)`` (exactly x). ``out=images`` works in place (the pipeline's own buffer): three
+    vectorised passes, where one ``addcmul`` with two per-sample operands runs as a scalar loop."""
+    offset = torch.addcmul(shift, images.mean(dim=-1, keepdim=True), mean_weight)
+    return torch.mul(images, scale, out=out).add_(offset).clamp_(0.0, 1.0)
+
+
+def _flat_stage(stage: Callable[..., torch.Tensor], images: torch.Tensor, *args) -> torch.Tensor:
+    """A stage on [B, 3, H, W] images: the same arithmetic as inside the batched pipeline."""
+    return stage(images.flatten(2), *args).view_as(images)
 
 
 def adjust_brightness(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """Appendix B, "shifted by a uniformly random offset": ``x + delta`` (delta [B]), clipped."""
     delta = _per_sample(delta, images)
-    return _rgb_stage(images, torch.ones_like(delta), delta, torch.zeros_like(delta))
+    return _flat_stage(_rgb_stage, images, torch.ones_like(delta), delta, torch.zeros_like(delta))
 
 
 def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """``(x - mean_c) * factor + mean_c`` with ``mean_c`` each channel's mean over the image
     (factor [B]), clipped (computed as ``x * factor + mean_c * (1 - factor)``)."""
     factor = _per_sample(factor, images)
-    return _rgb_stage(images, factor, torch.zeros_like(factor), 1.0 - factor)
+    return _flat_stage(_rgb_stage, images, factor, torch.zeros_like(factor), 1.0 - factor)
 
 
 def rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
@@ -351,53 +369,59 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
 
 def _hsv_stage(images: torch.Tensor, saturation_factor: torch.Tensor, hue_shifts: torch.Tensor,
                constants: "_Constants") -> torch.Tensor:
-    """Saturation or hue: one RGB-HSV-RGB round trip without building the HSV image. With value
-    v = max, chroma c = max - min and the hue in sextants (6 h, from the channel that holds the
-    max), saturation ``s -> min(s * factor, 1)`` is ``c -> min(c * factor, v)``, and the hue shift
-    enters ``k`` of :func:`hsv_to_rgb` directly. ``saturation_factor`` [B, 1, 1, 1]; ``hue_shifts``
-    [B, 3, 1, 1] = ``6 delta + (5, 3, 1)`` (:func:`_hue_shifts`); ``constants``: its
-    ``channel_differences`` and ``sextant_offsets`` (:class:`_Constants`). Neutral values (1, no
-    delta) give back x up to float rounding. The result is
-    ``v - c' w`` with c' <= v and w in [0, 1]: already in [0, 1], no clip needed."""
-    value, channel_of_max = images.max(dim=1, keepdim=True)  # the first channel on ties: R, G, B
-    spread = value - images.amin(dim=1, keepdim=True)
-    # (G - B, B - R, R - G), exact (products by 0 and +-1); a contiguous buffer, reused below
-    work = torch.matmul(constants.channel_differences, images.flatten(2)).view_as(images)
-    # sextant: (G - B) / c, (B - R) / c + 2 or (R - G) / c + 4 by the max channel; 0 where c = 0
-    sextant = torch.addcdiv(constants.sextant_offsets, work, spread.clamp_min(_TINY), out=work)
-    sextant = sextant.gather(1, channel_of_max)
-    k = torch.add(sextant, hue_shifts, out=work).remainder_(6.0)  # one buffer reused: few big allocations
-    k = torch.minimum(k, 4.0 - k, out=k).clamp_(0.0, 1.0)
-    chroma = torch.minimum(spread * saturation_factor, value)
-    return torch.addcmul(value, chroma, k, value=-1.0, out=k)
+    """Saturation or hue on flattened images [B, 3, P]: one RGB-HSV-RGB round trip without
+    building the HSV image. With value v = max, chroma c = max - min and the hue h in turns (from
+    the channel that holds the max: (G - B) / 6c, (B - R) / 6c + 1/3 or (R - G) / 6c + 2/3, the
+    first such channel on ties, picked by exact 0/1 ``lerp`` weights), saturation
+    ``s -> min(s * factor, 1)`` is ``c -> c' = min(c * factor, v)``, and each channel n of
+    :func:`hsv_to_rgb` is ``v - 6 c' clamp(min(t, 2/3 - t), 0, 1/6)`` with
+    ``t = frac(h + shift_n)`` (k / 6 of :func:`hsv_to_rgb`; one period). ``saturation_factor``
+    [B, 1, 1]; ``hue_shifts`` [B, 3, 1] = ``delta + (5, 3, 1) / 6 + 1`` (:func:`_hue_shifts`);
+    ``constants``: its ``channel_differences`` and ``sextant_offsets`` (:class:`_Constants`).
+    Neutral values (1, no delta) give back x up to float rounding; the result ``v - c' w`` with
+    c' <= v and w in [0, 1] is already in [0, 1], no clip needed."""
+    value = images.amax(dim=1, keepdim=True)
+    spread = torch.sub(value, images.amin(dim=1, keepdim=True))
+    # (G - B, B - R, R - G) (exact: products by 0 and +-1), then the hue each channel would give as the max
+    hues = torch.matmul(constants.channel_differences, images)
+    torch.addcdiv(constants.sextant_offsets, hues, spread.clamp_min(_TINY), value=1.0 / 6.0, out=hues)
+    not_max = torch.sub(value, images).sign_()  # 0 where the channel holds the max, else 1
+    red, green, blue = hues.split(1, dim=1)
+    red_not_max, green_not_max, _ = not_max.split(1, dim=1)
+    hue = torch.lerp(green, blue, green_not_max)
+    torch.lerp(red, hue, red_not_max, out=hue)
+    turns = torch.add(hue, hue_shifts, out=hues).frac_()  # one buffer reused: few big allocations
+    weight = torch.minimum(turns, torch.rsub(turns, 2.0 / 3.0), out=turns).clamp_(0.0, 1.0 / 6.0)
+    chroma = torch.minimum(spread.mul_(saturation_factor), value, out=spread)
+    return torch.addcmul(value, chroma, weight, value=-6.0, out=weight)
 
 
 _CHANNEL_DIFFERENCES = ((0.0, 1.0, -1.0), (-1.0, 0.0, 1.0), (1.0, -1.0, 0.0))  # (G - B, B - R, R - G)
-_SEXTANT_OFFSETS = (0.0, 2.0, 4.0)
+_SEXTANT_OFFSETS = (0.0, 1.0 / 3.0, 2.0 / 3.0)  # the hue (turns) where R, G, B is the max and the others equal
 
 
 def _hsv_constants(images: torch.Tensor) -> types.SimpleNamespace:
     return types.SimpleNamespace(channel_differences=_constant(_CHANNEL_DIFFERENCES, images),
-                                 sextant_offsets=_constant(_SEXTANT_OFFSETS, images).view(1, 3, 1, 1))
+                                 sextant_offsets=_constant(_SEXTANT_OFFSETS, images).view(1, 3, 1))
 
 
 def _hue_shifts(delta: torch.Tensor) -> torch.Tensor:
-    """[B] hue deltas (turns) -> [B, 3] shifts of k for (R, G, B): ``6 delta + (5, 3, 1)``."""
-    return delta.reshape(-1, 1) * 6.0 + delta.new_tensor(_HUE_CHANNEL_OFFSETS)
+    """[B] hue deltas (turns) -> [B, 3] shifts of t for (R, G, B): ``delta + (5, 3, 1) / 6 + 1``."""
+    return delta.reshape(-1, 1) + delta.new_tensor(_HUE_TURN_OFFSETS)
 
 
 def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """HSV ``s -> clip(s * factor, 0, 1)`` (factor [B]), hue and value kept."""
     factor = _per_sample(factor, images)
-    shifts = _hue_shifts(torch.zeros_like(factor)).view(-1, 3, 1, 1)
-    return _hsv_stage(images, factor, shifts, _hsv_constants(images))
+    shifts = _hue_shifts(torch.zeros_like(factor)).view(-1, 3, 1)
+    return _flat_stage(_hsv_stage, images, factor, shifts, _hsv_constants(images))
 
 
 def adjust_hue(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """HSV ``h -> (h + delta) mod 1`` (delta [B] in turns), saturation and value kept."""
     delta = delta.to(device=images.device, dtype=images.dtype)
     factor = torch.ones_like(_per_sample(delta, images))
-    return _hsv_stage(images, factor, _hue_shifts(delta).view(-1, 3, 1, 1), _hsv_constants(images))
+    return _flat_stage(_hsv_stage, images, factor, _hue_shifts(delta).view(-1, 3, 1), _hsv_constants(images))
 
 
 def blur_kernel_size(image_size: int) -> int:
@@ -406,41 +430,72 @@ def blur_kernel_size(image_size: int) -> int:
     return 2 * int(image_size / 10 / 2) + 1
 
 
+_BLUR_BLOCK = 32         # output rows (columns) per band block of the blur: measured fastest on a CPU, 16-64
+_NO_BLUR_SIGMA = 1e-6    # a sample that is not blurred gets this sigma: its kernel is exactly (0, .., 1, .., 0)
+
+
 def _negative_half_squares(kernel_size: int) -> torch.Tensor:
-    """``-t^2 / 2`` for the taps t = -half..half of a kernel (float32, CPU)."""
+    """``-t^2 / 2`` for the taps t = -half..half of a kernel, then ``-inf`` (float32, CPU): the
+    exponents of :func:`_blur_kernels`, the last one giving the zero that the band indices point at."""
     half = kernel_size // 2
-    return -torch.arange(-half, half + 1, dtype=torch.float32).square() / 2.0
+    squares = -torch.arange(-half, half + 1, dtype=torch.float32).square() / 2.0
+    return F.pad(squares, (0, 1), value=-math.inf)
 
 
 def _blur_kernels(sigma: torch.Tensor, negative_half_squares: torch.Tensor) -> torch.Tensor:
-    """[B] sigmas -> [B, taps + 1]: normalised Gaussian kernels ``exp(-t^2 / (2 sigma^2))``, then a
-    0 (what :func:`band_indices` points at outside the band)."""
-    kernel = torch.exp(negative_half_squares / sigma.reshape(-1, 1).square())
-    return F.pad(kernel / kernel.sum(dim=1, keepdim=True), (0, 1))
+    """[B] sigmas -> [B, taps + 1]: normalised Gaussian kernels ``exp(-t^2 / (2 sigma^2))`` (one
+    softmax: ``exp`` of the exponents over their sum), then a 0. A tiny sigma
+    (:data:`_NO_BLUR_SIGMA`) gives exactly the identity kernel."""
+    return torch.softmax(negative_half_squares / sigma.reshape(-1, 1).square(), dim=1)
 
 
-def band_indices(size: int, taps: int) -> torch.Tensor:
-    """[1, size, size] int64: entry (a, b) is the tap ``b - a + taps // 2`` of a kernel where
-    ``|b - a| <= taps // 2``, else ``taps`` (a zero): indexing a [B, taps + 1] kernel table with it
-    gives each sample's banded (Toeplitz) convolution matrix, zero padding included."""
-    half = taps // 2
-    offsets = torch.arange(size).view(1, -1) - torch.arange(size).view(-1, 1) + half
-    return torch.where((offsets >= 0) & (offsets < taps), offsets, taps).unsqueeze(0)
+def _band_block_indices(taps: int, block: int = _BLUR_BLOCK) -> torch.Tensor:
+    """[block, block + taps - 1] int64: entry (r, j) is the tap ``j - r`` of a kernel where
+    ``0 <= j - r < taps``, else ``taps`` (the zero of :func:`_blur_kernels`): indexing a
+    [B, taps + 1] kernel table with it gives each sample's block of its banded (Toeplitz)
+    convolution matrix, which maps ``block + taps - 1`` input rows to ``block`` output rows."""
+    offsets = torch.arange(block + taps - 1).view(1, -1) - torch.arange(block).view(-1, 1)
+    return torch.where((offsets >= 0) & (offsets < taps), offsets, taps)
 
 
-def _separable_blur(images: torch.Tensor, kernels: torch.Tensor, band: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Zero-padded separable convolution with one symmetric kernel per sample (``kernels`` [B, taps
-    + 1], :func:`_blur_kernels`), as two batched products with each sample's banded matrix K
-    (``K @ x @ K``: rows, then columns): matrix products run at full speed on any device, where a
-    convolution with a different kernel per sample is a slow grouped one. ``band``: the
-    :func:`band_indices` of square images of this size (built here otherwise)."""
-    height, width = images.shape[-2:]
-    taps = kernels.shape[1] - 1
-    if band is None or band.shape[-1] != width:
-        band = band_indices(width, taps).to(kernels.device)
-    across = kernels[:, band]  # [B, 1, W, W]
-    down = across if height == width else kernels[:, band_indices(height, taps).to(kernels.device)]
-    return down @ (images @ across)
+def _separable_blur(images: torch.Tensor, kernels: torch.Tensor, rows: torch.Tensor,
+                    columns: torch.Tensor) -> torch.Tensor:
+    """Zero-padded separable convolution of [B, C, H, W] images with one symmetric kernel per
+    sample (``kernels`` [B, taps + 1], :func:`_blur_kernels`), as two batched matrix products with
+    blocks of each sample's banded matrix: every ``R`` output rows (columns) are one [R, R + taps
+    - 1] block times the ``R + taps - 1`` input rows (columns) around them, ``R + taps - 1``
+    multiply-adds per pixel and direction instead of the ``H`` (``W``) of the whole banded matrix.
+    Matrix products run at full speed on any device, where a convolution with a different kernel per
+    sample is a slow grouped one. ``rows``: :func:`_band_block_indices` shaped [1, R, R + taps -
+    1]; ``columns``: its transpose [R + taps - 1, R].
+
+    Down the rows, the image is zero-padded (``half`` rows above, enough below, and one zero image
+    after the batch) so that the input rows of every block, of every channel of every sample, are
+    ``R`` rows apart in memory: one strided view, one batched product, no copy. Across the columns,
+    each row's overlapping windows are gathered by the product itself."""
+    batch, channels, height, width = images.shape
+    half = (kernels.shape[1] - 1) // 2
+    block, window = columns.shape[1], columns.shape[0]
+    row_blocks, column_blocks = -(-height // block), -(-width // block)
+    spare_blocks = -(-2 * half // block)  # the blocks past the last ones read the padding below
+    padded_height = (row_blocks + spare_blocks) * block
+    padded_width = column_blocks * block + 2 * half
+    padded = F.pad(images, (half, padded_width - width - half, half, padded_height - height - half, 0, 0, 0, 1))
+    plane = padded_height * padded_width
+    windows = padded.as_strided((batch, channels * (row_blocks + spare_blocks), window, padded_width),
+                                (channels * plane, block * padded_width, padded_width, 1))
+    down = torch.matmul(kernels[:, rows], windows)  # [B, C * blocks, R, W'] = [B, C, H', W']
+    across = down.as_strided((batch, channels, height, column_blocks, window),
+                             (channels * plane, plane, padded_width, block, 1))
+    blurred = torch.bmm(across.reshape(batch, -1, window), kernels[:, columns])  # [B, C H blocks, R]
+    return blurred.as_strided(images.shape, (channels * height * column_blocks * block,
+                                             height * column_blocks * block, column_blocks * block, 1))
+
+
+def _blur_block_tables(taps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``rows`` and ``columns`` index tables of :func:`_separable_blur` for ``taps`` taps."""
+    indices = _band_block_indices(taps)
+    return indices.unsqueeze(0), indices.t()
 
 
 def gaussian_blur(images: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
@@ -449,12 +504,14 @@ def gaussian_blur(images: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"blur kernel_size must be a positive odd number of taps, got {kernel_size}")
     kernels = _blur_kernels(sigma.to(images.dtype), _negative_half_squares(kernel_size).to(sigma.device, images.dtype))
-    return _separable_blur(images, kernels.to(images.device))
+    rows, columns = (table.to(images.device) for table in _blur_block_tables(kernel_size))
+    return _separable_blur(images, kernels.to(images.device), rows, columns)
 
 
 def solarize(images: torch.Tensor) -> torch.Tensor:
-    """``x if x < 0.5 else 1 - x`` (appendix B)."""
-    return torch.where(images < _SOLARIZE_THRESHOLD, images, 1.0 - images)
+    """``x if x < 0.5 else 1 - x`` (appendix B), computed as ``min(x, 1 - x)``: the same values
+    (``1 - x`` is exact for x >= 0.5), two vectorised passes."""
+    return torch.minimum(images, 1.0 - images)
 
 
 def _check_uint8_batch(images: torch.Tensor) -> None:
@@ -491,33 +548,47 @@ class Normalize(nn.Module):
 # HSV round trips ("hsv" stages). Every order of the four, with any of them switched off, is a
 # subsequence of this fixed schedule (the cheapest such schedule: two round trips, six affine maps;
 # checked when a module is built); a stage that a sample's order leaves out gets neutral
-# parameters (rgb: exactly x) or keeps the sample by a mask (hsv), so every sample goes through the
-# same ops, with the same arithmetic as the op applied alone, and the number of ops depends neither
-# on the batch nor on the draws.
+# parameters (rgb: exactly x) or keeps the sample by a 0/1 weight (hsv), so every sample goes
+# through the same ops, with the same arithmetic as the op applied alone, and the number of ops
+# depends neither on the batch nor on the draws.
 _SCHEDULE = ("rgb", "rgb", "hsv", "rgb", "rgb", "hsv", "rgb", "rgb")
 _JITTER_KIND = ("rgb", "rgb", "hsv", "hsv")
 _JITTER_NAMES = ("brightness", "contrast", "saturation", "hue")
-_STAGE_WIDTHS = {"rgb": (1, 1, 1), "hsv": (1, 3)}  # rgb: scale, shift, mean weight; hsv: factor, 3 shifts
+# rgb: scale, shift, mean weight; hsv: saturation factor, 3 hue shifts, taken (1: the stage's
+# result, 0: the sample unchanged)
+_STAGE_WIDTHS = {"rgb": (1, 1, 1), "hsv": (1, 3, 1)}
 _ORDER_CODE = torch.tensor([64, 16, 4, 1])  # a permutation (o0, o1, o2, o3) -> a code in [0, 256)
 _NO_JITTER = 255                              # not a permutation's code: all stages neutral
 # Per-sample candidate values (columns), from the [B, 4] jitter factors (brightness delta,
-# contrast, saturation, hue delta): candidate = factors[:, source] * scale + offset.
+# contrast, saturation, hue delta) and the grayscale and solarize coins (columns 4 and 5):
+# candidate = source[:, column] * scale + offset.
 _CANDIDATES = {  # name: (source column, scale, offset)
     "one": (0, 0.0, 1.0), "zero": (0, 0.0, 0.0), "brightness": (0, 1.0, 0.0), "contrast": (1, 1.0, 0.0),
     "one_minus_contrast": (1, -1.0, 1.0), "saturation": (2, 1.0, 0.0),
-    **{f"hue{n}": (3, 6.0, offset) for n, offset in enumerate(_HUE_CHANNEL_OFFSETS)},
-    **{f"no_hue{n}": (0, 0.0, offset) for n, offset in enumerate(_HUE_CHANNEL_OFFSETS)},
+    **{f"hue{n}": (3, 1.0, offset) for n, offset in enumerate(_HUE_TURN_OFFSETS)},
+    **{f"no_hue{n}": (0, 0.0, offset) for n, offset in enumerate(_HUE_TURN_OFFSETS)},
+    "grayscale": (4, 1.0, 0.0),           # the weight of the luma image: 1 or 0
+    "solarize_ceiling": (5, -2.0, 3.0),   # c of min(x, c - x): 1 solarizes, 3 keeps x in [0, 1]
 }
 _CANDIDATE_INDEX = {name: index for index, name in enumerate(_CANDIDATES)}
 _CANDIDATE_SOURCE = torch.tensor([source for source, _, _ in _CANDIDATES.values()])
 _CANDIDATE_SCALE = torch.tensor([scale for _, scale, _ in _CANDIDATES.values()])
 _CANDIDATE_OFFSET = torch.tensor([offset for _, _, offset in _CANDIDATES.values()])
-_NEUTRAL_SLOTS = {"rgb": ("one", "zero", "zero"), "hsv": ("one", "no_hue0", "no_hue1", "no_hue2")}
-_FLAGS = ("hsv_stage0", "hsv_stage1", "grayscale", "blur", "solarize")  # the bool columns
+_NEUTRAL_SLOTS = {"rgb": ("one", "zero", "zero"), "hsv": ("one", "no_hue0", "no_hue1", "no_hue2", "zero")}
+_COIN_SLOTS = ("grayscale", "solarize_ceiling")  # after the schedule's slots
 # sample_parameters draws 13 x B uniforms: rows 0-4 jitter coin and the four factors, 5-8 the order
 # (B x 4), 9-12 grayscale coin, blur coin, blur sigma and solarize coin.
 _UNIFORM_ROWS = torch.tensor([0, 1, 2, 3, 4, 9, 10, 11, 12])  # all but the order's
 _COIN_ROWS = torch.tensor([0, 5, 6, 8])                      # of those: jitter, grayscale, blur, solarize
+# Cache blocking on a CPU (_run_program): a batch of more than _CPU_ONE_PASS_BYTES of float32
+# images runs through all stages in groups of at most _CPU_PASS_BYTES (at least one image), each
+# group through all stages before the next. Timed on the photometric program alone (1 thread, two
+# views of 32): groups of about 1 MiB (one core's L2 cache here) ran fastest at 64, 96 and 224 px;
+# one pass over the whole batch took 1.4x as long at 64 px (3 MiB) and 4x at 224 px (38 MB).
+# Batches up to 3 MiB (two views of 32 at 64 px) still run as one pass: a few ms, and the step's
+# op count (bench/throughput.py, issue 16 row a) stays that of one program.
+_CPU_PASS_BYTES = 2**20
+_CPU_ONE_PASS_BYTES = 3 * 2**20
 
 
 def _jitter_stages(order: Sequence[int], enabled: Sequence[bool]) -> dict:
@@ -551,59 +622,111 @@ class _Program:
 
     @property
     def split_sizes(self) -> list:
-        sizes = [width for kind in _SCHEDULE for width in _STAGE_WIDTHS[kind]]
-        return sizes + ([self.blur_taps + 1] if self.blur_taps else [])
+        return [width for kind in _SCHEDULE for width in _STAGE_WIDTHS[kind]] + [1] * len(_COIN_SLOTS)
 
 
-def _run_program(program: _Program, images: torch.Tensor, floats: torch.Tensor, flags: torch.Tensor,
-                 constants: "_Constants") -> torch.Tensor:
-    """The device part: uint8 images [N, 3, H, W], packed per-sample floats [N, K, 1, 1] and flags
-    [N, 5, 1, 1] (:meth:`PhotometricAugment.encode`, :func:`_pack`) -> normalised float32 images.
-    Straight-line code: no data-dependent shapes, no host reads, the same ops for any N and draws.
-    The image buffer is written in place wherever the result replaces it (a 2 x 32 x 224 x 224
-    float batch is 38 MB: fresh allocations of that size cost more than the arithmetic on a CPU)."""
-    x = images / 255.0
+def _images_per_pass(shape: Sequence[int], device: torch.device) -> int:
+    """How many of ``shape[0]`` images [3, H, W] the program takes through all its stages at once:
+    all of them on an accelerator and under ``torch.compile`` (one pass, the fewest launches) and
+    for a small batch, a cache-sized group on a CPU (:data:`_CPU_PASS_BYTES`)."""
+    image_bytes = math.prod(shape[1:]) * 4
+    if device.type != "cpu" or torch.compiler.is_compiling() or shape[0] * image_bytes <= _CPU_ONE_PASS_BYTES:
+        return shape[0]
+    return max(1, _CPU_PASS_BYTES // image_bytes)
+
+
+def _run_program(program: _Program, images: Sequence[torch.Tensor], floats: torch.Tensor, kernels: torch.Tensor,
+                 constants: "_Constants") -> Tuple[torch.Tensor, ...]:
+    """The device part: uint8 images (one [N_v, 3, H, W] batch per view), packed per-sample floats
+    [N, K, 1] and blur kernels [N, taps + 1] of all of them (:meth:`PhotometricAugment.encode`,
+    :func:`_pack`) -> normalised float32 images, one batch per view. Straight-line code: no
+    data-dependent shapes, no host reads, the same ops for any N and draws. The result's buffer is
+    the working buffer, written in place wherever a stage's result replaces its input (a 2 x 32 x
+    224 x 224 float batch is 38 MB: fresh allocations of that size cost more than the arithmetic on
+    a CPU).
+
+    Cache blocking on a CPU: every stage is a few passes over the images, each bound by memory
+    bandwidth once the batch outgrows the cache, so outside ``torch.compile`` a CPU runs the whole
+    program over groups of about 1 MiB (:func:`_in_passes`, :data:`_CPU_PASS_BYTES`), each
+    converted and written into its rows of the result: about 4x faster at 224 px. The op count then
+    grows with the number of groups; the issue's bound on ops (what a device would launch) holds per
+    pass, and on an accelerator, under ``torch.compile`` and for batches up to 3 MiB the program is
+    one pass over all views."""
+    count = sum(len(batch) for batch in images)
+    if _images_per_pass((count, *images[0].shape[1:]), images[0].device) < count:
+        return _in_passes(program, [batch.shape for batch in images], images[0].device, floats, kernels,
+                          constants, lambda view, x, rows: x.copy_(images[view][rows]))
+    out = (torch.cat(list(images)) if len(images) > 1 else images[0]).to(torch.float32)
+    _run_pass(program, out, floats, kernels, constants)
+    return tuple(out.split([len(batch) for batch in images])) if len(images) > 1 else (out,)
+
+
+def _in_passes(program: _Program, shapes: Sequence[Sequence[int]], device: torch.device, floats: torch.Tensor,
+               kernels: torch.Tensor, constants: "_Constants",
+               load: Callable[[int, torch.Tensor, slice], torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """The program over groups of images (:func:`_images_per_pass`), one float32 result per view
+    (``shapes``; ``floats`` and ``kernels`` hold all views' samples, in order): ``load(view, x,
+    rows)`` writes the images ``rows`` of ``view`` (float, uint8 values) into ``x``, their rows of
+    the view's result, and returns it; then all stages run on them in place, while they are in
+    cache. One result per view rather than one for all: a CPU allocator recycles buffers below
+    32 MB (glibc), and a fresh buffer's first write costs a page fault every 4 kB."""
+    results, first = [], 0
+    for view, shape in enumerate(shapes):
+        out = torch.empty(shape, dtype=torch.float32, device=device)
+        group = _images_per_pass(shape, device)
+        for start in range(0, shape[0], group):
+            rows = slice(start, min(start + group, shape[0]))
+            samples = slice(first + rows.start, first + rows.stop)
+            _run_pass(program, load(view, out[rows], rows), floats[samples], kernels[samples], constants)
+        results.append(out)
+        first += shape[0]
+    return tuple(results)
+
+
+def _run_pass(program: _Program, x: torch.Tensor, floats: torch.Tensor, kernels: torch.Tensor,
+              constants: "_Constants") -> None:
+    """All stages over the float images ``x`` [n, 3, H, W] holding uint8 values, in place."""
+    flat = x.flatten(2).div_(255.0)
     values = iter(floats.split(program.split_sizes, dim=1))
-    hsv_stage0, hsv_stage1, grayscale, blur, solarize_mask = flags.split(1, dim=1)
-    hsv_masks = iter((hsv_stage0, hsv_stage1))
     for kind, used in zip(_SCHEDULE, program.jitter):
         stage_values = [next(values) for _ in _STAGE_WIDTHS[kind]]
-        mask = next(hsv_masks) if kind == "hsv" else None
         if not used:
             continue
         if kind == "rgb":
-            _rgb_stage(x, *stage_values, out=x)
+            _rgb_stage(flat, *stage_values, out=flat)
         else:
-            torch.where(mask, _hsv_stage(x, *stage_values, constants), x, out=x)
+            *parameters, taken = stage_values
+            flat.lerp_(_hsv_stage(flat, *parameters, constants), taken)
+    grayscale, solarize_ceiling = next(values), next(values)
     if program.grayscale:
-        torch.where(grayscale, _mix_channels(constants.gray_weights, x), x, out=x)
-    if program.blur_taps:
-        kernels = next(values).flatten(1)
-        torch.where(blur, _separable_blur(x, kernels, constants.band), x, out=x)
-    if program.solarize:  # solarize(x) for the samples that take it
-        torch.where(solarize_mask & (x >= _SOLARIZE_THRESHOLD), 1.0 - x, x, out=x)
-    return torch.sub(x, constants.mean, out=x).div_(constants.std)
+        flat.lerp_(_mix_channels(constants.gray_weights, flat), grayscale)
+    if program.blur_taps:  # identity kernels for the samples that are not blurred
+        x.copy_(_separable_blur(x, kernels, constants.blur_rows, constants.blur_columns))
+    if program.solarize:  # solarize(x) = min(x, 1 - x); min(x, 3 - x) = x for the others
+        torch.minimum(flat, torch.sub(solarize_ceiling, flat), out=flat)
+    torch.sub(flat, constants.mean, out=flat).div_(constants.std)
 
 
 class _Constants(nn.Module):
     """The pipeline's constant tensors, as buffers (they follow the module to the device)."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], image_size: int, blur_taps: int):
+    def __init__(self, mean: Sequence[float], std: Sequence[float], blur_taps: int):
         super().__init__()
         for name, values in (("mean", mean), ("std", std), ("sextant_offsets", _SEXTANT_OFFSETS)):
-            self.register_buffer(name, torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer(name, torch.tensor(values, dtype=torch.float32).view(1, 3, 1), persistent=False)
         self.register_buffer("gray_weights", torch.tensor([_GRAY_WEIGHTS]), persistent=False)
         self.register_buffer("channel_differences", torch.tensor(_CHANNEL_DIFFERENCES), persistent=False)
-        self.register_buffer("band", band_indices(image_size, blur_taps) if blur_taps else None, persistent=False)
+        rows, columns = _blur_block_tables(blur_taps) if blur_taps else (None, None)
+        self.register_buffer("blur_rows", rows, persistent=False)
+        self.register_buffer("blur_columns", columns, persistent=False)
 
 
-def _pack(program: _Program, slots: torch.Tensor, flags: torch.Tensor, sigma: torch.Tensor,
+def _pack(program: _Program, values: torch.Tensor, sigma: torch.Tensor,
           negative_half_squares: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Host: the stage slots [N, 26], the blur kernels from ``sigma`` and the flags [N, 5], shaped
-    [N, K, 1, 1] to broadcast over images."""
-    if program.blur_taps:
-        slots = torch.cat([slots, _blur_kernels(sigma, negative_half_squares)], dim=1)
-    return slots.view(*slots.shape, 1, 1), flags.view(*flags.shape, 1, 1)
+    """Host: the per-sample values [N, 30] shaped [N, 30, 1] to broadcast over flattened images,
+    and the blur kernels [N, taps + 1] from ``sigma`` (an empty [N, 0] without blur)."""
+    kernels = _blur_kernels(sigma, negative_half_squares) if program.blur_taps else sigma.new_zeros(len(sigma), 0)
+    return values.view(*values.shape, 1), kernels
 
 
 def _to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list:
@@ -622,13 +745,13 @@ class PhotometricAugment(nn.Module):
 
     Static shapes, as the reference computes its conditional ops under ``vmap`` (a select): every
     sample goes through the same fixed program (the jitter schedule above, then grayscale, blur and
-    solarize), with neutral parameters or a mask where its draws skip an op. The random parameters
-    are drawn on the CPU (from the global CPU torch RNG, which the trial seeds with seed and global
-    step); :meth:`encode` turns them on the host into per-sample stage parameters and flags (table
-    look-ups, no per-sample Python), which travel to the device in two copies per batch (pinned,
-    non-blocking on CUDA). The device never waits for the host, the ops are the same for any batch
-    and any draws, and ``torch.compile`` sees one static graph. :class:`PhotometricViews` runs
-    several views (T and T') as one batch.
+    solarize), with neutral parameters, an identity kernel or a 0/1 weight where its draws skip an
+    op. The random parameters are drawn on the CPU (from the global CPU torch RNG, which the trial
+    seeds with seed and global step); :meth:`encode` turns them on the host into per-sample stage
+    parameters (table look-ups, no per-sample Python), which travel to the device with the blur
+    kernels in two copies per batch (pinned, non-blocking on CUDA). The device never waits for the
+    host, the ops are the same for any batch and any draws, and ``torch.compile`` sees one static
+    graph. :class:`PhotometricViews` runs several views (T and T') as one batch.
     """
 
     def __init__(self, view: ViewAugmentation, mean: Sequence[float], std: Sequence[float], image_size: int):
@@ -638,10 +761,10 @@ class PhotometricAugment(nn.Module):
         self.normalize = Normalize(mean, std)
         # Host-side constants (plain attributes: they stay on the CPU when the module moves).
         self._negative_half_squares = _negative_half_squares(self.kernel_size)
-        self._slot_table, self._hsv_mask_table, used = self._jitter_tables(view)
+        self._slot_table, used = self._jitter_tables(view)
         blur_taps = self.kernel_size if view.blur_p > 0 and self.kernel_size > 1 else 0  # 1 tap: the identity
         self.program = _Program(used, view.grayscale_p > 0, blur_taps, view.solarize_p > 0)
-        self.constants = _Constants(mean, std, image_size, self.kernel_size)
+        self.constants = _Constants(mean, std, self.kernel_size)
         ranges = [(0.0, 1.0), (-view.brightness, view.brightness),
                   (max(0.0, 1.0 - view.contrast), 1.0 + view.contrast),
                   (max(0.0, 1.0 - view.saturation), 1.0 + view.saturation), (-view.hue, view.hue),
@@ -652,30 +775,27 @@ class PhotometricAugment(nn.Module):
         self._coin_p = torch.tensor([view.jitter_p, view.grayscale_p, view.blur_p, view.solarize_p]).view(-1, 1)
 
     @staticmethod
-    def _jitter_tables(view: ViewAugmentation) -> Tuple[torch.Tensor, torch.Tensor, Tuple[bool, ...]]:
-        """For each order code: the candidate column of every stage slot [256, 26], the hsv-stage
-        masks [256, 2], and which stages any order uses. An op of zero strength is the identity and
-        is left out (as the reference)."""
+    def _jitter_tables(view: ViewAugmentation) -> Tuple[torch.Tensor, Tuple[bool, ...]]:
+        """For each order code: the candidate column of every per-sample value [256, 30] (the
+        schedule's stage slots, hsv stages' "taken" included, then the coins' slots), and which
+        stages any order uses. An op of zero strength is the identity and is left out (as the
+        reference)."""
         enabled = [view.jitter_p > 0 and strength > 0
                    for strength in (view.brightness, view.contrast, view.saturation, view.hue)]
         starts = list(itertools.accumulate((len(_NEUTRAL_SLOTS[kind]) for kind in _SCHEDULE), initial=0))
-        hsv_stages = [stage for stage, kind in enumerate(_SCHEDULE) if kind == "hsv"]
         neutral = [_CANDIDATE_INDEX[name] for kind in _SCHEDULE for name in _NEUTRAL_SLOTS[kind]]
-        slots = torch.tensor(neutral).repeat(256, 1)
-        masks = torch.zeros(256, len(hsv_stages), dtype=torch.bool)
+        slots = torch.tensor(neutral + [_CANDIDATE_INDEX[name] for name in _COIN_SLOTS]).repeat(256, 1)
         used = [False] * len(_SCHEDULE)
-        # slot offsets within a stage and candidate columns of each op
-        op_slots = {0: {1: "brightness"}, 1: {0: "contrast", 2: "one_minus_contrast"}, 2: {0: "saturation"},
-                    3: {1 + n: f"hue{n}" for n in range(3)}}
+        # slot offsets within a stage and candidate columns of each op (an hsv op sets its stage's "taken")
+        op_slots = {0: {1: "brightness"}, 1: {0: "contrast", 2: "one_minus_contrast"}, 2: {0: "saturation", 4: "one"},
+                    3: {**{1 + n: f"hue{n}" for n in range(3)}, 4: "one"}}
         for order in itertools.permutations(range(4)):
             code = sum(op * weight for op, weight in zip(order, _ORDER_CODE.tolist()))
             for op, stage in _jitter_stages(order, enabled).items():
                 used[stage] = True
                 for offset, name in op_slots[op].items():
                     slots[code, starts[stage] + offset] = _CANDIDATE_INDEX[name]
-                if _SCHEDULE[stage] == "hsv":
-                    masks[code, hsv_stages.index(stage)] = True
-        return slots, masks, tuple(used)
+        return slots, tuple(used)
 
     def sample_parameters(self, batch: int) -> dict:
         """All random draws for ``batch`` samples (a fixed number, whatever the settings or the data),
@@ -703,15 +823,16 @@ class PhotometricAugment(nn.Module):
             rows = rows.cpu()
         return {key: value[rows] for key, value in params.items()}
 
-    def encode(self, params: dict) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Host: the draws (CPU tensors; ``order`` rows are permutations) -> per-sample stage slots
-        [B, 26] (the candidate value each stage parameter takes, by a table look-up of the sample's
-        order), flags [B, 5] (hsv stages taken, grayscale, blur, solarize) and blur sigmas [B]."""
+    def encode(self, params: dict) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Host: the draws (CPU tensors; ``order`` rows are permutations) -> per-sample values
+        [B, 30] (the candidate value each stage parameter takes, by a table look-up of the sample's
+        order; hsv stages taken; grayscale weight; solarize ceiling) and blur sigmas [B]
+        (:data:`_NO_BLUR_SIGMA`, an identity kernel, where the sample is not blurred)."""
         codes = torch.where(params["jitter"], params["order"] @ _ORDER_CODE, _NO_JITTER)
-        candidates = params["factors"][:, _CANDIDATE_SOURCE] * _CANDIDATE_SCALE + _CANDIDATE_OFFSET
-        slots = candidates.gather(1, self._slot_table[codes])
-        coins = torch.stack([params["grayscale"], params["blur"], params["solarize"]], dim=1)
-        return slots, torch.cat([self._hsv_mask_table[codes], coins], dim=1), params["sigma"]
+        sources = torch.cat([params["factors"], torch.stack([params["grayscale"], params["solarize"]], dim=1)], dim=1)
+        candidates = torch.addcmul(_CANDIDATE_OFFSET, sources[:, _CANDIDATE_SOURCE], _CANDIDATE_SCALE)
+        values = candidates.gather(1, self._slot_table[codes])
+        return values, torch.where(params["blur"], params["sigma"], _NO_BLUR_SIGMA)
 
     def forward(self, images: torch.Tensor, params: Optional[dict] = None) -> torch.Tensor:
         """Augments a uint8 batch. ``params`` (from :meth:`sample_parameters`, one row per image)
@@ -722,13 +843,13 @@ class PhotometricAugment(nn.Module):
             params = self.sample_parameters(images.shape[0])
         elif len(params["sigma"]) != images.shape[0]:
             raise ValueError(f"params hold {len(params['sigma'])} samples for a batch of {images.shape[0]}")
-        floats, flags = _to_device(_pack(self.program, *self.encode(params), self._negative_half_squares),
-                                   images.device)
+        floats, kernels = _to_device(_pack(self.program, *self.encode(params), self._negative_half_squares),
+                                     images.device)
         constants = self.constants
         if constants.mean.device != images.device:  # a module left on another device: copies, not moved
             constants = types.SimpleNamespace(**{name: buffer.to(images.device)
                                                  for name, buffer in constants.named_buffers()})
-        return _run_program(self.program, images, floats, flags, constants)
+        return _run_program(self.program, [images], floats, kernels, constants)[0]
 
 
 class PhotometricViews(nn.Module):
@@ -758,27 +879,25 @@ class PhotometricViews(nn.Module):
     def device_parameters(self, params: Sequence[dict], device: torch.device,
                           rows=None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Host: each view's draws (CPU, one dict per view, in order), their samples ``rows`` (an
-        index or slice; all when None) -> packed floats and flags of all views, on ``device``."""
+        index or slice; all when None) -> packed per-sample floats and blur kernels of all views, on
+        ``device``."""
         encoded = [augment.encode(view_params) for augment, view_params in zip(self.augments, params)]
         if rows is not None:
             rows = rows.cpu() if isinstance(rows, torch.Tensor) else rows
             encoded = [[part[rows] for part in parts] for parts in encoded]
-        slots, flags, sigma = (torch.cat(parts) if len(encoded) > 1 else parts[0] for parts in zip(*encoded))
-        packed = _pack(self.program, slots, flags, sigma, self.augments[0]._negative_half_squares)
-        floats, flags = _to_device(packed, device)
-        return floats, flags
+        values, sigma = (torch.cat(parts) if len(encoded) > 1 else parts[0] for parts in zip(*encoded))
+        floats, kernels = _to_device(_pack(self.program, values, sigma, self.augments[0]._negative_half_squares),
+                                     device)
+        return floats, kernels
 
-    def forward(self, images: Sequence[torch.Tensor], floats: torch.Tensor, flags: torch.Tensor,
+    def forward(self, images: Sequence[torch.Tensor], floats: torch.Tensor, kernels: torch.Tensor,
                 channels_last: bool = False) -> Tuple[torch.Tensor, ...]:
         """uint8 batches (one per view, on the device) -> normalised float32 views, every op run once
         over all of them; ``channels_last`` lays the result out NHWC."""
         for batch in images:
             _check_uint8_batch(batch)
-        both = torch.cat(list(images)) if len(images) > 1 else images[0]
-        out = _run_program(self.program, both, floats, flags, self.augments[0].constants)
-        if channels_last:
-            out = out.contiguous(memory_format=torch.channels_last)
-        return tuple(out.split([batch.shape[0] for batch in images])) if len(images) > 1 else (out,)
+        out = _run_program(self.program, list(images), floats, kernels, self.augments[0].constants)
+        return tuple(view.contiguous(memory_format=torch.channels_last) for view in out) if channels_last else out
 
     def views(self, images: Sequence[torch.Tensor], params: Sequence[dict], rows=None,
               channels_last: bool = False) -> Tuple[torch.Tensor, ...]:
@@ -816,23 +935,37 @@ class BatchedCropFlip(nn.Module):
         super().__init__()
         self.image_size, self.scale, self.flip_p = image_size, tuple(scale), flip_p
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def draw(self, batch: int, height: int, width: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``batch`` crop boxes [batch, 4] (:func:`random_resized_crop_boxes`) and flip weights
+        [batch] (1.0: flipped), from the RNG of ``device``."""
+        boxes = random_resized_crop_boxes(batch, height, width, self.scale, device=device)
+        return boxes, (torch.rand(batch, device=device) < self.flip_p).to(boxes.dtype)
+
+    def crop(self, sources: torch.Tensor, index: torch.Tensor, boxes: torch.Tensor,
+             flip: torch.Tensor) -> torch.Tensor:
+        """Float crops [n, 3, S, S] of the float images ``sources[index]`` [n] in ``boxes`` [n, 4],
+        flipped where ``flip`` [n] is 1 (an exact 0/1 ``lerp``: the same values as a select)."""
         from torchvision.ops import roi_align
 
+        rois = torch.cat([index.to(boxes.dtype)[:, None], boxes], 1)
+        crops = roi_align(sources, rois, output_size=self.image_size, aligned=True)
+        return crops.lerp_(crops.flip(-1), flip.view(-1, 1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = images.shape
-        boxes = random_resized_crop_boxes(batch, height, width, self.scale, device=images.device)
-        rois = torch.cat([torch.arange(batch, device=images.device, dtype=boxes.dtype)[:, None], boxes], 1)
-        crops = roi_align(images.float(), rois, output_size=self.image_size, aligned=True)
-        flip = torch.rand(batch, device=images.device) < self.flip_p
-        crops = torch.where(flip[:, None, None, None], crops.flip(-1), crops)
-        return crops.round().clamp(0, 255).to(torch.uint8) if not images.is_floating_point() else crops
+        boxes, flip = self.draw(batch, height, width, images.device)
+        crops = self.crop(images.float(), torch.arange(batch, device=images.device), boxes, flip)
+        return crops.round_().clamp_(0, 255).to(torch.uint8) if not images.is_floating_point() else crops
 
 
 class TwoViewAugmentation(nn.Module):
     """The library's default: table 6's T and T' of a batch ([B, 3, H, W], float in [0, 1] or
     uint8) -> (view 1, view 2), normalised with ImageNet's statistics. Both views are one batch of
     2B: one crop-and-flip call (T and T' share crop and flip settings) and one photometric pipeline
-    (:class:`PhotometricViews`); static shapes, no host reads."""
+    (:class:`PhotometricViews`); static shapes, no host reads. Each crop is rounded to a uint8
+    value (as the images of the trial's data loaders) and goes straight on through the
+    photometric program, group by group on a CPU (:func:`_in_passes`): the values of
+    ``photometric((crop(images),), ...)`` without a full pass over the batch in between."""
 
     def __init__(self, image_size: int):
         super().__init__()
@@ -844,10 +977,19 @@ class TwoViewAugmentation(nn.Module):
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         images = self.to_uint8(images)
-        crops = self.crop(torch.cat([images, images]))
-        drawn = [augment.sample_parameters(images.shape[0]) for augment in self.photometric.augments]
-        (both,) = self.photometric((crops,), *self.photometric.device_parameters(drawn, images.device))
-        view1, view2 = both.chunk(2)
+        batch, channels, height, width = images.shape
+        boxes, flip = self.crop.draw(2 * batch, height, width, images.device)  # both views' crops
+        drawn = [augment.sample_parameters(batch) for augment in self.photometric.augments]
+        floats, kernels = self.photometric.device_parameters(drawn, images.device)
+        sources, index = images.float(), torch.arange(2 * batch, device=images.device) % batch
+
+        def load(view: int, x: torch.Tensor, rows: slice) -> torch.Tensor:
+            crops = slice(view * batch + rows.start, view * batch + rows.stop)
+            return torch.round(self.crop.crop(sources, index[crops], boxes[crops], flip[crops]), out=x).clamp_(0, 255)
+
+        shape = (batch, channels, self.crop.image_size, self.crop.image_size)
+        view1, view2 = _in_passes(self.photometric.program, (shape, shape), images.device, floats, kernels,
+                                  self.photometric.augments[0].constants, load)
         return view1, view2
 
 
