@@ -477,7 +477,9 @@ def _separable_blur(images: torch.Tensor, kernels: torch.Tensor, rows: torch.Ten
     half = (kernels.shape[1] - 1) // 2
     block, window = columns.shape[1], columns.shape[0]
     row_blocks, column_blocks = -(-height // block), -(-width // block)
-    spare_blocks = -(-2 * half // block)  # the blocks past the last ones read the padding below
+    # every plane: half zero rows, the image, zero rows up to a whole number of blocks; the last
+    # block's window reaches half rows into the next plane's (or the zero image's) top zeros
+    spare_blocks = -(-half // block)
     padded_height = (row_blocks + spare_blocks) * block
     padded_width = column_blocks * block + 2 * half
     padded = F.pad(images, (half, padded_width - width - half, half, padded_height - height - half, 0, 0, 0, 1))

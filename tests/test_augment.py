@@ -206,6 +206,41 @@ def test_blur_zero_padding_darkens_borders_and_equals_torchvision_inside():
         augment.gaussian_blur(images, 4, sigmas)
 
 
+def _dense_banded_blur(images, kernel_size, sigmas):
+    """The blur as the whole banded (Toeplitz) matrix of each sample, ``K_H @ x @ K_W`` with
+    K[a, b] = k[b - a + half] for |b - a| <= half, else 0: zero padding, every tap (the formula the
+    block version replaced)."""
+    half = kernel_size // 2
+    taps = torch.arange(-half, half + 1, dtype=torch.float64)
+    out = []
+    for image, sigma in zip(images.double(), sigmas.double()):
+        kernel = torch.exp(-taps.square() / (2 * sigma ** 2))
+        kernel = kernel / kernel.sum()
+
+        def band(size, kernel=kernel):
+            offsets = torch.arange(size).view(1, -1) - torch.arange(size).view(-1, 1)
+            return torch.where(offsets.abs() <= half, kernel[(offsets + half).clamp(0, kernel_size - 1)], 0.0)
+
+        out.append(band(image.shape[-2]) @ image @ band(image.shape[-1]))
+    return torch.stack(out).float()
+
+
+@pytest.mark.parametrize("shape,kernel_size", [((3, 3, 20, 20), 7), ((2, 3, 17, 70), 7), ((2, 3, 5, 9), 7),
+                                               ((2, 3, 64, 33), 23), ((1, 2, 40, 40), 3), ((2, 1, 50, 45), 37)])
+def test_blur_blocks_equal_the_dense_banded_matrix(shape, kernel_size):
+    """The blur in blocks of the banded matrix (and its padding, strides and spare blocks) equals
+    the whole banded matrix to float rounding, for sizes below, at and above one block and not
+    multiples of it; a sigma of _NO_BLUR_SIGMA is exactly the identity (what samples that are not
+    blurred get)."""
+    images = torch.rand(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    sigmas = torch.linspace(0.1, 2.0, shape[0])
+    out = augment.gaussian_blur(images, kernel_size, sigmas)
+    assert out.shape == images.shape
+    assert (out - _dense_banded_blur(images, kernel_size, sigmas)).abs().max() < 1e-6
+    assert torch.equal(augment.gaussian_blur(images, kernel_size, torch.full((shape[0],), augment._NO_BLUR_SIGMA)),
+                       images)
+
+
 def test_hsv_round_trip_and_known_values():
     images = _images(batch=4, levels=5).float() / 255
     hsv = augment.rgb_to_hsv(images)
@@ -371,6 +406,55 @@ def test_two_views_in_one_pipeline_equal_each_view_alone():
     assert all(torch.equal(a, b) for a, b in zip(together, alone))
     last = views.views(images, drawn, rows=torch.arange(24, 48), channels_last=True)
     assert last[0].is_contiguous(memory_format=torch.channels_last) and torch.equal(last[1], together[1])
+
+
+def test_batched_crop_flip_flips_the_crops_it_draws():
+    """The library's crop: uint8 crops of the requested size inside the value range, and flip_p 1
+    gives the mirror images of the crops flip_p 0 gives from the same draws."""
+    images = _images(batch=6, size=40)
+    torch.manual_seed(0)
+    kept = augment.BatchedCropFlip(24, flip_p=0.0)(images)
+    torch.manual_seed(0)
+    flipped = augment.BatchedCropFlip(24, flip_p=1.0)(images)
+    assert kept.dtype == torch.uint8 and kept.shape == (6, 3, 24, 24)
+    assert torch.equal(flipped, kept.flip(-1)) and not torch.equal(flipped, kept)
+
+
+def _passes(monkeypatch):
+    """Forces the CPU's cache blocking down to one image per pass and counts the passes."""
+    monkeypatch.setattr(augment, "_CPU_PASS_BYTES", 1)
+    monkeypatch.setattr(augment, "_CPU_ONE_PASS_BYTES", 0)
+    calls = []
+    run_pass = augment._run_pass
+
+    def counted(program, x, *args):
+        calls.append(len(x))
+        return run_pass(program, x, *args)
+
+    monkeypatch.setattr(augment, "_run_pass", counted)
+    return calls
+
+
+def test_cpu_passes_over_groups_of_images_equal_one_pass(monkeypatch):
+    """The CPU's cache blocking (the program over groups of images, written into per-view results)
+    gives the one-pass results: both views, one view alone, and the library's crop + photometric."""
+    views, images = _two_views(6, size=32)
+    torch.manual_seed(0)
+    drawn = [module.sample_parameters(6) for module in views.augments]
+    one_pass = views.views(images, drawn)
+    alone = views.augments[1](images[1], drawn[1])
+    torch.manual_seed(1)
+    library = augment.TwoViewAugmentation(32)
+    sources = _images(batch=5, size=40)
+    library_one_pass = library(sources)
+    calls = _passes(monkeypatch)
+    grouped = views.views(images, drawn)
+    assert calls == [1] * 12
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grouped, one_pass))
+    assert torch.allclose(views.augments[1](images[1], drawn[1]), alone, atol=1e-6) and len(calls) == 18
+    torch.manual_seed(1)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(library(sources), library_one_pass))
+    assert len(calls) == 28
 
 
 def _top_level_aten_ops(function) -> list:
