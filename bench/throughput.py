@@ -43,7 +43,8 @@ minutes on 1 CPU thread) prints instead, in one run:
 
 All rows run in one process with ``--threads`` intra-op threads, interleaved: each of ``--repeats``
 rounds times every row once (``--steps`` steps after ``--warmup``), in a rotated order, and the
-table reports each row's median over rounds. The CPU of a shared machine is noisy: compare rows of
+table reports each row's median over rounds; below it, issue 16's ratios (c) and (d) among the
+measured rows, per round (median, min-max). The CPU of a shared machine is noisy: compare rows of
 one run, not runs. Peers come from requirements-bench.txt; a missing peer's rows say so.
 
     python bench/throughput.py                                   # CPU: resnet18_cifar, 32 px, batch 32
@@ -615,6 +616,17 @@ def report_done_when(step_ops, batch_norm, rows: List[Row], args, argv) -> None:
               f"| >= {target}x |")
 
 
+def report_ratios(pairs, rows: List[Row]) -> None:
+    """Issue 16's ratios among the measured rows, per round (rows of one round ran back to back, so a
+    round's ratio cancels most of a shared machine's drift): median (min-max)."""
+    by_name = {row.name: row for row in rows if row.rates}
+    lines = [f"| {ours} / {peer} | {statistics.median(r):.2f}x | {min(r):.2f}-{max(r):.2f} |"
+             for ours, peer in pairs if ours in by_name and peer in by_name
+             for r in [[a / b for a, b in zip(by_name[ours].rates, by_name[peer].rates)]]]
+    if lines:
+        print("\n| ratio, per round | median | min-max |\n| --- | --- | --- |\n" + "\n".join(lines))
+
+
 def report(rows: List[Row], args, device, argv) -> None:
     cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible)"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
@@ -634,6 +646,7 @@ def report(rows: List[Row], args, device, argv) -> None:
         median = statistics.median(row.rates)
         results[row.name] = median
         print(f"| {row.group} | {row.name} | {median:.1f} | {min(row.rates):.1f}-{max(row.rates):.1f} |")
+    report_ratios([(ours, peer) for ours, peer, _ in DONE_WHEN_RATIOS], rows)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()},
