@@ -25,8 +25,9 @@ The work is split in two:
   never a data-dependent shape or a host read, so the ops are the same for any batch and any
   draws (149 top-level aten ops for both views, draws included: ``tests/test_augment.py``) and
   ``torch.compile`` captures it whole. On a CPU it runs over cache-sized groups of images
-  (:func:`_run_program`), with ops chosen for their CPU kernels: 4-5x the old speed at 224 px. Every op is also callable on its own with one parameter
-  per sample (``adjust_brightness(images, delta)``, ``adjust_contrast``, ``adjust_saturation``,
+  (:func:`_run_program`), with ops chosen for their CPU kernels (bench/RESULTS.md, issue 16 row
+  c). Every op is also callable on its own with one parameter per sample
+  (``adjust_brightness(images, delta)``, ``adjust_contrast``, ``adjust_saturation``,
   ``adjust_hue``, ``gaussian_blur(images, kernel_size, sigma)``: images [B, 3, H, W] in [0, 1],
   parameters [B]), with the same arithmetic as inside the batch.
 
@@ -470,29 +471,32 @@ def _separable_blur(images: torch.Tensor, kernels: torch.Tensor, rows: torch.Ten
     sample is a slow grouped one. ``rows``: :func:`_band_block_indices` shaped [1, R, R + taps -
     1]; ``columns``: its transpose [R + taps - 1, R].
 
-    Down the rows, the image is zero-padded (``half`` rows above, enough below, and one zero image
-    after the batch) so that the input rows of every block, of every channel of every sample, are
-    ``R`` rows apart in memory: one strided view, one batched product, no copy. Across the columns,
-    each row's overlapping windows are gathered by the product itself."""
+    Down the rows, the image is laid out row by row with its channels side by side ([B, H, C, W]:
+    one block of rows is then one matrix for all channels, 3x wider products) and zero-padded
+    (``half`` rows above, enough below, ``half`` columns each side, and one zero image after the
+    batch) so that the input rows of every block of every sample are ``R`` rows apart in memory:
+    one strided view, one batched product, no copy. Across the columns, each row's overlapping
+    windows are gathered by the product itself. The result is a [B, C, H, W] view of that layout."""
     batch, channels, height, width = images.shape
     half = (kernels.shape[1] - 1) // 2
     block, window = columns.shape[1], columns.shape[0]
     row_blocks, column_blocks = -(-height // block), -(-width // block)
-    # every plane: half zero rows, the image, zero rows up to a whole number of blocks; the last
-    # block's window reaches half rows into the next plane's (or the zero image's) top zeros
+    # every image: half zero rows, its rows, zero rows up to a whole number of blocks; the last
+    # block's window reaches half rows into the next image's (or the zero image's) top zeros
     spare_blocks = -(-half // block)
     padded_height = (row_blocks + spare_blocks) * block
     padded_width = column_blocks * block + 2 * half
-    padded = F.pad(images, (half, padded_width - width - half, half, padded_height - height - half, 0, 0, 0, 1))
-    plane = padded_height * padded_width
-    windows = padded.as_strided((batch, channels * (row_blocks + spare_blocks), window, padded_width),
-                                (channels * plane, block * padded_width, padded_width, 1))
-    down = torch.matmul(kernels[:, rows], windows)  # [B, C * blocks, R, W'] = [B, C, H', W']
-    across = down.as_strided((batch, channels, height, column_blocks, window),
-                             (channels * plane, plane, padded_width, block, 1))
-    blurred = torch.bmm(across.reshape(batch, -1, window), kernels[:, columns])  # [B, C H blocks, R]
-    return blurred.as_strided(images.shape, (channels * height * column_blocks * block,
-                                             height * column_blocks * block, column_blocks * block, 1))
+    padded = F.pad(images.transpose(1, 2), (half, padded_width - width - half, 0, 0,
+                                            half, padded_height - height - half, 0, 1))  # [B + 1, H', C, W']
+    row = channels * padded_width
+    windows = padded.as_strided((batch, row_blocks + spare_blocks, window, row),
+                                (padded_height * row, block * row, row, 1))
+    down = torch.matmul(kernels[:, rows], windows)  # [B, blocks, R, C W'] = [B, H', C, W']
+    across = down.as_strided((batch, height, channels, column_blocks, window),
+                             (padded_height * row, row, padded_width, block, 1))
+    blurred = torch.bmm(across.reshape(batch, -1, window), kernels[:, columns])  # [B, H C blocks, R]
+    line = column_blocks * block
+    return blurred.as_strided(images.shape, (height * channels * line, line, channels * line, 1))
 
 
 def _blur_block_tables(taps: int) -> Tuple[torch.Tensor, torch.Tensor]:
