@@ -265,10 +265,10 @@ def test_lars_on_the_cpu_scales_by_0d_ratios_with_the_same_update(monkeypatch):
     """On the CPU (no fast path to keep) LARS multiplies each gradient by its 0-d trust ratio and
     keeps no parameter-sized buffer; the update equals the spread (CUDA) form's."""
     torch.manual_seed(0)
-    models = [mixed_model(), None]
-    models[1] = copy.deepcopy(models[0])
+    first = mixed_model()
+    models = [first, copy.deepcopy(first)]
     optimizers = [LARS(lars_param_groups(m.named_parameters(), 1e-2), lr=0.5, weight_decay=1e-2) for m in models]
-    for step in range(3):
+    for _ in range(3):
         grads = [torch.randn_like(p) for p in models[0].parameters()]
         for model in models:
             for param, grad in zip(model.parameters(), grads):
