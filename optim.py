@@ -48,6 +48,10 @@ class LARS(torch.optim.Optimizer):
         # Per (group, device, dtype): the buffer that holds each tensor's trust ratio at its size
         # (PerTensorValues); rebuilt when the tensors with a gradient change. Not optimiser state.
         self._trust_buffers: dict = {}
+        # Per (group, device, dtype): tensors like the gradients that receive ``g + wd * w`` every step
+        # (allocated once: a fresh parameter-sized list per step cost more than the arithmetic on the
+        # CPU, whose allocator returns large blocks to the system). Not optimiser state.
+        self._decayed: dict = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -106,7 +110,12 @@ class LARS(torch.optim.Optimizer):
         """The update of ``params`` (one device and dtype) of ``group``."""
         grads = [p.grad for p in params]
         if group["weight_decay"]:
-            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            decayed = self._decayed.get(key)
+            if decayed is None or _layout(decayed) != _layout(grads):
+                decayed = self._decayed[key] = [torch.empty_like(g) for g in grads]
+            torch._foreach_copy_(decayed, grads)
+            torch._foreach_add_(decayed, params, alpha=group["weight_decay"])
+            grads = decayed
         if group["lars_adaptation"]:
             param_norms = torch.stack(torch._foreach_norm(params))
             grad_norms = torch.stack(torch._foreach_norm(grads))
@@ -136,6 +145,11 @@ def same_device_and_dtype(tensors: Sequence[torch.Tensor]) -> List[List[int]]:
     return list(groups.values())
 
 
+def _layout(tensors: Sequence[torch.Tensor]) -> tuple:
+    """What must stay the same for buffers made like ``tensors`` to be reused: sizes, strides, dtype, device."""
+    return tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+
+
 def _dense_strides(tensor: torch.Tensor) -> Tuple[int, ...]:
     """``tensor``'s strides if it is non-overlapping and dense (its elements fill a block of memory
     in some order of dimensions: contiguous, channels_last, ...), else the contiguous ones."""
@@ -162,7 +176,7 @@ class PerTensorValues:
     Costs one buffer of the list's size, kept while the list's layout stays the same."""
 
     def __init__(self, like: Sequence[torch.Tensor]):
-        self.layout = self._layout(like)
+        self.layout = _layout(like)
         first = like[0]
         counts = [t.numel() for t in like]
         self.total = sum(counts)
@@ -177,12 +191,8 @@ class PerTensorValues:
         self.views = [self.flat.as_strided(t.shape, _dense_strides(t), offset)
                       for t, offset in zip(like, offsets)]
 
-    @staticmethod
-    def _layout(tensors: Sequence[torch.Tensor]) -> tuple:
-        return tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors)
-
     def fits(self, tensors: Sequence[torch.Tensor]) -> bool:
-        return self._layout(tensors) == self.layout
+        return _layout(tensors) == self.layout
 
     def fill(self, values: torch.Tensor) -> List[torch.Tensor]:
         """Tensor ``i`` of the result holds ``values[i]`` everywhere."""

@@ -263,11 +263,13 @@ def test_lars_calls_stay_on_the_multi_tensor_fast_path(monkeypatch):
 
 def test_lars_on_the_cpu_scales_by_0d_ratios_with_the_same_update(monkeypatch):
     """On the CPU (no fast path to keep) LARS multiplies each gradient by its 0-d trust ratio and
-    keeps no parameter-sized buffer; the update equals the spread (CUDA) form's."""
+    keeps no buffer of spread ratios; the update equals the spread (CUDA) form's; the decayed
+    gradients g + wd * w go into the same buffers every step (no parameter-sized allocation)."""
     torch.manual_seed(0)
     first = mixed_model()
     models = [first, copy.deepcopy(first)]
     optimizers = [LARS(lars_param_groups(m.named_parameters(), 1e-2), lr=0.5, weight_decay=1e-2) for m in models]
+    seen = None
     for _ in range(3):
         grads = [torch.randn_like(p) for p in models[0].parameters()]
         for model in models:
@@ -281,4 +283,7 @@ def test_lars_on_the_cpu_scales_by_0d_ratios_with_the_same_update(monkeypatch):
             torch.testing.assert_close(ours, spread, rtol=0, atol=0)
         for param, grad in zip(models[0].parameters(), grads):
             assert torch.equal(param.grad, grad), "the step changed a parameter's .grad"
+        pointers = [t.data_ptr() for tensors in optimizers[0]._decayed.values() for t in tensors]
+        assert pointers and pointers == (seen or pointers)
+        seen = pointers
     assert optimizers[0]._trust_buffers == {} and optimizers[1]._trust_buffers
