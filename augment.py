@@ -23,7 +23,7 @@ The work is split in two:
   both views as one batch: :class:`PhotometricViews`). It is one static program, as the reference
   runs its conditional ops under ``vmap``: per-sample decisions are neutral parameters and masks,
   never a data-dependent shape or a host read, so the ops are the same for any batch and any
-  draws (149 top-level aten ops for both views, draws included: ``tests/test_augment.py``) and
+  draws (148 top-level aten ops for both views, draws included: ``tests/test_augment.py``) and
   ``torch.compile`` captures it whole. On a CPU it runs over cache-sized groups of images
   (:func:`_run_program`), with ops chosen for their CPU kernels (bench/RESULTS.md, issue 16 row
   c). Every op is also callable on its own with one parameter per sample
@@ -567,8 +567,8 @@ _STAGE_WIDTHS = {"rgb": (1, 1, 1), "hsv": (1, 3, 1)}
 _ORDER_CODE = torch.tensor([64, 16, 4, 1])  # a permutation (o0, o1, o2, o3) -> a code in [0, 256)
 _NO_JITTER = 255                              # not a permutation's code: all stages neutral
 # Per-sample candidate values (columns), from the [B, 4] jitter factors (brightness delta,
-# contrast, saturation, hue delta) and the grayscale and solarize coins (columns 4 and 5):
-# candidate = source[:, column] * scale + offset.
+# contrast, saturation, hue delta), the grayscale and solarize coins and the blur sigma (columns
+# 4-6): candidate = source[:, column] * scale + offset.
 _CANDIDATES = {  # name: (source column, scale, offset)
     "one": (0, 0.0, 1.0), "zero": (0, 0.0, 0.0), "brightness": (0, 1.0, 0.0), "contrast": (1, 1.0, 0.0),
     "one_minus_contrast": (1, -1.0, 1.0), "saturation": (2, 1.0, 0.0),
@@ -576,13 +576,14 @@ _CANDIDATES = {  # name: (source column, scale, offset)
     **{f"no_hue{n}": (0, 0.0, offset) for n, offset in enumerate(_HUE_TURN_OFFSETS)},
     "grayscale": (4, 1.0, 0.0),           # the weight of the luma image: 1 or 0
     "solarize_ceiling": (5, -2.0, 3.0),   # c of min(x, c - x): 1 solarizes, 3 keeps x in [0, 1]
+    "blur_sigma": (6, 1.0, 0.0),          # _NO_BLUR_SIGMA where the sample is not blurred
 }
 _CANDIDATE_INDEX = {name: index for index, name in enumerate(_CANDIDATES)}
 _CANDIDATE_SOURCE = torch.tensor([source for source, _, _ in _CANDIDATES.values()])
 _CANDIDATE_SCALE = torch.tensor([scale for _, scale, _ in _CANDIDATES.values()])
 _CANDIDATE_OFFSET = torch.tensor([offset for _, _, offset in _CANDIDATES.values()])
 _NEUTRAL_SLOTS = {"rgb": ("one", "zero", "zero"), "hsv": ("one", "no_hue0", "no_hue1", "no_hue2", "zero")}
-_COIN_SLOTS = ("grayscale", "solarize_ceiling")  # after the schedule's slots
+_COIN_SLOTS = ("grayscale", "solarize_ceiling", "blur_sigma")  # after the schedule's slots
 # sample_parameters draws 13 x B uniforms: rows 0-4 jitter coin and the four factors, 5-8 the order
 # (B x 4), 9-12 grayscale coin, blur coin, blur sigma and solarize coin.
 _UNIFORM_ROWS = torch.tensor([0, 1, 2, 3, 4, 9, 10, 11, 12])  # all but the order's
@@ -704,7 +705,7 @@ def _run_pass(program: _Program, x: torch.Tensor, floats: torch.Tensor, kernels:
         else:
             *parameters, taken = stage_values
             flat.lerp_(_hsv_stage(flat, *parameters, constants), taken)
-    grayscale, solarize_ceiling = next(values), next(values)
+    grayscale, solarize_ceiling, _ = (next(values) for _ in _COIN_SLOTS)  # the sigma made the kernels
     if program.grayscale:
         flat.lerp_(_mix_channels(constants.gray_weights, flat), grayscale)
     if program.blur_taps:  # identity kernels for the samples that are not blurred
@@ -728,11 +729,13 @@ class _Constants(nn.Module):
         self.register_buffer("blur_columns", columns, persistent=False)
 
 
-def _pack(program: _Program, values: torch.Tensor, sigma: torch.Tensor,
+def _pack(program: _Program, values: torch.Tensor,
           negative_half_squares: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Host: the per-sample values [N, 30] shaped [N, 30, 1] to broadcast over flattened images,
-    and the blur kernels [N, taps + 1] from ``sigma`` (an empty [N, 0] without blur)."""
-    kernels = _blur_kernels(sigma, negative_half_squares) if program.blur_taps else sigma.new_zeros(len(sigma), 0)
+    """Host: the per-sample values [N, 31] (:meth:`PhotometricAugment.encode`) shaped [N, 31, 1] to
+    broadcast over flattened images, and the blur kernels [N, taps + 1] from their last column, the
+    blur sigma (an empty [N, 0] without blur)."""
+    kernels = (_blur_kernels(values[:, -1], negative_half_squares) if program.blur_taps
+               else values.new_zeros(len(values), 0))
     return values.view(*values.shape, 1), kernels
 
 
@@ -783,7 +786,7 @@ class PhotometricAugment(nn.Module):
 
     @staticmethod
     def _jitter_tables(view: ViewAugmentation) -> Tuple[torch.Tensor, Tuple[bool, ...]]:
-        """For each order code: the candidate column of every per-sample value [256, 30] (the
+        """For each order code: the candidate column of every per-sample value [256, 31] (the
         schedule's stage slots, hsv stages' "taken" included, then the coins' slots), and which
         stages any order uses. An op of zero strength is the identity and is left out (as the
         reference)."""
@@ -830,16 +833,17 @@ class PhotometricAugment(nn.Module):
             rows = rows.cpu()
         return {key: value[rows] for key, value in params.items()}
 
-    def encode(self, params: dict) -> Tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, params: dict) -> torch.Tensor:
         """Host: the draws (CPU tensors; ``order`` rows are permutations) -> per-sample values
-        [B, 30] (the candidate value each stage parameter takes, by a table look-up of the sample's
-        order; hsv stages taken; grayscale weight; solarize ceiling) and blur sigmas [B]
+        [B, 31]: the candidate value each stage parameter takes (by a table look-up of the sample's
+        order), hsv stages taken, grayscale weight, solarize ceiling and blur sigma
         (:data:`_NO_BLUR_SIGMA`, an identity kernel, where the sample is not blurred)."""
         codes = torch.where(params["jitter"], params["order"] @ _ORDER_CODE, _NO_JITTER)
-        sources = torch.cat([params["factors"], torch.stack([params["grayscale"], params["solarize"]], dim=1)], dim=1)
+        sigma = torch.where(params["blur"], params["sigma"], _NO_BLUR_SIGMA)
+        sources = torch.cat([params["factors"], torch.stack([params["grayscale"], params["solarize"], sigma], dim=1)],
+                            dim=1)
         candidates = torch.addcmul(_CANDIDATE_OFFSET, sources[:, _CANDIDATE_SOURCE], _CANDIDATE_SCALE)
-        values = candidates.gather(1, self._slot_table[codes])
-        return values, torch.where(params["blur"], params["sigma"], _NO_BLUR_SIGMA)
+        return candidates.gather(1, self._slot_table[codes])
 
     def forward(self, images: torch.Tensor, params: Optional[dict] = None) -> torch.Tensor:
         """Augments a uint8 batch. ``params`` (from :meth:`sample_parameters`, one row per image)
@@ -850,7 +854,7 @@ class PhotometricAugment(nn.Module):
             params = self.sample_parameters(images.shape[0])
         elif len(params["sigma"]) != images.shape[0]:
             raise ValueError(f"params hold {len(params['sigma'])} samples for a batch of {images.shape[0]}")
-        floats, kernels = _to_device(_pack(self.program, *self.encode(params), self._negative_half_squares),
+        floats, kernels = _to_device(_pack(self.program, self.encode(params), self._negative_half_squares),
                                      images.device)
         constants = self.constants
         if constants.mean.device != images.device:  # a module left on another device: copies, not moved
@@ -891,10 +895,9 @@ class PhotometricViews(nn.Module):
         encoded = [augment.encode(view_params) for augment, view_params in zip(self.augments, params)]
         if rows is not None:
             rows = rows.cpu() if isinstance(rows, torch.Tensor) else rows
-            encoded = [[part[rows] for part in parts] for parts in encoded]
-        values, sigma = (torch.cat(parts) if len(encoded) > 1 else parts[0] for parts in zip(*encoded))
-        floats, kernels = _to_device(_pack(self.program, values, sigma, self.augments[0]._negative_half_squares),
-                                     device)
+            encoded = [values[rows] for values in encoded]
+        values = torch.cat(encoded) if len(encoded) > 1 else encoded[0]
+        floats, kernels = _to_device(_pack(self.program, values, self.augments[0]._negative_half_squares), device)
         return floats, kernels
 
     def forward(self, images: Sequence[torch.Tensor], floats: torch.Tensor, kernels: torch.Tensor,
@@ -931,48 +934,62 @@ def random_resized_crop_boxes(batch: int, height: int, width: int, scale=(0.08, 
 
 
 class BatchedCropFlip(nn.Module):
-    """Per-sample random resized crop and horizontal flip of a whole batch at once.
+    """Per-sample random resized crop and horizontal flip of a whole batch (table 6).
 
-    ``torchvision.ops.roi_align`` crops and bilinearly resizes every sample's own box in one call;
-    that is why this is ours rather than torchvision's ``RandomResizedCrop``, which draws one crop per
-    call (the Determined trial crops per image in data-loader workers instead, :func:`geometric_transform`).
+    On an accelerator, ``torchvision.ops.roi_align`` crops and bilinearly resizes every sample's own
+    box in one call (static shapes, no host read); that is why this is ours rather than
+    torchvision's ``RandomResizedCrop``, which draws one crop per call. On the CPU, where there is no
+    launch to save, each sample's box (rounded to whole pixels) goes through torchvision's own
+    antialiased bilinear resize of uint8 images, the kernel its ``RandomResizedCrop`` uses for
+    tensors, an order of magnitude faster on one thread than ``roi_align`` of float images (the
+    library row of ``python bench/throughput.py --only augment --image-size 224``). The boxes and
+    flips come from the same draws on either path. (The Determined trial crops per image
+    in data-loader workers instead, :func:`geometric_transform`.)
     """
 
     def __init__(self, image_size: int, scale=(0.08, 1.0), flip_p: float = 0.5):
         super().__init__()
         self.image_size, self.scale, self.flip_p = image_size, tuple(scale), flip_p
 
-    def draw(self, batch: int, height: int, width: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``batch`` crop boxes [batch, 4] (:func:`random_resized_crop_boxes`) and flip weights
-        [batch] (1.0: flipped), from the RNG of ``device``."""
-        boxes = random_resized_crop_boxes(batch, height, width, self.scale, device=device)
-        return boxes, (torch.rand(batch, device=device) < self.flip_p).to(boxes.dtype)
-
-    def crop(self, sources: torch.Tensor, index: torch.Tensor, boxes: torch.Tensor,
-             flip: torch.Tensor) -> torch.Tensor:
-        """Float crops [n, 3, S, S] of the float images ``sources[index]`` [n] in ``boxes`` [n, 4],
-        flipped where ``flip`` [n] is 1 (an exact 0/1 ``lerp``: the same values as a select)."""
-        from torchvision.ops import roi_align
-
-        rois = torch.cat([index.to(boxes.dtype)[:, None], boxes], 1)
-        crops = roi_align(sources, rois, output_size=self.image_size, aligned=True)
-        return crops.lerp_(crops.flip(-1), flip.view(-1, 1, 1, 1))
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = images.shape
-        boxes, flip = self.draw(batch, height, width, images.device)
-        crops = self.crop(images.float(), torch.arange(batch, device=images.device), boxes, flip)
-        return crops.round_().clamp_(0, 255).to(torch.uint8) if not images.is_floating_point() else crops
+        boxes = random_resized_crop_boxes(batch, height, width, self.scale, device=images.device)
+        flip = torch.rand(batch, device=images.device) < self.flip_p
+        if images.device.type == "cpu" and not torch.compiler.is_compiling():
+            return self.crop_each(images, boxes, flip)
+        return self.crop_batched(images, boxes, flip)
+
+    def crop_batched(self, images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        """All crops in one ``roi_align`` (boxes in continuous pixel coordinates)."""
+        from torchvision.ops import roi_align
+
+        rois = torch.cat([torch.arange(len(boxes), device=images.device, dtype=boxes.dtype)[:, None], boxes], 1)
+        crops = roi_align(images.float(), rois, output_size=self.image_size, aligned=True)
+        crops = torch.where(flip[:, None, None, None], crops.flip(-1), crops)
+        return crops.round().clamp(0, 255).to(torch.uint8) if not images.is_floating_point() else crops
+
+    def crop_each(self, images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        """Each box rounded to whole pixels, cropped and resized with torchvision's
+        ``resized_crop`` (antialiased bilinear; uint8 stays uint8), flipped where drawn."""
+        from torchvision.transforms.v2 import functional as TF
+
+        height, width = images.shape[-2:]
+        out = images.new_empty(len(boxes), images.shape[1], self.image_size, self.image_size)
+        for index, ((x1, y1, x2, y2), flipped) in enumerate(zip(boxes.tolist(), flip.tolist())):
+            left, top = min(int(round(x1)), width - 1), min(int(round(y1)), height - 1)
+            w, h = min(max(int(round(x2 - x1)), 1), width - left), min(max(int(round(y2 - y1)), 1), height - top)
+            crop = TF.resized_crop(images[index], top, left, h, w, [self.image_size, self.image_size],
+                                   interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+            out[index] = crop.flip(-1) if flipped else crop
+        return out
 
 
 class TwoViewAugmentation(nn.Module):
     """The library's default: table 6's T and T' of a batch ([B, 3, H, W], float in [0, 1] or
     uint8) -> (view 1, view 2), normalised with ImageNet's statistics. Both views are one batch of
     2B: one crop-and-flip call (T and T' share crop and flip settings) and one photometric pipeline
-    (:class:`PhotometricViews`); static shapes, no host reads. Each crop is rounded to a uint8
-    value (as the images of the trial's data loaders) and goes straight on through the
-    photometric program, group by group on a CPU (:func:`_in_passes`): the values of
-    ``photometric((crop(images),), ...)`` without a full pass over the batch in between."""
+    (:class:`PhotometricViews`, the crops of T and of T' as its two views: one result each, made
+    in cache-sized groups on a CPU); static shapes, no host reads on an accelerator."""
 
     def __init__(self, image_size: int):
         super().__init__()
@@ -984,19 +1001,9 @@ class TwoViewAugmentation(nn.Module):
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         images = self.to_uint8(images)
-        batch, channels, height, width = images.shape
-        boxes, flip = self.crop.draw(2 * batch, height, width, images.device)  # both views' crops
-        drawn = [augment.sample_parameters(batch) for augment in self.photometric.augments]
-        floats, kernels = self.photometric.device_parameters(drawn, images.device)
-        sources, index = images.float(), torch.arange(2 * batch, device=images.device) % batch
-
-        def load(view: int, x: torch.Tensor, rows: slice) -> torch.Tensor:
-            crops = slice(view * batch + rows.start, view * batch + rows.stop)
-            return torch.round(self.crop.crop(sources, index[crops], boxes[crops], flip[crops]), out=x).clamp_(0, 255)
-
-        shape = (batch, channels, self.crop.image_size, self.crop.image_size)
-        view1, view2 = _in_passes(self.photometric.program, (shape, shape), images.device, floats, kernels,
-                                  self.photometric.augments[0].constants, load)
+        crops = self.crop(torch.cat([images, images]))
+        drawn = [augment.sample_parameters(images.shape[0]) for augment in self.photometric.augments]
+        view1, view2 = self.photometric(crops.chunk(2), *self.photometric.device_parameters(drawn, images.device))
         return view1, view2
 
 

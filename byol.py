@@ -93,7 +93,7 @@ def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
     """
     with torch.no_grad():
         for kind, target_tensors, online_tensors in (
-                ("parameter", list(target.parameters()), [p.detach() for p in online.parameters()]),
+                ("parameter", list(target.parameters()), list(online.parameters())),
                 ("buffer", list(target.buffers()), list(online.buffers()))):
             if len(target_tensors) != len(online_tensors):
                 raise ValueError(f"target and online networks have different {kind} lists")

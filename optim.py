@@ -48,6 +48,10 @@ class LARS(torch.optim.Optimizer):
         # Per (group, device, dtype): the buffer that holds each tensor's trust ratio at its size
         # (PerTensorValues); rebuilt when the tensors with a gradient change. Not optimiser state.
         self._trust_buffers: dict = {}
+        # Per (group, device, dtype): tensors like the gradients that receive ``g + wd * w`` every step
+        # (allocated once: a fresh parameter-sized list per step cost more than the arithmetic on the
+        # CPU, whose allocator returns large blocks to the system). Not optimiser state.
+        self._decayed: dict = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -62,9 +66,10 @@ class LARS(torch.optim.Optimizer):
         sizes and strides for the paired tensors. (a): parameters are split by device and dtype
         (:func:`same_device_and_dtype`), and gradients and momentum buffers share their parameter's
         dtype. (b): a gradient has its parameter's sizes and strides (autograd's layout contract),
-        a momentum buffer is a clone of a gradient, and the trust ratios are multiplied in as
-        tensors of each gradient's sizes and strides (:class:`PerTensorValues`), not as 0-d tensors
-        paired with whole gradients (which sends the call to the per-tensor slow path)."""
+        a momentum buffer is a clone of a gradient, and on CUDA the trust ratios are multiplied in
+        as tensors of each gradient's sizes and strides (:class:`PerTensorValues`), not as 0-d
+        tensors paired with whole gradients (which sends the call to the per-tensor slow path; on
+        the CPU, which has only that path, they are: :meth:`_scaled`)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -76,20 +81,47 @@ class LARS(torch.optim.Optimizer):
                 self._update(params, group, (index, params[0].device, params[0].dtype))
         return loss
 
+    @staticmethod
+    def spreads_trust_ratios(device: torch.device) -> bool:
+        """Whether trust ratios are spread to the gradients' shapes on ``device`` (:meth:`_scaled`)."""
+        return device.type == "cuda"
+
+    def _scaled(self, grads: List[torch.Tensor], trust: torch.Tensor, key: tuple, owned: bool) -> List[torch.Tensor]:
+        """``grads[i] * trust[i]``; in place when the list is ``owned`` (made by this step, not the
+        parameters' ``.grad``). On CUDA the ratios are spread to each gradient's sizes and strides
+        (:class:`PerTensorValues`) so that the call takes the multi-tensor fast path. Elsewhere there
+        is no fast path to keep (CPU ``_foreach_*`` ops loop over the tensors), and spreading would
+        write and read a parameter-sized buffer every step (about 100 MB for a ResNet-50: a fifth of a
+        64 px step on one CPU thread, measured with ``python bench/throughput.py --done-when``), so each
+        gradient is multiplied by its 0-d ratio."""
+        if self.spreads_trust_ratios(grads[0].device):
+            buffer = self._trust_buffers.get(key)
+            if buffer is None or not buffer.fits(grads):
+                buffer = self._trust_buffers[key] = PerTensorValues(grads)
+            ratios = buffer.fill(trust)
+        else:
+            ratios = list(trust.unbind())
+        if owned:
+            torch._foreach_mul_(grads, ratios)
+            return grads
+        return torch._foreach_mul(grads, ratios)
+
     def _update(self, params: List[torch.Tensor], group: dict, key: tuple) -> None:
         """The update of ``params`` (one device and dtype) of ``group``."""
         grads = [p.grad for p in params]
         if group["weight_decay"]:
-            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            decayed = self._decayed.get(key)
+            if decayed is None or _layout(decayed) != _layout(grads):
+                decayed = self._decayed[key] = [torch.empty_like(g) for g in grads]
+            torch._foreach_copy_(decayed, grads)
+            torch._foreach_add_(decayed, params, alpha=group["weight_decay"])
+            grads = decayed
         if group["lars_adaptation"]:
             param_norms = torch.stack(torch._foreach_norm(params))
             grad_norms = torch.stack(torch._foreach_norm(grads))
             trust = torch.where((param_norms > 0) & (grad_norms > 0),
                                 group["eta"] * param_norms / grad_norms, torch.ones_like(param_norms))
-            buffer = self._trust_buffers.get(key)
-            if buffer is None or not buffer.fits(grads):
-                buffer = self._trust_buffers[key] = PerTensorValues(grads)
-            grads = torch._foreach_mul(grads, buffer.fill(trust))
+            grads = self._scaled(grads, trust, key, owned=bool(group["weight_decay"]))
         fresh = [i for i, p in enumerate(params) if "momentum_buffer" not in self.state[p]]
         for i in fresh:  # the first step only
             self.state[params[i]]["momentum_buffer"] = torch.clone(grads[i]).detach()
@@ -111,6 +143,11 @@ def same_device_and_dtype(tensors: Sequence[torch.Tensor]) -> List[List[int]]:
     for position, tensor in enumerate(tensors):
         groups.setdefault((tensor.device, tensor.dtype), []).append(position)
     return list(groups.values())
+
+
+def _layout(tensors: Sequence[torch.Tensor]) -> tuple:
+    """What must stay the same for buffers made like ``tensors`` to be reused: sizes, strides, dtype, device."""
+    return tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors)
 
 
 def _dense_strides(tensor: torch.Tensor) -> Tuple[int, ...]:
@@ -139,7 +176,7 @@ class PerTensorValues:
     Costs one buffer of the list's size, kept while the list's layout stays the same."""
 
     def __init__(self, like: Sequence[torch.Tensor]):
-        self.layout = self._layout(like)
+        self.layout = _layout(like)
         first = like[0]
         counts = [t.numel() for t in like]
         self.total = sum(counts)
@@ -154,12 +191,8 @@ class PerTensorValues:
         self.views = [self.flat.as_strided(t.shape, _dense_strides(t), offset)
                       for t, offset in zip(like, offsets)]
 
-    @staticmethod
-    def _layout(tensors: Sequence[torch.Tensor]) -> tuple:
-        return tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors)
-
     def fits(self, tensors: Sequence[torch.Tensor]) -> bool:
-        return self._layout(tensors) == self.layout
+        return _layout(tensors) == self.layout
 
     def fill(self, values: torch.Tensor) -> List[torch.Tensor]:
         """Tensor ``i`` of the result holds ``values[i]`` everywhere."""

@@ -75,7 +75,7 @@ class Settings:
     projection_hidden_size: int = 4096
     sync_batch_norm: bool = False
     precision: str = "fp32"                      # fp32 | bf16 (autocast of the forward passes)
-    channels_last: Optional[bool] = None         # null: on for CUDA, off on CPU
+    channels_last: Optional[bool] = None         # null: on for CUDA and CPU (performance.use_channels_last)
     compile: bool = False                        # torch.compile the forward passes
     finite_check_period: int = 50                # steps between non-finite loss checks (host reads)
     validation_period: Optional[Length] = None
@@ -184,7 +184,7 @@ def parse_settings(hyperparameters: dict, data_section: Optional[dict] = None, s
     if values["precision"] not in PRECISIONS:
         reject(prefix + "precision", values["precision"], f"allowed: {', '.join(PRECISIONS)}")
     if values["channels_last"] is not None and not isinstance(values["channels_last"], bool):
-        reject(prefix + "channels_last", values["channels_last"], "expected true, false or null (on for CUDA)")
+        reject(prefix + "channels_last", values["channels_last"], "expected true, false or null (on for CUDA and CPU)")
     values["finite_check_period"] = checked_number(values, "finite_check_period", prefix, int, minimum=1)
     for key in ("sync_batch_norm", "classifier_validation", "compare_random_init", "compile"):
         if not isinstance(values[key], bool):

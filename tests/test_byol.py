@@ -457,6 +457,29 @@ def test_per_view_layer_costs_two_plain_layers_of_host_work():
     assert ops(per_view_batch_norm(nn.BatchNorm2d(8)), 2) <= 2 * plain
 
 
+def test_batch_counters_of_a_pass_advance_in_one_multi_tensor_add():
+    """The num_batches_tracked counters of every per-view layer of a two-view pass advance by 2 in
+    one ``_foreach_add_`` at the end of the pass (not one add per layer); a layer run twice in the
+    pass counts twice; momentum=None layers (a cumulative average) count at once, as torch does."""
+    from batchnorm import per_view_batch_norm, view_groups
+    from run_helpers import top_level_aten_ops
+
+    shared = nn.BatchNorm2d(4)
+    net = per_view_batch_norm(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), shared,
+                                            shared, nn.BatchNorm2d(4, momentum=None)))
+    x = torch.randn(6, 3, 5, 5)
+
+    def two_view_pass():
+        with view_groups(2):
+            net(x)
+
+    ops = top_level_aten_ops(two_view_pass)
+    # one _foreach_add_ per number of batches (2: each layer run once; 4: the layer run twice); the
+    # two add_ are the momentum=None layer's, one per view
+    assert ops["aten::_foreach_add_"] == 2 and ops["aten::add_"] == 2, ops
+    assert [int(layer.num_batches_tracked) for layer in (net[1], shared, net[5])] == [2, 4, 2]
+
+
 def test_batch_norm_layers_that_cannot_be_per_view_are_refused_by_name():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     with pytest.raises(ValueError, match=r"'net.1' \(SyncBatchNorm\).*convert_sync_batchnorm"):

@@ -1,5 +1,6 @@
 """Tests of optim.py: LARS with the paper's exclusions and the learning-rate schedule (section 3.3,
 appendix C of Grill et al. 2020)."""
+import copy
 import math
 
 import pytest
@@ -232,10 +233,12 @@ def test_multi_tensor_lars_equals_the_per_tensor_update(build):
                                            optimizers[1].state[other]["momentum_buffer"], **TOLERANCE[param.dtype])
 
 
-def test_lars_calls_stay_on_the_multi_tensor_fast_path():
-    """ATen's fast-path rules (tests/foreach_rules.py) hold for every ``_foreach_`` call of LARS, with
+def test_lars_calls_stay_on_the_multi_tensor_fast_path(monkeypatch):
+    """ATen's fast-path rules (tests/foreach_rules.py) hold for every ``_foreach_`` call of LARS as
+    it runs on CUDA (trust ratios spread to the gradients' shapes, forced here on the CPU), with
     mixed dtypes, a channels_last weight and gradients missing, on the first step (new momentum
     buffers) and later ones; the checker itself flags the trust ratios paired as 0-d tensors."""
+    monkeypatch.setattr(LARS, "spreads_trust_ratios", staticmethod(lambda device: True))
     torch.manual_seed(0)
     model = mixed_model()
     model[5].bias.requires_grad_(False)
@@ -246,7 +249,7 @@ def test_lars_calls_stay_on_the_multi_tensor_fast_path():
         with recorded_foreach_calls() as calls:
             optimizer.step()
         names = {name for name, _, _ in calls}
-        assert {"_foreach_norm", "_foreach_mul", "_foreach_add_"} <= {n.split(".")[0] for n in names}, names
+        assert {"_foreach_norm", "_foreach_mul_", "_foreach_add_"} <= {n.split(".")[0] for n in names}, names
         assert fast_path_violations(calls) == []
     params = [p for p in model.parameters() if p.dtype == torch.float32]
     trust = torch.ones(len(params))
@@ -256,3 +259,31 @@ def test_lars_calls_stay_on_the_multi_tensor_fast_path():
     with recorded_foreach_calls() as calls:
         torch._foreach_copy_([torch.zeros(2), torch.zeros((), dtype=torch.int64)], [torch.ones(2), torch.ones(())])
     assert any("mixes" in line for line in fast_path_violations(calls))
+
+
+def test_lars_on_the_cpu_scales_by_0d_ratios_with_the_same_update(monkeypatch):
+    """On the CPU (no fast path to keep) LARS multiplies each gradient by its 0-d trust ratio and
+    keeps no buffer of spread ratios; the update equals the spread (CUDA) form's; the decayed
+    gradients g + wd * w go into the same buffers every step (no parameter-sized allocation)."""
+    torch.manual_seed(0)
+    first = mixed_model()
+    models = [first, copy.deepcopy(first)]
+    optimizers = [LARS(lars_param_groups(m.named_parameters(), 1e-2), lr=0.5, weight_decay=1e-2) for m in models]
+    seen = None
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in models[0].parameters()]
+        for model in models:
+            for param, grad in zip(model.parameters(), grads):
+                param.grad = grad.clone()
+        optimizers[0].step()
+        with monkeypatch.context() as patch:
+            patch.setattr(LARS, "spreads_trust_ratios", staticmethod(lambda device: True))
+            optimizers[1].step()
+        for ours, spread in zip(models[0].parameters(), models[1].parameters()):
+            torch.testing.assert_close(ours, spread, rtol=0, atol=0)
+        for param, grad in zip(models[0].parameters(), grads):
+            assert torch.equal(param.grad, grad), "the step changed a parameter's .grad"
+        pointers = [t.data_ptr() for tensors in optimizers[0]._decayed.values() for t in tensors]
+        assert pointers and pointers == (seen or pointers)
+        seen = pointers
+    assert optimizers[0]._trust_buffers == {} and optimizers[1]._trust_buffers

@@ -51,7 +51,8 @@ def test_channels_last_gives_the_contiguous_result():
     expected = learner(v1, v2)
     got = other(performance.images_channels_last(v1), performance.images_channels_last(v2))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert performance.use_channels_last(None, torch.device("cpu")) is False
+    assert performance.use_channels_last(None, torch.device("cpu")) is True
+    assert performance.use_channels_last(None, torch.device("meta")) is False
     assert performance.use_channels_last(None, torch.device("cuda")) is True
     assert performance.use_channels_last(True, torch.device("cpu")) is True
 
