@@ -210,9 +210,9 @@ def ours_trial_rows(args, device, images, directory, **extra_hparams) -> List[Ro
         """The trial's photometric views, or ("no aug") normalisation only."""
         augmenting = True
 
-        def forward(self, images, floats, flags, channels_last=False):
+        def forward(self, images, floats, kernels, channels_last=False):
             if self.augmenting:
-                return super().forward(images, floats, flags, channels_last)
+                return super().forward(images, floats, kernels, channels_last)
             return tuple(trial.normalize(view) for view in images)
 
     trial.photometric = views = SwitchableViews(list(trial.photometric.augments))
