@@ -462,20 +462,20 @@ class BYOLTrial(TrialBase):
         s = self.settings
         (view1, view2), labels = batch  # data.decode: device: decoded by the prefetcher (training_prepare)
         lr = optim.apply_schedule(self.optimizer, step, self.total_steps, round(s.warmup_epochs * self.steps_per_epoch))
-        floats, flags = self.view_parameters(self.photometric, (SeedStream.VIEW1, SeedStream.VIEW2), view1.shape[0])
+        floats, kernels = self.view_parameters(self.photometric, (SeedStream.VIEW1, SeedStream.VIEW2), view1.shape[0])
         loss, classifier_loss, classifier_accuracy = self.step_call(
-            self.to_device(view1), self.to_device(view2), floats, flags, self.to_device(labels))
+            self.to_device(view1), self.to_device(view2), floats, kernels, self.to_device(labels))
         # Accuracy on this training batch's labelled images (STL-10's unlabeled ones are skipped).
         metrics = {"lr": lr, "online_classifier_accuracy": classifier_accuracy.detach(),
                    "online_classifier_loss": classifier_loss.detach()}
         # The online classifier's loss trains only the classifier (its input is sg(y)).
         return loss, loss + classifier_loss, metrics
 
-    def forward_step(self, view1: torch.Tensor, view2: torch.Tensor, floats: torch.Tensor, flags: torch.Tensor,
+    def forward_step(self, view1: torch.Tensor, view2: torch.Tensor, floats: torch.Tensor, kernels: torch.Tensor,
                      labels: torch.Tensor) -> tuple:
         """Both photometric views in one pipeline (T and T', table 6), then the learner's loss and
         its online classifier's loss and accuracy (section 3.1)."""
-        view1, view2 = self.photometric((view1, view2), floats, flags, channels_last=self.channels_last)
+        view1, view2 = self.photometric((view1, view2), floats, kernels, channels_last=self.channels_last)
         with performance.autocast(self.device, self.settings.precision):
             return self.model(view1, view2, labels=labels)
 
