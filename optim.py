@@ -91,9 +91,9 @@ class LARS(torch.optim.Optimizer):
         parameters' ``.grad``). On CUDA the ratios are spread to each gradient's sizes and strides
         (:class:`PerTensorValues`) so that the call takes the multi-tensor fast path. Elsewhere there
         is no fast path to keep (CPU ``_foreach_*`` ops loop over the tensors), and spreading would
-        write and read a parameter-sized buffer every step (about 100 MB for a ResNet-50: a fifth of a
-        64 px step on one CPU thread, measured with ``python bench/throughput.py --done-when``), so each
-        gradient is multiplied by its 0-d ratio."""
+        write and read a parameter-sized buffer every step (about 100 MB for a ResNet-50: a fifth of
+        the 64 px trial step of ``bench/throughput.py --done-when`` on one CPU thread, under
+        ``torch.profiler``), so each gradient is multiplied by its 0-d ratio."""
         if self.spreads_trust_ratios(grads[0].device):
             buffer = self._trust_buffers.get(key)
             if buffer is None or not buffer.fits(grads):
